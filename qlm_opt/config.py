@@ -1,0 +1,220 @@
+"""Fleet and workload configuration files (TOML), validated with pydantic.
+
+Errors name the file and the field. See README "Configuration reference" for the formats.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qlm_opt.catalog import Catalog, parse_toml_as
+from qlm_opt.domain import InstanceSpec, SLOClass
+from qlm_opt.engines.perf import PerfParams
+from qlm_opt.engines.sim import EngineConfig
+from qlm_opt.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- fleet --------------------------------------------------------------------------------------
+class EngineSection(_Strict):
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int = Field(8192, gt=0)
+    block_size: int = Field(16, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0)
+
+
+class PerfSection(_Strict):
+    mfu: float = Field(0.5, gt=0, le=1)
+    mbu: float = Field(0.8, gt=0, le=1)
+    overhead_ms: float = Field(4.0, ge=0)
+    tp_efficiency: float = Field(0.85, gt=0, le=1)
+    engine_start_s: float = Field(20.0, ge=0)
+    warm_wake_s: float = Field(0.5, ge=0)
+    calibration: str | None = None  # a file written by `qlm-opt profile`
+
+
+class InstanceGroup(_Strict):
+    gpu: str
+    model: str | None = None
+    count: int = Field(1, gt=0)
+    tp: int | None = Field(None, gt=0)
+    models: list[str] | None = None  # models this instance may swap to (default: any that fits)
+    name: str | None = None
+
+
+class FleetFile(_Strict):
+    name: str = "fleet"
+    warm_swaps: bool = True  # sleep-mode swaps: weights kept in host memory
+    engine: EngineSection = EngineSection()
+    perf: PerfSection = PerfSection()
+    instances: list[InstanceGroup] = Field(min_length=1)
+
+
+class Fleet:
+    """A validated fleet: instance specs plus engine and performance settings."""
+
+    def __init__(self, data: FleetFile, catalog: Catalog, source: str = "<fleet>") -> None:
+        self.name = data.name
+        self.source = source
+        self.warm_swaps = data.warm_swaps
+        e = data.engine
+        self.engine = EngineConfig(
+            max_num_seqs=e.max_num_seqs,
+            max_num_batched_tokens=e.max_num_batched_tokens,
+            block_size=e.block_size,
+            max_model_len=e.max_model_len,
+        )
+        p = data.perf
+        self.perf = PerfParams(
+            mfu=p.mfu,
+            mbu=p.mbu,
+            overhead_s=p.overhead_ms / 1000.0,
+            tp_efficiency=p.tp_efficiency,
+            engine_start_s=p.engine_start_s,
+            warm_wake_s=p.warm_wake_s,
+        )
+        self.calibration = p.calibration
+        self.catalog = Catalog(
+            catalog.models,
+            catalog.gpus,
+            gpu_memory_utilization=e.gpu_memory_utilization,
+            activation_reserve_bytes=catalog.activation_reserve_bytes,
+            min_kv_tokens=catalog.min_kv_tokens,
+        )
+        self.instances: list[InstanceSpec] = []
+        for gi, g in enumerate(data.instances):
+            where = f"{source}: field 'instances.{gi}"
+            if g.gpu not in catalog.gpus:
+                raise ConfigError(
+                    f"{where}.gpu': unknown GPU type '{g.gpu}' "
+                    f"(known: {', '.join(sorted(catalog.gpus))})"
+                )
+            for m in ([g.model] if g.model else []) + (g.models or []):
+                if m not in catalog.models:
+                    raise ConfigError(
+                        f"{where}.model': unknown model '{m}' "
+                        f"(known: {', '.join(sorted(catalog.models))})"
+                    )
+            tp = g.tp
+            if tp is None:
+                probe = g.model or (g.models[0] if g.models else None)
+                pl = self.catalog.placement(probe, g.gpu) if probe else None
+                tp = pl.tp if pl else 1
+            if g.model and not self.catalog.fits(g.model, g.gpu, tp):
+                raise ConfigError(
+                    f"{where}.model': '{g.model}' does not fit on {tp}x {g.gpu}"
+                )
+            for _ in range(g.count):
+                iid = len(self.instances)
+                self.instances.append(
+                    InstanceSpec(
+                        id=iid,
+                        gpu=g.gpu,
+                        tp=tp,
+                        initial_model=g.model,
+                        name=f"{g.name or g.gpu.lower()}-{iid}",
+                        allowed_models=tuple(g.models) if g.models else None,
+                    )
+                )
+
+    def can_serve(self, inst: InstanceSpec, model: str) -> bool:
+        if inst.allowed_models is not None and model not in inst.allowed_models:
+            if model != inst.initial_model:
+                return False
+        return self.catalog.fits(model, inst.gpu, inst.tp)
+
+    @classmethod
+    def load(cls, path: Path | str, catalog: Catalog | None = None) -> Fleet:
+        path = Path(path)
+        data = parse_toml_as(FleetFile, path)
+        return cls(data, catalog or Catalog.default(), source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict, catalog: Catalog | None = None) -> Fleet:
+        return cls(FleetFile.model_validate(d), catalog or Catalog.default())
+
+
+# -- workload -----------------------------------------------------------------------------------
+class ArrivalsSection(_Strict):
+    process: Literal["poisson", "gamma"] = "gamma"
+    rate_per_s: float = Field(5.53, gt=0)
+    cv: float = Field(1.09, gt=0)  # coefficient of variation of inter-arrival times (gamma)
+
+
+class LengthsSection(_Strict):
+    # Lognormal fits on ../shared/data/azure_llm_2023_conv.csv (see sim/workload.py).
+    prompt_log_mu: float = 6.633
+    prompt_log_sigma: float = Field(0.985, ge=0)
+    prompt_min: int = Field(2, gt=0)
+    prompt_max: int = Field(8192, gt=0)
+    output_log_mu: float = 5.019
+    output_log_sigma: float = Field(0.859, ge=0)
+    output_min: int = Field(1, gt=0)
+    output_max: int = Field(2048, gt=0)
+
+
+class ClassSection(_Strict):
+    ttft_s: float = Field(gt=0)
+    tpot_s: float | None = Field(None, gt=0)
+    share: float = Field(ge=0)
+    weight: float = Field(1.0, gt=0)
+    priority: int = 0
+
+
+class WorkloadFile(_Strict):
+    name: str = "workload"
+    seed: int = 0
+    duration_s: float | None = Field(None, gt=0)  # synthetic length; cap on traces
+    max_requests: int | None = Field(None, gt=0)
+    rate_scale: float = Field(1.0, gt=0)  # arrival rate multiplier (trace time compression)
+    arrivals: ArrivalsSection = ArrivalsSection()
+    lengths: LengthsSection = LengthsSection()
+    classes: dict[str, ClassSection] = Field(min_length=1)
+    models: dict[str, float] = Field(min_length=1)  # model name -> share
+
+    @model_validator(mode="after")
+    def _shares(self) -> WorkloadFile:
+        if sum(c.share for c in self.classes.values()) <= 0:
+            raise ValueError("class shares must not all be zero")
+        if any(v < 0 for v in self.models.values()) or sum(self.models.values()) <= 0:
+            raise ValueError("model shares must be >= 0 and not all zero")
+        if self.duration_s is None and self.max_requests is None:
+            self.duration_s = 600.0
+        return self
+
+
+class Workload:
+    """A validated workload spec."""
+
+    def __init__(self, data: WorkloadFile, source: str = "<workload>") -> None:
+        self.data = data
+        self.source = source
+        self.name = data.name
+        self.classes: dict[str, SLOClass] = {
+            n: SLOClass(n, c.ttft_s, c.tpot_s, c.weight, c.priority)
+            for n, c in data.classes.items()
+        }
+
+    def check_models(self, catalog: Catalog) -> None:
+        for m in self.data.models:
+            if m not in catalog.models:
+                raise ConfigError(
+                    f"{self.source}: field 'models.{m}': unknown model "
+                    f"(known: {', '.join(sorted(catalog.models))})"
+                )
+
+    @classmethod
+    def load(cls, path: Path | str) -> Workload:
+        path = Path(path)
+        return cls(parse_toml_as(WorkloadFile, path), source=str(path))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Workload:
+        return cls(WorkloadFile.model_validate(d))

@@ -1,0 +1,118 @@
+"""Roofline performance model of one vLLM iteration, and model-swap times.
+
+An iteration that processes ``num_tokens`` new tokens (decode tokens + prefill chunk tokens)
+while reading ``kv_tokens`` tokens of KV cache takes
+
+    max(compute_s, memory_s) + overhead_s
+    compute_s = 2 · params · num_tokens / (tp · peak_flops · mfu)
+    memory_s  = (weight_bytes + kv_tokens · kv_bytes_per_token) / (tp · hbm_bps · mbu)
+
+Prefill is compute-bound, decode is bandwidth-bound. The numbers come from the catalog
+(public specs), or from a calibration file written by ``qlm-opt profile`` against a live
+engine, which overrides the efficiencies and overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qlm_opt.catalog import Catalog
+
+
+@dataclass(frozen=True, slots=True)
+class PerfParams:
+    """Efficiencies and overheads that turn datasheet numbers into iteration times."""
+
+    mfu: float = 0.5  # fraction of peak FLOP/s reached by prefill GEMMs
+    mbu: float = 0.8  # fraction of peak HBM bandwidth reached by decode
+    overhead_s: float = 0.004  # per-iteration CPU/scheduling/launch overhead
+    tp_efficiency: float = 0.85  # per-GPU efficiency at tp > 1 (all-reduce cost)
+    engine_start_s: float = 20.0  # cold start: process, CUDA context, graph capture
+    warm_wake_s: float = 0.5  # fixed part of a sleep/wake swap
+
+
+@dataclass(frozen=True, slots=True)
+class IterationModel:
+    """Per-(model, GPU, tp) constants of the roofline, precomputed for the hot path.
+
+    Iteration time = overhead + max(c_tok · num_tokens, m0 + m_kv · kv_tokens).
+    """
+
+    c_tok: float  # compute seconds per token
+    m0: float  # seconds to stream the weights once
+    m_kv: float  # seconds per KV token read
+    overhead_s: float
+
+    def iteration_s(self, num_tokens: int, kv_tokens: int) -> float:
+        c = self.c_tok * num_tokens
+        m = self.m0 + self.m_kv * kv_tokens
+        return self.overhead_s + (c if c > m else m)
+
+    def decode_run_s(self, batch: int, kv0: int, n: int) -> float:
+        """Total time of ``n`` decode iterations of a fixed ``batch`` whose KV starts at
+        ``kv0`` tokens and grows by ``batch`` tokens per iteration (closed form)."""
+        if n <= 0:
+            return 0.0
+        c = self.c_tok * batch
+        a = self.m0 + self.m_kv * kv0  # memory time of iteration 0
+        b = self.m_kv * batch  # growth per iteration
+        # Iterations k < k_star are compute-bound (c >= a + b k), the rest memory-bound.
+        if a >= c:
+            k_star = 0
+        elif b <= 0:
+            k_star = n
+        else:
+            k_star = min(n, int(math.ceil((c - a) / b)))
+        mem_n = n - k_star
+        mem = mem_n * a + b * (k_star * mem_n + mem_n * (mem_n - 1) / 2.0)
+        return n * self.overhead_s + k_star * c + mem
+
+    def decode_iters_before(self, batch: int, kv0: int, n: int, horizon_s: float) -> int:
+        """Largest m <= n such that the first m iterations all *start* at or before
+        ``horizon_s`` (measured from the start of the run): decode_run_s(m-1) <= horizon_s."""
+        if horizon_s < 0.0 or n <= 0:
+            return 0
+        lo, hi = 0, n  # invariant: iteration lo-1 starts at or before the horizon (or lo == 0)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.decode_run_s(batch, kv0, mid - 1) <= horizon_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def decode_tokens_per_s(self, batch: int, kv_tokens: int) -> float:
+        if batch <= 0:
+            return 0.0
+        return batch / self.iteration_s(batch, kv_tokens)
+
+
+def iteration_model(
+    catalog: Catalog, model: str, gpu: str, tp: int, perf: PerfParams = PerfParams()
+) -> IterationModel:
+    m, g = catalog.model(model), catalog.gpu(gpu)
+    eff = 1.0 if tp == 1 else perf.tp_efficiency
+    flops = tp * g.flops * perf.mfu * eff
+    bw = tp * g.hbm_bps * perf.mbu * eff
+    return IterationModel(
+        c_tok=2.0 * m.params / flops,
+        m0=m.weight_bytes / bw,
+        m_kv=m.kv_bytes_per_token / bw,
+        overhead_s=perf.overhead_s,
+    )
+
+
+def swap_s(
+    catalog: Catalog, model: str, gpu: str, tp: int, warm: bool, perf: PerfParams = PerfParams()
+) -> float:
+    """Time to make ``model`` servable on an instance.
+
+    Warm: weights held in host memory (vLLM sleep mode) cross the host link, per GPU in
+    parallel. Cold: weights are read from disk and the engine starts.
+    """
+    m, g = catalog.model(model), catalog.gpu(gpu)
+    per_gpu = m.weight_bytes / tp
+    if warm:
+        return perf.warm_wake_s + per_gpu / g.host_link_bps
+    return perf.engine_start_s + per_gpu / g.disk_bps

@@ -1,0 +1,172 @@
+"""The planner's output: a frozen `Plan`, plain data only.
+
+The executor consumes a Plan and nothing else; no OR-Tools object ever appears here. Every
+formulation (exact, knapsack, fallback) produces its service *sequences* per instance and
+`plan_from_sequences` turns them into the same Plan with left-shifted ("compact") timings:
+each group starts as soon as the instance is free and the model swap, if any, is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Mapping, Sequence
+
+from qlm_opt.planner.instance import SWAP_SCALE, PlanningInstance
+
+__all__ = ["PlanStatus", "InstancePlan", "GroupTiming", "Plan", "plan_from_sequences"]
+
+
+class PlanStatus(StrEnum):
+    """How the plan was obtained."""
+
+    OPTIMAL = "OPTIMAL"  # the solver proved its formulation's optimum
+    FEASIBLE = "FEASIBLE"  # the solver's best within the time limit
+    FALLBACK = "FALLBACK"  # EDF/greedy plan: zero time limit, UNKNOWN, infeasible model, ...
+    EMPTY = "EMPTY"  # nothing to plan
+
+
+@dataclass(frozen=True, slots=True)
+class InstancePlan:
+    """What one instance does during the plan.
+
+    Attributes:
+        instance_id: the instance.
+        group_ids: groups in service order.
+        start_model: model held now (None = nothing loaded).
+        final_model: model held after the last group (swap when != start_model).
+        num_swaps: model changes along the sequence.
+    """
+
+    instance_id: int
+    group_ids: tuple[str, ...]
+    start_model: str | None
+    final_model: str | None
+    num_swaps: int
+
+    @property
+    def swaps(self) -> bool:
+        return self.num_swaps > 0
+
+
+@dataclass(frozen=True, slots=True)
+class GroupTiming:
+    """Predicted timing of one group, ms from now."""
+
+    group_id: str
+    instance_id: int
+    start_ms: int
+    end_ms: int
+    on_time: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One epoch's decision.
+
+    Attributes:
+        instances: one entry per instance of the planning instance, in its order.
+        timings: group id -> predicted timing (every group appears once). Do not mutate.
+        status: see PlanStatus.
+        objective: the plan's objective, recomputed from its timings (see ObjectiveWeights);
+            comparable across formulations.
+        solver_objective: the formulation's own objective value (None for fallback plans).
+        best_bound: the solver's bound on `solver_objective` (None for fallback plans).
+        solve_ms: wall time inside CP-SAT, ms.
+        build_ms: wall time building the model (and the fallback/hint), ms.
+        formulation: "exact", "knapsack" or "fallback".
+        num_on_time: groups predicted on time.
+        on_time_weight: summed weight of those groups.
+        hint_objective: the solver objective of the first solution when it came from the
+            hint (tag "[hint]"), else None; tells whether the warm start was used.
+    """
+
+    instances: tuple[InstancePlan, ...]
+    timings: Mapping[str, GroupTiming]
+    status: PlanStatus
+    objective: int
+    solver_objective: float | None = None
+    best_bound: float | None = None
+    solve_ms: float = 0.0
+    build_ms: float = 0.0
+    formulation: str = "fallback"
+    num_on_time: int = 0
+    on_time_weight: int = 0
+    hint_objective: float | None = None
+
+    @property
+    def gap(self) -> float | None:
+        """Relative optimality gap of the solver objective, None when unknown."""
+        if self.solver_objective is None or self.best_bound is None:
+            return None
+        denom = max(abs(self.best_bound), 1.0)
+        return abs(self.best_bound - self.solver_objective) / denom
+
+    def sequences(self) -> dict[int, tuple[str, ...]]:
+        """instance id -> group ids in service order."""
+        return {ip.instance_id: ip.group_ids for ip in self.instances}
+
+    def instance_of(self, group_id: str) -> int:
+        return self.timings[group_id].instance_id
+
+    @property
+    def num_swaps(self) -> int:
+        return sum(ip.num_swaps for ip in self.instances)
+
+    def replace(self, **changes: object) -> Plan:
+        """A copy with some fields changed (the stats fields, typically)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def plan_from_sequences(
+    instance: PlanningInstance,
+    sequences: Mapping[int, Sequence[str]],
+    status: PlanStatus,
+    formulation: str,
+    **stats: object,
+) -> Plan:
+    """Build a Plan from per-instance service orders, with compact timings.
+
+    Each group starts at max(instance free, previous end) plus the swap time when its model
+    differs from the one held. Instances missing from `sequences` stay idle.
+    """
+    groups = instance.group_by_id()
+    w = instance.weights
+    timings: dict[str, GroupTiming] = {}
+    inst_plans: list[InstancePlan] = []
+    objective = 0
+    num_on_time = 0
+    on_time_weight = 0
+    for inst in instance.instances:
+        seq = tuple(sequences.get(inst.id, ()))
+        held = inst.current_model
+        t = inst.busy_until_ms
+        num_swaps = 0
+        for gid in seq:
+            g = groups[gid]
+            if g.model != held:
+                t += instance.swap_time_ms(inst, held, g.model)
+                held = g.model
+                num_swaps += 1
+            start = t
+            t += g.service_ms[inst.id]
+            on_time = t <= g.deadline_ms
+            timings[gid] = GroupTiming(gid, inst.id, start, t, on_time)
+            objective -= w.completion_penalty * t
+            if on_time:
+                num_on_time += 1
+                on_time_weight += g.weight
+        objective -= SWAP_SCALE * w.swap_penalty * num_swaps
+        inst_plans.append(InstancePlan(inst.id, seq, inst.current_model, held, num_swaps))
+    objective += SWAP_SCALE * w.on_time * on_time_weight
+    return Plan(
+        instances=tuple(inst_plans),
+        timings=timings,
+        status=status,
+        objective=objective,
+        formulation=formulation,
+        num_on_time=num_on_time,
+        on_time_weight=on_time_weight,
+        **stats,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,141 @@
+"""Solver presets: TOML files in `solver/` (fast, balanced, thorough), validated with pydantic.
+
+A preset holds every knob of the planner: search limits, the group cap, the objective
+weights and the scaling formulation's parameters. `load_preset("balanced")` reads
+`solver/balanced.toml`; `load_preset("path/to/mine.toml")` reads that file. Errors raise
+`ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qlm_opt.errors import ConfigError
+from qlm_opt.planner.instance import ObjectiveWeights
+
+__all__ = ["SolverPreset", "load_preset", "preset_dir", "PRESET_NAMES"]
+
+PRESET_NAMES = ("fast", "balanced", "thorough")
+
+
+@dataclass(frozen=True, slots=True)
+class SolverPreset:
+    """Planner settings for one epoch.
+
+    Attributes:
+        name: preset name (file stem).
+        time_limit_s: CP-SAT wall-time limit per epoch, s; 0 = always use the EDF fallback.
+        num_workers: CP-SAT worker threads (at most the cores you can spare).
+        random_seed: CP-SAT seed, for reproducible runs.
+        max_groups: group cap; the most urgent `max_groups` groups go to CP-SAT, the rest are
+            appended by the EDF fallback.
+        horizon_s: deadlines beyond this are treated as this (knapsack), s.
+        formulation: "auto" (exact up to `exact_max_groups`, else knapsack), "exact" or
+            "knapsack".
+        exact_max_groups: size limit of the exact (circuit) formulation under "auto".
+        deadline_levels: at most this many deadline levels per instance (knapsack).
+        candidates_per_group: instances that hold the group's model considered per group
+            (knapsack), the soonest free first.
+        swap_candidates: extra instances per group that would have to swap (knapsack).
+        log_search: route CP-SAT's search log to this module's logger at DEBUG.
+        weights: objective weights.
+    """
+
+    name: str = "default"
+    time_limit_s: float = 0.1
+    num_workers: int = 2
+    random_seed: int = 0
+    max_groups: int = 256
+    horizon_s: float = 3600.0
+    formulation: Literal["auto", "exact", "knapsack"] = "auto"
+    exact_max_groups: int = 8
+    deadline_levels: int = 12
+    candidates_per_group: int = 4
+    swap_candidates: int = 2
+    log_search: bool = False
+    weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+
+
+class _ObjectiveFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    on_time: int = Field(1000, ge=0)
+    swap_penalty: int = Field(50, ge=0)
+    completion_penalty: int = Field(1, ge=0)
+
+
+class _PresetFile(BaseModel):
+    """Schema of `solver/*.toml`."""
+
+    model_config = ConfigDict(extra="forbid")
+    time_limit_s: float = Field(ge=0, le=3600)
+    num_workers: int = Field(ge=1, le=256)
+    random_seed: int = 0
+    max_groups: int = Field(ge=1)
+    horizon_s: float = Field(gt=0)
+    formulation: Literal["auto", "exact", "knapsack"] = "auto"
+    exact_max_groups: int = Field(8, ge=0, le=64)
+    deadline_levels: int = Field(ge=1, le=1000)
+    candidates_per_group: int = Field(ge=1)
+    swap_candidates: int = Field(2, ge=0)
+    log_search: bool = False
+    objective: _ObjectiveFile = _ObjectiveFile()
+
+
+def preset_dir() -> Path:
+    """Where named presets live: $QLM_OPT_SOLVER_DIR, else the repo's `solver/`, else
+    `./solver`."""
+    env = os.environ.get("QLM_OPT_SOLVER_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2] / "solver"
+    return repo if repo.is_dir() else Path.cwd() / "solver"
+
+
+def load_preset(name_or_path: str | Path) -> SolverPreset:
+    """Load a preset by name ("fast", "balanced", "thorough", or any `solver/<name>.toml`)
+    or by path to a TOML file.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or a field is missing/invalid; the
+            message names the file and the field.
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith(".toml") or os.sep in text or "/" in text):
+        path = preset_dir() / f"{text}.toml"
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such solver preset") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        parsed = _PresetFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        raise ConfigError(f"{path}: field '{loc}': {err['msg']}") from None
+    o = parsed.objective
+    return SolverPreset(
+        name=path.stem,
+        time_limit_s=parsed.time_limit_s,
+        num_workers=parsed.num_workers,
+        random_seed=parsed.random_seed,
+        max_groups=parsed.max_groups,
+        horizon_s=parsed.horizon_s,
+        formulation=parsed.formulation,
+        exact_max_groups=parsed.exact_max_groups,
+        deadline_levels=parsed.deadline_levels,
+        candidates_per_group=parsed.candidates_per_group,
+        swap_candidates=parsed.swap_candidates,
+        log_search=parsed.log_search,
+        weights=ObjectiveWeights(o.on_time, o.swap_penalty, o.completion_penalty),
+    )

@@ -1,0 +1,51 @@
+"""PNG plots of a what-if report (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: list[Path] = []
+    series = report.get("series", {})
+    if not series:
+        return files
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, s in series.items():
+        att = s["attainment"]
+        xs = [x for x, y in zip(att["bin_start_s"], att["overall"]) if y is not None]
+        ys = [100 * y for y in att["overall"] if y is not None]
+        ax.plot(xs, ys, label=name, linewidth=1.5)
+    ax.set_xlabel("arrival time (s)")
+    ax.set_ylabel("SLO attainment (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title("SLO attainment over time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "attainment.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p)
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, s in series.items():
+        q = s["queue"]
+        ax.plot(q["at_s"], q["queued"], label=name, linewidth=1.2)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("queued requests (not yet running)")
+    ax.set_title("Queue length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "queue.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    files.append(p)
+    return files

@@ -1,0 +1,220 @@
+"""The scheduler runtime: instances, LSOs and engine events, independent of the clock.
+
+A ``Runtime`` owns the fleet's engines and offers policies the LLM Serving Operations:
+``dispatch`` (pull a request into an engine), ``evict``, ``drain_and_swap`` and ``drop``.
+It receives engine events and forwards them to the policy *through the host's timer*, so a
+policy never runs inside an engine call. The host is the discrete-event simulator in what-if
+runs and the asyncio loop when serving live; the runtime cannot tell which.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from qlm_opt.domain import InstanceSpec, Request, RequestState
+from qlm_opt.engines.perf import iteration_model, swap_s
+from qlm_opt.engines.sim import SimEngine
+
+if TYPE_CHECKING:
+    from qlm_opt.config import Fleet
+    from qlm_opt.policies.base import Policy
+
+log = logging.getLogger(__name__)
+
+
+class Timers(Protocol):
+    """What the runtime needs from its host."""
+
+    def now(self) -> float: ...
+
+    def call_at(self, at: float, fn: Callable, *args) -> None:
+        """Run ``fn(*args)`` at clock time ``at`` (FIFO among equal times)."""
+
+
+class InstanceState(enum.IntEnum):
+    READY = 0
+    DRAINING = 1  # finishing running requests before a swap; takes no new work
+    SWAPPING = 2
+
+
+class Instance:
+    """An instance as the policies see it: spec, engine and swap state."""
+
+    __slots__ = ("spec", "engine", "state", "swap_to", "num_swaps", "num_evictions")
+
+    def __init__(self, spec: InstanceSpec, engine) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.state = InstanceState.READY
+        self.swap_to: str | None = None
+        self.num_swaps = 0
+        self.num_evictions = 0
+
+    @property
+    def id(self) -> int:
+        return self.spec.id
+
+    @property
+    def model(self) -> str | None:
+        return self.engine.model
+
+    @property
+    def ready(self) -> bool:
+        return self.state == InstanceState.READY and self.engine.model is not None
+
+    def __repr__(self) -> str:
+        return f"Instance({self.spec.name}, {self.model}, {self.state.name})"
+
+
+class Runtime:
+    """Fleet control shared by every policy; see the module docstring."""
+
+    def __init__(self, fleet: Fleet, host: Timers, engines: list | None = None) -> None:
+        self.fleet = fleet
+        self.catalog = fleet.catalog
+        self.host = host
+        self.policy: Policy | None = None
+        self.lso_counts: Counter[str] = Counter()
+        self.num_outstanding = 0  # accepted, neither finished nor dropped
+        self.dropped: list[Request] = []
+        self._finish_hooks: list[Callable[[Request], None]] = []
+        if engines is None:
+            engines = [self._make_sim_engine(spec) for spec in fleet.instances]
+        self.instances = [Instance(spec, eng) for spec, eng in zip(fleet.instances, engines)]
+        self._by_model: dict[str, list[Instance]] = {}
+        self._reindex()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _make_sim_engine(self, spec: InstanceSpec) -> SimEngine:
+        model = spec.initial_model
+        im, cap, mml = self._engine_params(spec, model) if model else (None, 0, None)
+        return SimEngine(spec.id, model, im, cap, self.fleet.engine, self, self.host.now, mml)
+
+    def _engine_params(self, spec: InstanceSpec, model: str):
+        cat = self.catalog
+        im = iteration_model(cat, model, spec.gpu, spec.tp, self.fleet.perf)
+        cap = cat.kv_capacity_tokens(model, spec.gpu, spec.tp)
+        return im, cap, cat.model(model).max_context
+
+    def bind(self, policy: Policy) -> None:
+        self.policy = policy
+        policy.bind(self)
+
+    def _reindex(self) -> None:
+        by: dict[str, list[Instance]] = {}
+        for inst in self.instances:
+            if inst.ready:
+                by.setdefault(inst.model, []).append(inst)
+        self._by_model = by
+
+    # -- queries -----------------------------------------------------------------------------
+    def now(self) -> float:
+        return self.host.now()
+
+    def ready_instances(self, model: str) -> list[Instance]:
+        """READY instances that hold ``model`` now."""
+        return self._by_model.get(model, [])
+
+    def can_serve_anywhere(self, model: str) -> bool:
+        return any(self.fleet.can_serve(i.spec, model) for i in self.instances)
+
+    def swap_time_s(self, inst: Instance, model: str) -> float:
+        return swap_s(self.catalog, model, inst.spec.gpu, inst.spec.tp,
+                      self.fleet.warm_swaps, self.fleet.perf)
+
+    # -- LSOs --------------------------------------------------------------------------------
+    def accept(self, req: Request) -> None:
+        """Count a request in (called by the host when it arrives)."""
+        self.num_outstanding += 1
+
+    def dispatch(self, req: Request, inst: Instance, priority: tuple) -> None:
+        """Pull: hand ``req`` to ``inst``'s engine with a vLLM-style priority tuple."""
+        self.lso_counts["pull"] += 1
+        inst.engine.submit(req, priority)
+
+    def evict(self, inst: Instance, req_id: int) -> Request | None:
+        """Evict: abort a request on ``inst``; it keeps its generated tokens and goes back to
+        the caller, which re-queues it (resume by recompute)."""
+        req = inst.engine.abort(req_id)
+        if req is not None:
+            req.num_evictions += 1
+            inst.num_evictions += 1
+            self.lso_counts["evict"] += 1
+        return req
+
+    def drain_and_swap(self, inst: Instance, model: str) -> list[Request]:
+        """Swap: stop giving ``inst`` work, take back its waiting requests (returned to the
+        caller for re-queueing), let running ones finish, then load ``model``."""
+        if inst.state != InstanceState.READY:
+            return []
+        inst.state = InstanceState.DRAINING
+        inst.swap_to = model
+        self._reindex()
+        back = []
+        for r in inst.engine.waiting_requests():
+            got = inst.engine.abort(r.id)
+            if got is not None:
+                got.state = RequestState.QUEUED
+                back.append(got)
+        self.lso_counts["rebalance"] += len(back)
+        self._maybe_start_swap(inst)
+        return back
+
+    def _maybe_start_swap(self, inst: Instance) -> None:
+        if inst.state != InstanceState.DRAINING or not inst.engine.is_idle:
+            return
+        model = inst.swap_to
+        dur = self.swap_time_s(inst, model)
+        im, cap, mml = self._engine_params(inst.spec, model)
+        inst.engine.start_swap(model, dur, im, cap, mml)
+        inst.state = InstanceState.SWAPPING
+        inst.num_swaps += 1
+        self.lso_counts["swap"] += 1
+        log.debug("swap %s -> %s (%.1f s)", inst.spec.name, model, dur)
+        self.host.call_at(self.now() + dur, self._swap_done, inst)
+
+    def _swap_done(self, inst: Instance) -> None:
+        inst.state = InstanceState.READY
+        inst.swap_to = None
+        self._reindex()
+        self.policy.on_instance_ready(inst)
+
+    def drop(self, req: Request, reason: str) -> None:
+        if req.is_done:
+            return
+        req.state = RequestState.DROPPED
+        req.drop_reason = reason
+        self.dropped.append(req)
+        self.num_outstanding -= 1
+        self.lso_counts["drop"] += 1
+
+    def on_finish(self, fn: Callable[[Request], None]) -> None:
+        """Register an observer of finished requests (metrics, estimator calibration)."""
+        self._finish_hooks.append(fn)
+
+    # -- engine listener ---------------------------------------------------------------------
+    def on_first_token(self, req: Request, at: float) -> None:
+        pass
+
+    def on_finished(self, req: Request, at: float) -> None:
+        self.host.call_at(at, self._finished, req)
+
+    def _finished(self, req: Request) -> None:
+        self.num_outstanding -= 1
+        for fn in self._finish_hooks:
+            fn(req)
+        inst = self.instances[req.instance_id]
+        if inst.state == InstanceState.DRAINING:
+            self._maybe_start_swap(inst)
+        self.policy.on_finished(req)
+
+    def on_failed(self, req: Request, at: float, reason: str) -> None:
+        if reason == "prompt_too_long":
+            self.host.call_at(at, self.drop, req, reason)
+        else:
+            req.state = RequestState.QUEUED
+            self.host.call_at(at, self.policy.on_requeue, req)
