@@ -119,6 +119,20 @@ def whatif(
     out_console.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
+def _register_subcommands() -> None:
+    """Commands that live in ``qlm_opt/commands/<name>.py`` expose ``register(app)``."""
+    import importlib
+    import pkgutil
+
+    import qlm_opt.commands as pkg
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
+        importlib.import_module(f"qlm_opt.commands.{mod}").register(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

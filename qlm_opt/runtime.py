@@ -81,7 +81,11 @@ class Runtime:
         self.lso_counts: Counter[str] = Counter()
         self.num_outstanding = 0  # accepted, neither finished nor dropped
         self.dropped: list[Request] = []
-        self._finish_hooks: list[Callable[[Request], None]] = []
+        # Observers (metrics, estimator calibration, HTTP streams). Each gets the request.
+        self.finish_hooks: list[Callable[[Request], None]] = []
+        self.first_token_hooks: list[Callable[[Request], None]] = []
+        self.dispatch_hooks: list[Callable[[Request, Instance], None]] = []
+        self.drop_hooks: list[Callable[[Request], None]] = []
         if engines is None:
             engines = [self._make_sim_engine(spec) for spec in fleet.instances]
         self.instances = [Instance(spec, eng) for spec, eng in zip(fleet.instances, engines)]
@@ -134,6 +138,8 @@ class Runtime:
     def dispatch(self, req: Request, inst: Instance, priority: tuple) -> None:
         """Pull: hand ``req`` to ``inst``'s engine with a vLLM-style priority tuple."""
         self.lso_counts["pull"] += 1
+        for fn in self.dispatch_hooks:
+            fn(req, inst)
         inst.engine.submit(req, priority)
 
     def evict(self, inst: Instance, req_id: int) -> Request | None:
@@ -191,21 +197,24 @@ class Runtime:
         self.dropped.append(req)
         self.num_outstanding -= 1
         self.lso_counts["drop"] += 1
-
-    def on_finish(self, fn: Callable[[Request], None]) -> None:
-        """Register an observer of finished requests (metrics, estimator calibration)."""
-        self._finish_hooks.append(fn)
+        for fn in self.drop_hooks:
+            fn(req)
 
     # -- engine listener ---------------------------------------------------------------------
     def on_first_token(self, req: Request, at: float) -> None:
-        pass
+        if self.first_token_hooks:
+            self.host.call_at(at, self._first_token, req)
+
+    def _first_token(self, req: Request) -> None:
+        for fn in self.first_token_hooks:
+            fn(req)
 
     def on_finished(self, req: Request, at: float) -> None:
         self.host.call_at(at, self._finished, req)
 
     def _finished(self, req: Request) -> None:
         self.num_outstanding -= 1
-        for fn in self._finish_hooks:
+        for fn in self.finish_hooks:
             fn(req)
         inst = self.instances[req.instance_id]
         if inst.state == InstanceState.DRAINING:

@@ -49,6 +49,24 @@ class Engine(Protocol):
     def requests(self) -> list[Request]:
         """Requests the engine holds (waiting and running), for rebalancing and estimates."""
 
-    def start_swap(self, model: str, warm: bool) -> float:
-        """Begin loading ``model`` (Swap LSO). The engine must hold no requests. Returns the
-        expected duration in seconds; the engine serves again once it ends."""
+    def running_requests(self) -> list[Request]:
+        """Requests being prefilled or decoded."""
+
+    def waiting_requests(self) -> list[Request]:
+        """Requests in the engine's own waiting queue, in its scheduling order."""
+
+    def load(self) -> int:
+        """Requests held (running + waiting); the routing signal of vLLM-style routers."""
+
+    @property
+    def is_idle(self) -> bool:
+        """True when the engine holds no request (a swap may start)."""
+
+    def start_swap(
+        self, model: str, duration_s: float, iter_model, kv_capacity_tokens: int,
+        max_model_len: int | None = None,
+    ) -> float:
+        """Begin loading ``model`` (Swap LSO). The engine must hold no requests. The simulated
+        engine charges ``duration_s``; live engines do the real swap. Returns the expected
+        duration in seconds. Engines also expose ``config.max_num_seqs``, ``busy_s`` (time
+        spent computing) and ``num_preemptions``."""

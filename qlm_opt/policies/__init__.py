@@ -10,6 +10,9 @@ _REGISTRY: dict[str, str] = {
     "edf": "qlm_opt.policies.baselines:EDFPolicy",
     "priority": "qlm_opt.policies.baselines:PriorityPolicy",
     "shepherd": "qlm_opt.policies.baselines:ShepherdPolicy",
+    "qlm-rwt": "qlm_opt.policies.qlm_rwt:QLMRWTPolicy",
+    "qlm": "qlm_opt.policies.qlm:QLMPolicy",
+    "clairvoyant": "qlm_opt.policies.qlm:ClairvoyantPolicy",
 }
 
 
