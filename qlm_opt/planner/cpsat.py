@@ -1,0 +1,651 @@
+"""CP-SAT planning: two formulations behind one `solve(instance, preset, hint) -> Plan`.
+
+* **exact** (small epochs): per instance a circuit over its candidate groups, node 0 being
+  the instance's current state (model held, busy-until). Arc literals carry the
+  sequence-dependent swap times; optional intervals + no-overlap strengthen propagation;
+  `late[g]` makes deadlines soft. Checked against brute force in the tests.
+* **knapsack** (scale): no ordering variables. `y[g,i]` = g on time on i, `w[i,m]` = i holds
+  m. Jackson's rule (EDF is optimal for meeting deadlines with all jobs released now) turns
+  "all on-time groups of i meet their deadlines" into one linear constraint per deadline
+  level. Late groups are appended afterwards in EDF order by the greedy planner.
+
+Both return sequences per instance, turned into the same frozen `Plan` by
+`plan_from_sequences`. No OR-Tools object leaves this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+from ortools.sat.python import cp_model
+
+from qlm_opt.planner.fallback import edf_key, fallback_plan, fallback_sequences
+from qlm_opt.planner.instance import SWAP_SCALE, PlanGroup, PlanningInstance
+from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences, sequence_objective
+from qlm_opt.planner.presets import SolverPreset
+
+__all__ = ["solve", "choose_formulation", "ExactModel", "KnapsackModel", "deadline_levels"]
+
+logger = logging.getLogger(__name__)
+
+_LinearExpr = cp_model.LinearExpr
+
+
+# ============================================================================ entry point
+def solve(
+    instance: PlanningInstance,
+    preset: SolverPreset | None = None,
+    hint: Plan | None = None,
+) -> Plan:
+    """Plan one epoch.
+
+    Args:
+        instance: the epoch's planning instance (times in ms from now). Its objective weights
+            are replaced by the preset's, which are the source of truth.
+        preset: solver settings (default: `SolverPreset()`, close to solver/balanced.toml).
+        hint: the previous epoch's plan, used as a warm start (`add_hint`) where it still
+            applies; groups it does not know are completed by the EDF fallback.
+
+    Returns:
+        A Plan. Status OPTIMAL/FEASIBLE from the solver; FALLBACK (the EDF/greedy plan) when
+        the time limit is 0, the solver returns UNKNOWN or an infeasible/invalid model, or
+        (knapsack only) the greedy plan scores higher; EMPTY with no groups.
+    """
+    preset = preset or SolverPreset()
+    t0 = time.perf_counter()
+    inst = instance.with_weights(preset.weights)
+    if not inst.groups:
+        return plan_from_sequences(inst, {}, PlanStatus.EMPTY, "fallback")
+    if preset.time_limit_s <= 0:
+        return fallback_plan(inst, build_ms=_ms_since(t0))
+
+    # Group cap: the most urgent groups go to CP-SAT, the rest are appended greedily.
+    core = inst
+    if len(inst.groups) > preset.max_groups:
+        keep = {g.id for g in sorted(inst.groups, key=edf_key)[: preset.max_groups]}
+        core = inst.subset(keep)
+
+    start_seqs = _hint_sequences(core, hint)
+    formulation = choose_formulation(core, preset)
+    model: ExactModel | KnapsackModel
+    if formulation == "exact":
+        model = ExactModel(core)
+    else:
+        model = KnapsackModel(core, preset, start_seqs)
+    model.add_hint(start_seqs)
+    build_ms = _ms_since(t0)
+
+    result = _run_cpsat(model.model, preset)
+    if result.status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if result.status in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID):
+            logger.warning("planner: %s model is %s; using the EDF fallback",
+                           formulation, result.status_name)
+        plan = fallback_plan(inst, build_ms=build_ms)
+        return plan.replace(solve_ms=result.solve_ms)
+
+    seqs = model.read_sequences(result.values)
+    if core is not inst:
+        rest = [g for g in inst.groups if g.id not in {gid for s in seqs.values() for gid in s}]
+        seqs = fallback_sequences(inst, groups=rest, base=seqs)
+    status = PlanStatus.OPTIMAL if result.status == cp_model.OPTIMAL else PlanStatus.FEASIBLE
+    plan = plan_from_sequences(
+        inst,
+        seqs,
+        status,
+        formulation,
+        solver_objective=result.objective,
+        best_bound=result.bound,
+        solve_ms=result.solve_ms,
+        build_ms=build_ms,
+        hint_objective=result.hint_objective,
+    )
+    if formulation == "knapsack":
+        # The knapsack's deadline levels are conservative and it ignores late groups'
+        # completion times, so the greedy plan can occasionally score higher; keep the best.
+        # The search figures stay on the plan: they describe what the solver did.
+        greedy = fallback_plan(inst, build_ms=build_ms)
+        if greedy.objective > plan.objective:
+            plan = greedy.replace(
+                solve_ms=result.solve_ms,
+                solver_objective=result.objective,
+                best_bound=result.bound,
+                hint_objective=result.hint_objective,
+            )
+    logger.debug(
+        "planner: %s %s groups=%d instances=%d objective=%d bound=%s build=%.1fms solve=%.1fms",
+        formulation, plan.status, len(inst.groups), len(inst.instances), plan.objective,
+        result.bound, build_ms, result.solve_ms,
+    )
+    return plan
+
+
+def choose_formulation(instance: PlanningInstance, preset: SolverPreset) -> str:
+    """"exact" or "knapsack", from the preset (or by size under "auto")."""
+    if preset.formulation != "auto":
+        return preset.formulation
+    return "exact" if len(instance.groups) <= preset.exact_max_groups else "knapsack"
+
+
+def _ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def _hint_sequences(instance: PlanningInstance, hint: Plan | None) -> dict[int, list[str]]:
+    """A complete starting solution: the previous plan where it still applies, completed by
+    the EDF fallback; or the EDF fallback alone when that scores higher."""
+    greedy = fallback_sequences(instance)
+    if hint is None:
+        return greedy
+    groups = instance.group_by_id()
+    insts = instance.instance_by_id()
+    base: dict[int, list[str]] = {}
+    for iid, seq in hint.sequences().items():
+        inst = insts.get(iid)
+        if inst is None:
+            continue
+        base[iid] = [gid for gid in seq if gid in groups and instance.can_serve(groups[gid], inst)]
+    placed = {gid for s in base.values() for gid in s}
+    warm = fallback_sequences(
+        instance, groups=[g for g in instance.groups if g.id not in placed], base=base
+    )
+    score = lambda s: plan_from_sequences(instance, s, PlanStatus.FALLBACK, "").objective  # noqa: E731
+    return warm if score(warm) >= score(greedy) else greedy
+
+
+# ============================================================================ search
+class _Result:
+    """What the planner keeps from a CP-SAT run (plain values only)."""
+
+    __slots__ = ("status", "status_name", "values", "objective", "bound", "solve_ms",
+                 "hint_objective")
+
+    def __init__(self) -> None:
+        self.status = cp_model.UNKNOWN
+        self.status_name = "UNKNOWN"
+        self.values: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.objective: float | None = None
+        self.bound: float | None = None
+        self.solve_ms = 0.0
+        self.hint_objective: float | None = None
+
+
+class _FirstSolution(cp_model.CpSolverSolutionCallback):
+    """Records whether the first solution was the hint (CP-SAT tags it "[hint]")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+        self.hint_objective: float | None = None
+
+    def on_solution_callback(self) -> None:
+        if self.seen:
+            return
+        self.seen = True
+        if "hint" in self.response_proto.solution_info:
+            self.hint_objective = self.objective_value
+
+
+def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
+    solver = cp_model.CpSolver()
+    p = solver.parameters
+    p.max_time_in_seconds = preset.time_limit_s
+    p.num_workers = preset.num_workers
+    p.random_seed = preset.random_seed
+    if preset.log_search:
+        p.log_search_progress = True
+        p.log_to_stdout = False
+        solver.log_callback = lambda line: logger.debug("cp-sat: %s", line)
+    cb = _FirstSolution()
+    t0 = time.perf_counter()
+    status = solver.solve(model, cb)
+    out = _Result()
+    out.solve_ms = _ms_since(t0)
+    out.status = status
+    out.status_name = solver.status_name(status)
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        resp = solver.response_proto
+        out.values = np.fromiter(resp.solution, dtype=np.int64, count=len(resp.solution))
+        out.objective = solver.objective_value
+        out.bound = solver.best_objective_bound
+        out.hint_objective = cb.hint_objective
+    return out
+
+
+# ============================================================================ exact
+class ExactModel:
+    """The circuit formulation, for small epochs (O(G^2) arc literals per instance).
+
+    Variables (named after indices, e.g. `assign[g3,i1]`):
+        assign[g,i]  group g runs on instance i (only where `can_serve`);
+        start[g], end[g]  ms from now;
+        late[g]  g may miss its deadline;
+        arc literals of each instance's circuit; node 0 = the instance's current state.
+    Public attributes are for tests; use `read_sequences` to get the answer out.
+    """
+
+    def __init__(self, instance: PlanningInstance) -> None:
+        self.instance = instance
+        self.model = cp_model.CpModel()
+        self.groups = list(instance.groups)
+        self.gidx = {g.id: k for k, g in enumerate(self.groups)}
+        self.horizon_ms = self._horizon_ms()
+        self.assign: dict[tuple[int, int], cp_model.IntVar] = {}
+        self.start: list[cp_model.IntVar] = []
+        self.end: list[cp_model.IntVar] = []
+        self.late: list[cp_model.IntVar] = []
+        # instance id -> {(tail node, head node): literal}; node k+1 = k-th candidate group
+        self.arcs: dict[int, dict[tuple[int, int], cp_model.IntVar]] = {}
+        self.nodes: dict[int, list[int]] = {}  # instance id -> candidate group indices
+        self.swap_arcs: list[cp_model.IntVar] = []
+        self._add_variables()
+        self._add_constraints()
+        self._add_objective()
+
+    def _horizon_ms(self) -> int:
+        """An upper bound on any compact schedule's end: latest busy-until plus, per group,
+        its slowest service and the slowest swap."""
+        inst = self.instance
+        max_swap = 0
+        for i in inst.instances:
+            for g in inst.groups:
+                if inst.can_serve(g, i):
+                    max_swap = max(max_swap, inst.swap_time_ms(i, i.current_model, g.model))
+                    for h in inst.groups:
+                        if h.model != g.model and inst.can_serve(h, i):
+                            max_swap = max(max_swap, inst.swap_time_ms(i, g.model, h.model))
+        busy = max((i.busy_until_ms for i in inst.instances), default=0)
+        work = sum(max(g.service_ms.values()) + max_swap for g in inst.groups)
+        return busy + work + 1
+
+    def _add_variables(self) -> None:
+        m, inst, H = self.model, self.instance, self.horizon_ms
+        for k, g in enumerate(self.groups):
+            self.start.append(m.new_int_var(0, H, f"start[g{k}]"))
+            self.end.append(m.new_int_var(0, H, f"end[g{k}]"))
+            self.late.append(m.new_bool_var(f"late[g{k}]"))
+        for i in inst.instances:
+            cands = [k for k, g in enumerate(self.groups) if inst.can_serve(g, i)]
+            self.nodes[i.id] = cands
+            for k in cands:
+                self.assign[k, i.id] = m.new_bool_var(f"assign[g{k},i{i.id}]")
+
+    def _add_constraints(self) -> None:
+        m, inst = self.model, self.instance
+        for k, g in enumerate(self.groups):
+            lits = [self.assign[k, i.id] for i in inst.instances if (k, i.id) in self.assign]
+            if not lits:
+                raise ValueError(f"group {g.id}: no instance can serve model {g.model!r}")
+            m.add_exactly_one(lits)
+            # Soft deadline: only an on-time group must end by its deadline.
+            m.add(self.end[k] <= g.deadline_ms).only_enforce_if(~self.late[k])
+        for i in inst.instances:
+            cands = self.nodes[i.id]
+            intervals = []
+            for k in cands:
+                s = self.groups[k].service_ms[i.id]
+                intervals.append(
+                    m.new_optional_interval_var(
+                        self.start[k], s, self.end[k], self.assign[k, i.id],
+                        f"run[g{k},i{i.id}]",
+                    )
+                )
+            # Redundant with the circuit but gives the solver a strong propagator.
+            m.add_no_overlap(intervals)
+            self._add_circuit(i, cands)
+
+    def _add_circuit(self, i, cands: list[int]) -> None:
+        m, inst = self.model, self.instance
+        arcs: dict[tuple[int, int], cp_model.IntVar] = {}
+        triples: list[tuple[int, int, object]] = []
+        empty = m.new_bool_var(f"empty[i{i.id}]")
+        arcs[0, 0] = empty
+        triples.append((0, 0, empty))
+        for a, k in enumerate(cands, start=1):
+            g = self.groups[k]
+            triples.append((a, a, ~self.assign[k, i.id]))  # skipped node: not on i
+            first = m.new_bool_var(f"arc[i{i.id},0,g{k}]")
+            last = m.new_bool_var(f"arc[i{i.id},g{k},0]")
+            arcs[0, a], arcs[a, 0] = first, last
+            triples += [(0, a, first), (a, 0, last)]
+            swap = inst.swap_time_ms(i, i.current_model, g.model)
+            m.add(self.start[k] >= i.busy_until_ms + swap).only_enforce_if(first)
+            if g.model != i.current_model:
+                self.swap_arcs.append(first)
+            for b, h in enumerate(cands, start=1):
+                if a == b:
+                    continue
+                gh = self.groups[h]
+                lit = m.new_bool_var(f"arc[i{i.id},g{k},g{h}]")
+                arcs[a, b] = lit
+                triples.append((a, b, lit))
+                swap = inst.swap_time_ms(i, g.model, gh.model)
+                m.add(self.start[h] >= self.end[k] + swap).only_enforce_if(lit)
+                if gh.model != g.model:
+                    self.swap_arcs.append(lit)
+        m.add_circuit(triples)
+        self.arcs[i.id] = arcs
+
+    def _add_objective(self) -> None:
+        w = self.instance.weights
+        terms: list[cp_model.IntVar] = []
+        coefs: list[int] = []
+        for k, g in enumerate(self.groups):
+            terms += [self.late[k], self.end[k]]
+            coefs += [-SWAP_SCALE * w.on_time * g.weight, -w.completion_penalty]
+        terms += self.swap_arcs
+        coefs += [-SWAP_SCALE * w.swap_penalty] * len(self.swap_arcs)
+        on_time_max = SWAP_SCALE * w.on_time * sum(g.weight for g in self.groups)
+        self.model.maximize(_LinearExpr.weighted_sum(terms, coefs) + on_time_max)
+
+    def add_hint(self, sequences: Mapping[int, Sequence[str]]) -> None:
+        """Hint every variable from per-instance service orders (compact timings)."""
+        m, inst = self.model, self.instance
+        plan = plan_from_sequences(inst, sequences, PlanStatus.FALLBACK, "")
+        for k, g in enumerate(self.groups):
+            t = plan.timings.get(g.id)
+            if t is None:
+                continue
+            m.add_hint(self.start[k], t.start_ms)
+            m.add_hint(self.end[k], t.end_ms)
+            m.add_hint(self.late[k], not t.on_time)
+        for i in inst.instances:
+            cands = self.nodes[i.id]
+            node = {k: a for a, k in enumerate(cands, start=1)}
+            seq = [self.gidx[gid] for gid in sequences.get(i.id, ())]
+            if any(k not in node for k in seq):
+                continue  # the hint does not fit this instance; leave it to the solver
+            on = set(seq)
+            for k in cands:
+                m.add_hint(self.assign[k, i.id], k in on)
+            path = [0] + [node[k] for k in seq] + [0]
+            chosen = set(zip(path, path[1:])) if seq else {(0, 0)}
+            for key, lit in self.arcs[i.id].items():
+                m.add_hint(lit, key in chosen)
+
+    def read_sequences(self, values: np.ndarray) -> dict[int, list[str]]:
+        """Per-instance service order from a solution vector (order by start time)."""
+        out: dict[int, list[str]] = {}
+        for i in self.instance.instances:
+            on = [k for k in self.nodes[i.id] if values[self.assign[k, i.id].index]]
+            on.sort(key=lambda k: (values[self.start[k].index], k))
+            out[i.id] = [self.groups[k].id for k in on]
+        return out
+
+
+# ============================================================================ knapsack
+def deadline_levels(deadlines_ms: np.ndarray, num_levels: int) -> np.ndarray:
+    """Deadline levels (ms) for Jackson's constraints: at most `num_levels` values, each one
+    an actual deadline, spread geometrically between the smallest and largest deadline.
+
+    A group is checked at the largest level <= its deadline, which is conservative: a plan
+    that meets the levels meets the true deadlines. Taking actual deadlines as levels (the
+    geometric grid snapped down) loses nothing for the groups sitting on a level.
+    """
+    d = np.unique(deadlines_ms)
+    if len(d) <= num_levels:
+        return d
+    lo, hi = float(max(d[0], 1)), float(d[-1])
+    grid = np.geomspace(lo, hi, num_levels)
+    snapped = d[np.searchsorted(d, grid, side="right") - 1]
+    return np.unique(np.concatenate(([d[0]], snapped)))
+
+
+class KnapsackModel:
+    """The EDF-knapsack formulation for large epochs; no ordering variables.
+
+    Variables:
+        on_time[g,i]  (y) g is served on time on i; only for candidate pairs that could be
+            on time on their own;
+        hold[i,m]  (w) instance i holds model m for the plan (exactly one per instance; m may
+            be None for an empty instance with nothing loaded).
+    Constraints, per instance i, model m and deadline level L (Jackson's rule):
+        sum(service[g,i] * y[g,i] : model(g) = m, level(g) <= L)
+            <= max(0, L - busy_until[i] - swap[i](current -> m)) * w[i,m]
+    which also makes y[g,i] imply w[i,model(g)]. Lower levels whose constraint cannot bind
+    are skipped; the top level is always kept for that implication.
+    """
+
+    def __init__(
+        self,
+        instance: PlanningInstance,
+        preset: SolverPreset,
+        hint_sequences: Mapping[int, Sequence[str]] | None = None,
+    ) -> None:
+        self.instance = instance
+        self.preset = preset
+        self.model = cp_model.CpModel()
+        self.groups = list(instance.groups)
+        self.insts = list(instance.instances)
+        self._prepare(hint_sequences or {})
+        self._add_variables()
+        self._add_constraints()
+        self._add_objective()
+
+    # ---------------------------------------------------------------- data preparation
+    def _prepare(self, hint_sequences: Mapping[int, Sequence[str]]) -> None:
+        """Candidate pairs, levels and capacities, all before touching the model."""
+        inst, pre = self.instance, self.preset
+        G, I = len(self.groups), len(self.insts)
+        col = {i.id: c for c, i in enumerate(self.insts)}
+        models = sorted({g.model for g in self.groups})
+        midx = {m: k for k, m in enumerate(models)}
+        g_model = np.array([midx[g.model] for g in self.groups], dtype=np.int64)
+        busy = np.array([i.busy_until_ms for i in self.insts], dtype=np.int64)
+
+        # service[g, c] (ms), 0 where g cannot run on instance c.
+        service = np.zeros((G, I), dtype=np.int64)
+        for r, g in enumerate(self.groups):
+            for iid, s in g.service_ms.items():
+                service[r, col[iid]] = s
+        # swap[c, m] (ms) to go from the current model to m; -1 = not allowed.
+        swap = np.full((I, len(models)), -1, dtype=np.int64)
+        holds = np.zeros((I, len(models)), dtype=bool)
+        for c, i in enumerate(self.insts):
+            for m, k in midx.items():
+                if inst.can_hold(i, m):
+                    swap[c, k] = inst.swap_time_ms(i, i.current_model, m)
+                holds[c, k] = i.current_model == m
+        swap_g = swap[:, g_model].T  # (G, I)
+        ok = (service > 0) & (swap_g >= 0)
+        holder = ok & holds[:, g_model].T
+        other = ok & ~holder
+
+        # Candidate instances: soonest-done holders, plus a few that would swap, plus the
+        # instance of the hint so the hint stays complete.
+        big = np.iinfo(np.int64).max // 4
+        ready = busy[None, :] + np.where(swap_g >= 0, swap_g, 0) + service
+        cand = np.zeros((G, I), dtype=bool)
+        for mask, k in ((holder, pre.candidates_per_group), (other, pre.swap_candidates)):
+            if k <= 0:
+                continue
+            cost = np.where(mask, ready, big)
+            kk = min(k, I)
+            part = np.argpartition(cost, kk - 1, axis=1)[:, :kk] if kk < I else np.tile(
+                np.arange(I), (G, 1))
+            rows = np.repeat(np.arange(G), part.shape[1])
+            sel = part.ravel()
+            cand[rows, sel] |= mask[rows, sel]
+        gid_row = {g.id: r for r, g in enumerate(self.groups)}
+        for iid, seq in hint_sequences.items():
+            c = col.get(iid)
+            if c is None:
+                continue
+            for gid in seq:
+                r = gid_row.get(gid)
+                if r is not None and ok[r, c]:
+                    cand[r, c] = True
+
+        # Deadline levels, conservative: per (instance, model) block, at most
+        # `deadline_levels` levels, and each group is checked at the largest level <= its
+        # deadline. Deadlines past the horizon count as the horizon. Per-block levels follow
+        # that block's own deadlines, so they are much tighter than fleet-wide ones.
+        horizon_ms = int(pre.horizon_s * 1000)
+        deadline = np.array([g.deadline_ms for g in self.groups], dtype=np.int64)
+        clamped = np.minimum(deadline, horizon_ms)
+        # A pair is worth a y variable only if g alone could be on time on i.
+        pairs = np.argwhere(cand & (ready <= clamped[:, None]))
+        rows, cols = pairs[:, 0], pairs[:, 1]
+        block = cols * len(models) + g_model[rows]
+        order = np.lexsort((clamped[rows], block))
+        rows, cols, block = rows[order], cols[order], block[order]
+        level_ms = np.empty(len(rows), dtype=np.int64)
+        cuts = np.flatnonzero(np.diff(block)) + 1
+        for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(rows)]))):
+            d = clamped[rows[lo:hi]]  # sorted
+            lv = deadline_levels(d, pre.deadline_levels)
+            level_ms[lo:hi] = lv[np.searchsorted(lv, d, side="right") - 1]
+        keep = ready[rows, cols] <= level_ms
+        # y pairs sorted by (instance, model, level): Jackson blocks are contiguous runs.
+        self.y_pairs = np.stack((rows[keep], cols[keep]), axis=1)
+        self.y_level_ms = level_ms[keep]
+        self.y_block = block[keep]
+
+        self.models = models
+        self.midx = midx
+        self.g_model = g_model
+        self.busy = busy
+        self.service = service
+        self.swap = swap
+        self.cand = cand
+        self.col = col
+
+    # ---------------------------------------------------------------- model
+    def _add_variables(self) -> None:
+        m = self.model
+        self.y = [m.new_bool_var(f"on_time[g{r},i{self.insts[c].id}]") for r, c in self.y_pairs]
+        self.y_index = np.array([v.index for v in self.y], dtype=np.int64)
+        # Models each instance may end up holding: its current one (None included) and those
+        # of its y candidates.
+        self.hold: dict[tuple[int, int | None], cp_model.IntVar] = {}
+        cur = [self.midx.get(i.current_model) if i.current_model is not None else None
+               for i in self.insts]
+        opts: list[set[int | None]] = [set() for _ in self.insts]
+        for c in range(len(self.insts)):
+            if self.insts[c].current_model is None or cur[c] is not None:
+                opts[c].add(cur[c])
+            else:  # holds a model no group needs: staying on it is an option
+                opts[c].add(None)
+        for (r, c) in self.y_pairs:
+            opts[c].add(int(self.g_model[r]))
+        self.cur = cur
+        for c, i in enumerate(self.insts):
+            for k in sorted(opts[c], key=lambda x: -1 if x is None else x):
+                name = "keep" if k is None else self.models[k]
+                self.hold[c, k] = m.new_bool_var(f"hold[i{i.id},{name}]")
+
+    def _add_constraints(self) -> None:
+        m = self.model
+        # Each group on time on at most one instance.
+        by_group: dict[int, list[cp_model.IntVar]] = {}
+        for (r, _c), v in zip(self.y_pairs.tolist(), self.y):
+            by_group.setdefault(r, []).append(v)
+        for lits in by_group.values():
+            if len(lits) > 1:
+                m.add_at_most_one(lits)
+        # One model per instance.
+        per_inst: dict[int, list[cp_model.IntVar]] = {}
+        for (c, _k), lit in self.hold.items():
+            per_inst.setdefault(c, []).append(lit)
+        for lits in per_inst.values():
+            m.add_exactly_one(lits)
+        # Jackson's rule per (instance, model) block, one constraint per level.
+        if not len(self.y_pairs):
+            return
+        rows, cols = self.y_pairs[:, 0], self.y_pairs[:, 1]
+        svc = self.service[rows, cols]
+        cuts = np.flatnonzero(np.diff(self.y_block)) + 1
+        for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(rows)]))):
+            c, k = int(cols[lo]), int(self.g_model[rows[lo]])
+            base = int(self.busy[c] + self.swap[c, k])
+            lv = self.y_level_ms[lo:hi]
+            sv = svc[lo:hi]
+            cum = np.cumsum(sv)
+            lits = self.y[lo:hi]
+            w = self.hold[c, k]
+            ends = np.flatnonzero(np.diff(np.append(lv, -1))) + 1  # end of each level's run
+            for n, end in enumerate(ends):
+                cap = max(0, int(lv[end - 1]) - base)
+                if n < len(ends) - 1 and cum[end - 1] <= cap:
+                    continue  # cannot bind; the top level carries y => w
+                m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap * w)
+
+    def _add_objective(self) -> None:
+        w = self.instance.weights
+        rows, cols = (self.y_pairs[:, 0], self.y_pairs[:, 1]) if len(self.y_pairs) else (
+            np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        weight = np.array([g.weight for g in self.groups], dtype=np.int64)
+        # Service time stands in for completion time: it prefers the faster instance.
+        coef = SWAP_SCALE * w.on_time * weight[rows] - w.completion_penalty * self.service[
+            rows, cols]
+        terms: list[cp_model.IntVar] = list(self.y)
+        coefs: list[int] = coef.tolist()
+        for (c, k), lit in self.hold.items():
+            cur_model = self.insts[c].current_model
+            if k is not None and self.models[k] != cur_model:
+                terms.append(lit)
+                coefs.append(-SWAP_SCALE * w.swap_penalty)
+        self.model.maximize(_LinearExpr.weighted_sum(terms, coefs))
+
+    # ---------------------------------------------------------------- hint and answer
+    def add_hint(self, sequences: Mapping[int, Sequence[str]]) -> None:
+        """Hint every variable from per-instance service orders: the instance's single model,
+        and, greedily in level order, the groups that fit Jackson's constraints."""
+        m = self.model
+        gid_row = {g.id: r for r, g in enumerate(self.groups)}
+        y_at = {(int(r), int(c)): j for j, (r, c) in enumerate(self.y_pairs)}
+        y_val = np.zeros(len(self.y), dtype=bool)
+        hold_val: dict[tuple[int, int | None], bool] = {key: False for key in self.hold}
+        for c, i in enumerate(self.insts):
+            seq_rows = [gid_row[g] for g in sequences.get(i.id, ()) if g in gid_row]
+            kinds = {int(self.g_model[r]) for r in seq_rows}
+            if len(kinds) > 1:
+                continue  # several models in a row: no single-model hint for i
+            k = kinds.pop() if kinds else self.cur[c]
+            if (c, k) not in self.hold:
+                # None of i's hinted groups can be on time there: hint "keep the model".
+                k = self.cur[c]
+            hold_val[c, k] = True
+            if k is None:
+                continue
+            base = int(self.busy[c] + self.swap[c, k])
+            total = 0
+            cands = [(int(self.y_level_ms[j]), j) for r in seq_rows
+                     if (j := y_at.get((r, c))) is not None]
+            for level, j in sorted(cands):
+                s = int(self.service[self.y_pairs[j, 0], c])
+                if total + s <= level - base:
+                    total += s
+                    y_val[j] = True
+        for j, v in enumerate(self.y):
+            m.add_hint(v, bool(y_val[j]))
+        for key, lit in self.hold.items():
+            m.add_hint(lit, hold_val[key])
+
+    def read_sequences(self, values: np.ndarray) -> dict[int, list[str]]:
+        """On-time groups per instance in EDF order, then the late groups appended by the
+        greedy planner (EDF order, after the on-time ones)."""
+        on = values[self.y_index].astype(bool) if len(self.y_index) else np.zeros(0, bool)
+        seqs: dict[int, list[PlanGroup]] = {i.id: [] for i in self.insts}
+        placed: set[str] = set()
+        for (r, c) in self.y_pairs[on]:
+            g = self.groups[r]
+            seqs[self.insts[c].id].append(g)
+            placed.add(g.id)
+        out = {iid: [g.id for g in sorted(gs, key=edf_key)] for iid, gs in seqs.items()}
+        late = [g for g in self.groups if g.id not in placed]
+        if late:
+            out = fallback_sequences(self.instance, groups=late, base=out)
+            # A "late" group may still make it when served in plain EDF order among the
+            # on-time ones; keep that order where it scores higher for the instance.
+            by_id = self.instance.group_by_id()
+            for i in self.insts:
+                seq = out[i.id]
+                edf = sorted(seq, key=lambda gid: edf_key(by_id[gid]))
+                if edf != seq and sequence_objective(self.instance, i, edf) > sequence_objective(
+                    self.instance, i, seq
+                ):
+                    out[i.id] = edf
+        return out
