@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
-from qlm_opt.domain import Request
+from qlm_opt.domain import Request, RequestState
 from qlm_opt.policies.base import Policy, SwapOnDemand
 
 if TYPE_CHECKING:
@@ -97,6 +97,9 @@ class ShepherdPolicy(Policy, SwapOnDemand):
         # model -> priority -> queue (FIFO inside a class)
         self.queues: dict[str, dict[int, deque[Request]]] = {}
         self._num_queued = 0
+        # instance id -> priority -> requests dispatched there (a stack of eviction candidates;
+        # entries that finished or moved are skipped lazily)
+        self._dispatched: dict[int, dict[int, list[Request]]] = {}
 
     def _queue(self, req: Request) -> deque[Request]:
         per_model = self.queues.setdefault(req.model, {})
@@ -155,9 +158,7 @@ class ShepherdPolicy(Policy, SwapOnDemand):
                 if free <= 0:
                     break
                 for _ in range(min(free, self.batch_size, len(q))):
-                    r = q.popleft()
-                    self._num_queued -= 1
-                    rt.dispatch(r, inst, (r.priority, r.arrived_at, r.id))
+                    self._dispatch(q.popleft(), inst)
         # Preemption: urgent requests still queued while instances run lower-priority work.
         prios = sorted(p for p, q in per_model.items() if q)
         if not prios:
@@ -167,24 +168,32 @@ class ShepherdPolicy(Policy, SwapOnDemand):
         for inst in insts:
             if need <= 0:
                 break
-            victims = sorted(
-                (r for r in inst.engine.running_requests() if r.priority > top),
-                key=lambda r: (-r.priority, -r.arrived_at),
-            )[:need]
-            for v in victims:
-                got = rt.evict(inst, v.id)
-                if got is not None:
-                    need -= 1
-                    got_q = self._queue(got)
-                    got_q.appendleft(got)
-                    self._num_queued += 1
-            if victims:
+            evicted = 0
+            stacks = self._dispatched.get(inst.id, {})
+            for prio in sorted((p for p in stacks if p > top), reverse=True):
+                stack = stacks[prio]
+                while stack and need > 0:
+                    v = stack.pop()  # most recently dispatched: least work lost
+                    if v.is_done or v.instance_id != inst.id or v.state not in (
+                        RequestState.RUNNING, RequestState.WAITING
+                    ):
+                        continue
+                    got = rt.evict(inst, v.id)
+                    if got is not None:
+                        need -= 1
+                        evicted += 1
+                        self._queue(got).appendleft(got)
+                        self._num_queued += 1
+            if evicted:
                 q = per_model[top]
                 free = inst.engine.config.max_num_seqs - inst.engine.load()
                 for _ in range(min(free, len(q))):
-                    r = q.popleft()
-                    self._num_queued -= 1
-                    rt.dispatch(r, inst, (r.priority, r.arrived_at, r.id))
+                    self._dispatch(q.popleft(), inst)
+
+    def _dispatch(self, r: Request, inst: Instance) -> None:
+        self._num_queued -= 1
+        self.rt.dispatch(r, inst, (r.priority, r.arrived_at, r.id))
+        self._dispatched.setdefault(inst.id, {}).setdefault(r.priority, []).append(r)
 
 
 BASELINES: dict[str, type[Policy]] = {
