@@ -104,12 +104,15 @@ def validate_plan(instance: PlanningInstance, plan: Plan) -> ValidationReport:
         swaps = 0
         for gid in ip.group_ids:
             g = groups.get(gid)
-            t = plan.timings.get(gid)
-            if g is None or t is None:
+            if g is None:
                 continue
             where = f"group {gid} on instance {inst.id}"
             if inst.id not in g.service_ms:
                 errors.append(f"{where}: model {g.model} does not fit")
+                continue
+            t = plan.timings.get(gid)
+            if t is None:
+                errors.append(f"{where}: no timing")
                 continue
             if t.instance_id != inst.id:
                 errors.append(f"{where}: timing names instance {t.instance_id}")

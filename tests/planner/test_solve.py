@@ -75,19 +75,19 @@ def test_group_cap_plans_the_rest_greedily(medium):
 
 
 def test_empty_instance():
-    pi = planning([], [inst(0)])
+    pi = planning([], [inst(0)])  # nothing queued
     plan = solve(pi, preset())
     assert plan.status == PlanStatus.EMPTY and plan.timings == {}
 
 
 def test_preset_weights_win():
-    pi = planning([group("g0")], [inst(0)])
+    pi = planning([group("g0", service={0: 10})], [inst(0)])
     plan = solve(pi, preset())
     assert plan.objective == 1000 * 10 * 1 - 10  # on time, ends at 10 ms
 
 
 def test_choose_formulation():
-    pi = planning([group(f"g{k}") for k in range(5)], [inst(0)])
+    pi = planning([group(f"g{k}", service={0: 10}) for k in range(5)], [inst(0)])
     assert choose_formulation(pi, preset(formulation="auto", exact_max_groups=5)) == "exact"
     assert choose_formulation(pi, preset(formulation="auto", exact_max_groups=4)) == "knapsack"
     assert choose_formulation(pi, preset(formulation="knapsack")) == "knapsack"
