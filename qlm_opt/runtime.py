@@ -85,6 +85,8 @@ class Runtime:
         self.finish_hooks: list[Callable[[Request], None]] = []
         self.first_token_hooks: list[Callable[[Request], None]] = []
         self.dispatch_hooks: list[Callable[[Request, Instance], None]] = []
+        # After the engine took the request: (request, instance, engine priority tuple).
+        self.submit_hooks: list[Callable[[Request, Instance, tuple], None]] = []
         self.drop_hooks: list[Callable[[Request], None]] = []
         if engines is None:
             engines = [self._make_sim_engine(spec) for spec in fleet.instances]
@@ -141,6 +143,8 @@ class Runtime:
         for fn in self.dispatch_hooks:
             fn(req, inst)
         inst.engine.submit(req, priority)
+        for fn in self.submit_hooks:
+            fn(req, inst, priority)
 
     def evict(self, inst: Instance, req_id: int) -> Request | None:
         """Evict: abort a request on ``inst``; it keeps its generated tokens and goes back to
@@ -181,7 +185,23 @@ class Runtime:
         inst.num_swaps += 1
         self.lso_counts["swap"] += 1
         log.debug("swap %s -> %s (%.1f s)", inst.spec.name, model, dur)
+        if getattr(inst.engine, "reports_swap_done", False):
+            return  # a live engine calls on_swap_done when the model is servable
         self.host.call_at(self.now() + dur, self._swap_done, inst)
+
+    def on_swap_done(self, engine, at: float) -> None:
+        """Engine listener: a live engine finished loading its new model at ``at``."""
+        inst = self.instances[engine.instance_id]
+        if inst.state == InstanceState.SWAPPING:
+            self.host.call_at(at, self._swap_done, inst)
+
+    def on_engine_down(self, engine, at: float) -> None:
+        """Engine listener: a live engine died (its requests fail next, with on_failed). The
+        instance takes no work until the engine reports ``on_swap_done`` after a restart."""
+        inst = self.instances[engine.instance_id]
+        inst.state = InstanceState.SWAPPING
+        inst.swap_to = engine.model
+        self._reindex()
 
     def _swap_done(self, inst: Instance) -> None:
         inst.state = InstanceState.READY

@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--sizes", default="10000,100000")
-    ap.add_argument("--policies", default="fcfs,priority,shepherd")
+    ap.add_argument("--policies", default="fcfs,priority,shepherd,qlm-rwt")
     ap.add_argument("--rate-scale", type=float, default=24.0)
     args = ap.parse_args()
     base = load_azure_csv(args.trace)
@@ -65,18 +65,19 @@ def main() -> None:
         })
         tr = tiled(base, n)
         for pol in args.policies.split(","):
-            reqs = build_requests(tr, wl)
-            t0 = time.perf_counter()
-            run = run_policy(pol, fleet, wl, reqs)
-            wall = time.perf_counter() - t0
-            m = run.metrics
-            rows.append((n, pol, wall, n / wall, m["sim_events"], m["slo_attainment"],
-                         reqs[-1].arrived_at))
-    print(f"{'requests':>9} {'policy':>9} {'wall s':>7} {'req/s':>8} {'vs goal':>8} "
-          f"{'events':>8} {'sim span s':>10} {'SLO att.':>8}")
-    for n, pol, wall, rps, ev, att, span in rows:
-        print(f"{n:>9} {pol:>9} {wall:>7.2f} {rps:>8.0f} {rps / 20000:>7.2f}x {ev:>8} "
-              f"{span:>10.0f} {100 * att:>7.1f}%")
+            for track in (False, True):
+                reqs = build_requests(tr, wl)
+                t0 = time.perf_counter()
+                run = run_policy(pol, fleet, wl, reqs, track_rwt=track)
+                wall = time.perf_counter() - t0
+                m = run.metrics
+                rows.append((n, pol, "yes" if track else "no", wall, n / wall,
+                             m["sim_events"], m["slo_attainment"], reqs[-1].arrived_at))
+    print(f"{'requests':>9} {'policy':>9} {'RWT track':>9} {'wall s':>7} {'req/s':>8} "
+          f"{'vs goal':>8} {'events':>8} {'sim span s':>10} {'SLO att.':>8}")
+    for n, pol, track, wall, rps, ev, att, span in rows:
+        print(f"{n:>9} {pol:>9} {track:>9} {wall:>7.2f} {rps:>8.0f} {rps / 20000:>7.2f}x "
+              f"{ev:>8} {span:>10.0f} {100 * att:>7.1f}%")
 
 
 if __name__ == "__main__":

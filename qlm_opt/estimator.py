@@ -1,0 +1,567 @@
+"""RWT estimator: the waiting-time distribution of a request at a queue position on an instance.
+
+The same code serves simulated and live engines: it reads ``engine.stats()``,
+``engine.running_requests()``, ``engine.waiting_requests()`` and the known request fields
+(prompt tokens, generated tokens, class, model). ``Request.output_tokens`` — the hidden ground
+truth in what-if runs — is read only when ``clairvoyant=True``.
+
+Model (times in engine iterations, converted to seconds at the end)
+-------------------------------------------------------------------
+Continuous batching gives an instance ``S`` seats (``max_num_seqs``, or fewer when the KV cache
+holds fewer average-size sequences). A waiting request gets a seat when a running one
+finishes, not when all tokens ahead are generated: position ``j`` (0-based, behind the engine's
+own waiting queue and the virtual queue ahead) starts at the (j + 1 - free)-th completion.
+
+* Running request ``i`` with ``g_i`` tokens generated finishes after ``L - g_i`` more
+  iterations, with ``L`` its bucket's output-length distribution (lognormal by moments)
+  conditioned on ``L > g_i``: P_i(x) = (F(g_i + x) - F(g_i)) / (1 - F(g_i)).
+* Every freed seat is refilled at once by the next request ahead, which then finishes after
+  ``L`` iterations. Expected completions C(x) obey the renewal equation
+  C(x) = sum_i P_i(x) + int_0^x F(x - s) dStarts(s),  Starts(x) = free + C(x),
+  solved on a grid over the transient (about two mean service times); beyond it the
+  renewal asymptote holds: one start every mu / S iterations (QLM's CLT regime).
+* Start of position j: the x where Starts(x) = j + 1. Its variance is Var C / C'(x)^2, with
+  Var C = sum_i P_i(1 - P_i) (running, Bernoulli) + completions-of-new-starts * cv^2
+  (renewal), and n sigma^2 / S^2 per request in the asymptotic part (CLT).
+* Seconds: iterations times the decode iteration time at batch S (roofline prior times an
+  online ratio calibrated from ``stats().decode_tokens_per_s``), plus the prefill of prompt
+  tokens ahead and of the request's own prompt at the prefill throughput, plus the remaining
+  model-swap time, plus one iteration for the first token.
+* Requests that will cut ahead later (EDF: later arrivals of tighter classes) are added as
+  ``cut_in_per_s * W`` extra positions (a fixed point, two rounds).
+
+Online calibration: output length mean and variance per (model, bucket) by Welford, with the
+workload spec's lognormal as a prior worth ``prior_weight`` pseudo-observations; the
+decode-throughput ratio and the per-sequence KV footprint by EWMA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qlm_opt.domain import Request
+
+log = logging.getLogger(__name__)
+
+Z90 = 1.6448536269514722  # two-sided 90% interval: mean +- Z90 * std
+
+
+def _norm_cdf(z: np.ndarray) -> np.ndarray:
+    """Standard normal CDF, vectorised (Abramowitz-Stegun 7.1.26 erf, |err| < 1.5e-7)."""
+    x = np.abs(z) / math.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * x)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                          + t * 1.061405429))))
+    erf = 1.0 - poly * np.exp(-x * x)
+    return 0.5 * (1.0 + np.sign(z) * erf)
+
+
+def norm_sf(z: float) -> float:
+    """P(N(0,1) > z)."""
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+@dataclass(frozen=True, slots=True)
+class WaitEstimate:
+    """Predicted waiting time (seconds) until first token: approximately N(mean, std^2)."""
+
+    mean_s: float
+    std_s: float
+
+    def quantile(self, z: float) -> float:
+        """mean + z std, floored at 0 (use z = 1.28 for the 90th percentile)."""
+        return max(0.0, self.mean_s + z * self.std_s)
+
+    def interval(self, z: float = Z90) -> tuple[float, float]:
+        return max(0.0, self.mean_s - z * self.std_s), self.mean_s + z * self.std_s
+
+    def p_miss(self, slack_s: float) -> float:
+        """P(wait > slack_s)."""
+        if self.std_s <= 0:
+            return 1.0 if self.mean_s > slack_s else 0.0
+        return norm_sf((slack_s - self.mean_s) / self.std_s)
+
+
+@dataclass(slots=True)
+class LengthStats:
+    """Output-token mean/variance: Welford over observations, shrunk towards a prior worth
+    ``prior_n`` pseudo-observations (mean and variance pooled by weight; the prior's distance
+    from the data is not added to the variance, so a wrong prior washes out as 1/n)."""
+
+    prior_n: float
+    prior_mean: float
+    prior_var: float
+    n: float = 0.0
+    obs_mean: float = 0.0
+    m2: float = 0.0
+
+    @classmethod
+    def prior(cls, mean: float, var: float, weight: float) -> LengthStats:
+        return cls(weight, mean, var)
+
+    def update(self, x: float) -> None:
+        self.n += 1.0
+        d = x - self.obs_mean
+        self.obs_mean += d / self.n
+        self.m2 += d * (x - self.obs_mean)
+
+    @property
+    def mean(self) -> float:
+        w = self.prior_n + self.n
+        return (self.prior_n * self.prior_mean + self.n * self.obs_mean) / w if w else 0.0
+
+    @property
+    def var(self) -> float:
+        w = self.prior_n + self.n
+        return (self.prior_n * self.prior_var + self.m2) / w if w else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def lognormal(self) -> tuple[float, float]:
+        """(log-mean, log-std) of the lognormal with this mean and variance."""
+        m = max(self.mean, 1.0)
+        s2 = math.log1p(max(self.var, 1e-9) / (m * m))
+        return math.log(m) - s2 / 2.0, math.sqrt(s2)
+
+
+@dataclass(frozen=True, slots=True)
+class EstimatorConfig:
+    prior_weight: float = 50.0  # pseudo-observations behind the workload's length prior
+    ewma_alpha: float = 0.05  # weight of a new throughput / footprint observation
+    grid_points: int = 48  # grid of the renewal transient
+    refresh_s: float = 1.0  # an instance profile is reused this long (clock seconds)
+    rel_err: float = 0.08  # relative model error added to every std
+    min_std_s: float = 0.01
+
+
+@dataclass(slots=True)
+class _Profile:
+    """Start-time curve of one instance, valid for ``refresh_s``."""
+
+    computed_at: float
+    seats: float  # S
+    free: float  # free seats now
+    x: np.ndarray  # grid, iterations
+    starts: np.ndarray  # expected starts by x (incl. free seats)
+    var: np.ndarray  # variance of the start count at x
+    mu_it: float  # mean service of a new request, iterations
+    var_it: float  # its variance
+    iter_s: float  # decode iteration time at batch S
+    c_tok: float  # prefill seconds per prompt token
+    pending_prefill_tokens: int  # running requests' prompts not yet prefilled
+    base_s: float  # remaining swap time
+
+
+@dataclass(slots=True)
+class _InstCal:
+    ratio: float = 1.0  # measured / modelled decode throughput
+    footprint_tokens: float = 0.0  # KV tokens per running sequence (0: unknown)
+
+
+class RWTEstimator:
+    """Waiting-time distributions per (instance, position); see the module docstring.
+
+    ``bucket_of(req)`` maps a request to its output-length bucket; ``prior`` gives
+    (mean, variance) of output tokens for cold start. ``iter_models[instance_id]`` is the
+    instance's roofline ``IterationModel`` (the engine model); instances without one fall back
+    to ``stats()`` alone.
+    """
+
+    def __init__(
+        self,
+        prior_mean: float,
+        prior_var: float,
+        prompt_mean: float,
+        config: EstimatorConfig | None = None,
+        clairvoyant: bool = False,
+        iter_model_of=None,
+    ) -> None:
+        self.config = config or EstimatorConfig()
+        self.prior_mean = prior_mean
+        self.prior_var = prior_var
+        self.prompt_mean = prompt_mean
+        self.clairvoyant = clairvoyant
+        self.iter_model_of = iter_model_of  # (instance) -> IterationModel | None
+        self.lengths: dict[tuple[str, int], LengthStats] = {}  # (model, bucket) -> stats
+        self.model_lengths: dict[str, LengthStats] = {}  # model -> stats over buckets
+        self._cal: dict[int, _InstCal] = {}  # instance id -> calibration
+        self._profiles: dict[int, _Profile] = {}  # instance id -> cached profile
+        self.num_profiles = 0
+
+    @classmethod
+    def from_workload(cls, workload, fleet=None, runtime=None, **kw) -> RWTEstimator:
+        """Prior from the workload spec's lognormal lengths (clipped moments)."""
+        L = workload.data.lengths
+        mu, s = L.output_log_mu, L.output_log_sigma
+        mean = math.exp(mu + s * s / 2.0)
+        var = (math.exp(s * s) - 1.0) * math.exp(2 * mu + s * s)
+        mean = min(mean, float(L.output_max))
+        var = min(var, (L.output_max / 2.0) ** 2)
+        pm = min(math.exp(L.prompt_log_mu + L.prompt_log_sigma ** 2 / 2.0), float(L.prompt_max))
+        return cls(mean, var, pm, **kw)
+
+    # -- calibration -------------------------------------------------------------------------
+    def stats_for(self, model: str, bucket: int) -> LengthStats:
+        st = self.lengths.get((model, bucket))
+        if st is None:
+            st = self.lengths[(model, bucket)] = LengthStats.prior(
+                self.prior_mean, self.prior_var, self.config.prior_weight
+            )
+        return st
+
+    def model_stats(self, model: str) -> LengthStats:
+        st = self.model_lengths.get(model)
+        if st is None:
+            st = self.model_lengths[model] = LengthStats.prior(
+                self.prior_mean, self.prior_var, self.config.prior_weight
+            )
+        return st
+
+    def observe_completion(self, req: Request, bucket: int) -> None:
+        """A request finished: its generated tokens are an observed output length."""
+        n = float(req.num_generated)
+        self.stats_for(req.model, bucket).update(n)
+        self.model_stats(req.model).update(n)
+
+    def observe_engine(self, inst) -> None:
+        """Fold a ``stats()`` sample into the throughput ratio and the KV footprint."""
+        st = inst.engine.stats()
+        cal = self._cal.setdefault(inst.id, _InstCal())
+        a = self.config.ewma_alpha
+        if st.num_running > 0 and st.kv_used_tokens > 0:
+            fp = st.kv_used_tokens / st.num_running
+            cal.footprint_tokens = fp if cal.footprint_tokens <= 0 else (
+                (1 - a) * cal.footprint_tokens + a * fp)
+        im = self.iter_model_of(inst) if self.iter_model_of else None
+        if im is not None and st.num_running > 0 and st.decode_tokens_per_s > 0:
+            model_tps = im.decode_tokens_per_s(st.num_running, st.kv_used_tokens)
+            if model_tps > 0:
+                cal.ratio = (1 - a) * cal.ratio + a * (st.decode_tokens_per_s / model_tps)
+
+    def invalidate(self, inst_id: int | None = None) -> None:
+        if inst_id is None:
+            self._profiles.clear()
+        else:
+            self._profiles.pop(inst_id, None)
+
+    # -- the profile -------------------------------------------------------------------------
+    def _service(self, req: Request, bucket: int) -> tuple[float, float]:
+        st = self.stats_for(req.model, bucket)
+        return st.lognormal()
+
+    def basics(self, inst, st) -> tuple[float, float, float]:
+        """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
+        ``stats()``, the roofline prior and the calibration."""
+        cal = self._cal.setdefault(inst.id, _InstCal())
+        model = st.model or inst.model
+        mu = self.model_stats(model).mean if model else self.prior_mean
+        fp = cal.footprint_tokens or (self.prompt_mean + mu / 2.0)
+        seats = float(st.max_num_seqs or 256)
+        if st.kv_capacity_tokens > 0:
+            seats = max(1.0, min(seats, st.kv_capacity_tokens / max(fp, 1.0)))
+        im = self.iter_model_of(inst) if self.iter_model_of else None
+        if im is not None:
+            return seats, im.iteration_s(int(seats), int(seats * fp)) * cal.ratio, im.c_tok
+        tps = st.decode_tokens_per_s or 1.0
+        c_tok = 1.0 / st.prefill_tokens_per_s if st.prefill_tokens_per_s else 0.0
+        return seats, max(st.num_running, 1) / tps, c_tok
+
+    def profile(self, inst, now_at: float, bucket_of) -> _Profile:
+        """The instance's start-time curve (cached for ``refresh_s``)."""
+        p = self._profiles.get(inst.id)
+        if p is not None and now_at - p.computed_at < self.config.refresh_s:
+            return p
+        p = self._compute(inst, now_at, bucket_of)
+        self._profiles[inst.id] = p
+        return p
+
+    def _compute(self, inst, now_at: float, bucket_of) -> _Profile:
+        self.num_profiles += 1
+        cfg = self.config
+        eng = inst.engine
+        st = eng.stats()
+        cal = self._cal.setdefault(inst.id, _InstCal())
+        model = st.model or inst.model
+        mstats = self.model_stats(model) if model else LengthStats(1.0, self.prior_mean, self.prior_var)
+        mu, var = max(mstats.mean, 1.0), max(mstats.var, 1.0)
+        # Seats: max_num_seqs, or as many average sequences as the KV cache holds.
+        seats, iter_s, c_tok = self.basics(inst, st)
+        running = eng.running_requests()
+        num_gen = getattr(eng, "num_generated", None)
+        nr = len(running)
+        gens = [num_gen(r) for r in running] if num_gen is not None else [
+            r.num_generated for r in running]
+        g = np.asarray(gens, dtype=float)
+        pending_prefill = sum(
+            r.prompt_tokens for r, n in zip(running, gens) if n == 0 or r.first_token_at is None
+        )
+        if self.clairvoyant:
+            # Ground truth: a point mass at the true length (simulation only).
+            lm = np.log(np.asarray([max(r.output_tokens, 1) for r in running], float) + 0.5)
+            ls = np.full(nr, 1e-3)
+        else:
+            cache: dict[int, tuple[float, float]] = {}
+            lm = np.empty(nr)
+            ls = np.empty(nr)
+            for k, r in enumerate(running):
+                b = getattr(r._sched, "bucket", None)
+                if b is None:
+                    b = bucket_of(r)
+                ml = cache.get(b)
+                if ml is None:
+                    ml = cache[b] = self.stats_for(model, b).lognormal()
+                lm[k], ls[k] = ml
+        free = max(0.0, seats - len(running))
+        # Grid over the transient: the longest likely residual, and two mean services.
+        s_ln = math.sqrt(math.log1p(var / (mu * mu)))
+        m_ln = math.log(mu) - s_ln * s_ln / 2.0
+        horizon = max(2.0 * mu + 2.0 * math.sqrt(var), 8.0)
+        n_pts = cfg.grid_points
+        x = np.linspace(0.0, horizon, n_pts + 1)
+        if len(running):
+            gg = g[:, None]
+            lg = np.log(gg + 0.5)
+            f0 = np.where(gg > 0, _norm_cdf((lg - lm[:, None]) / ls[:, None]), 0.0)
+            fx = _norm_cdf((np.log(gg + 0.5 + x[None, :]) - lm[:, None]) / ls[:, None])
+            surv = np.maximum(1.0 - f0, 1e-9)
+            pij = np.clip((fx - f0) / surv, 0.0, 1.0)
+            pij[:, 0] = 0.0
+            c_run = pij.sum(axis=0)
+            v_run = (pij * (1.0 - pij)).sum(axis=0)
+        else:
+            c_run = np.zeros(n_pts + 1)
+            v_run = np.zeros(n_pts + 1)
+        # Renewal of new starts on the grid.
+        fcdf = _norm_cdf((np.log(np.maximum(x, 1e-9) + 0.5) - m_ln) / s_ln)
+        fcdf[0] = 0.0
+        fpmf = np.diff(fcdf)  # completion in (x[k-1], x[k]] after a start at 0
+        d_start = np.zeros(n_pts + 1)
+        c_new = np.zeros(n_pts + 1)
+        d_start[0] = free
+        d_run = np.diff(c_run, prepend=0.0)
+        for k in range(1, n_pts + 1):
+            # completions in step k from requests started at steps < k
+            c_new[k] = np.dot(d_start[:k][::-1], fpmf[:k])
+            d_start[k] = d_run[k] + c_new[k]
+        starts = np.cumsum(d_start)
+        new_done = np.cumsum(c_new)
+        cv2 = var / (mu * mu)
+        vcount = v_run + new_done * cv2
+        return _Profile(
+            computed_at=now_at,
+            seats=seats,
+            free=free,
+            x=x,
+            starts=starts,
+            var=vcount,
+            mu_it=mu,
+            var_it=var,
+            iter_s=iter_s,
+            c_tok=c_tok,
+            pending_prefill_tokens=pending_prefill,
+            base_s=max(0.0, st.busy_until_at - now_at),
+        )
+
+    # -- queries -----------------------------------------------------------------------------
+    def start_iters(self, p: _Profile, j: float) -> tuple[float, float]:
+        """(mean, variance) in iterations of the start of 0-based position ``j``."""
+        need = j + 1.0
+        if need <= p.free + 1e-9:
+            return 0.0, 0.0
+        starts = p.starts
+        if need <= starts[-1]:
+            k = int(np.searchsorted(starts, need))
+            k = max(k, 1)
+            s0, s1 = starts[k - 1], starts[k]
+            frac = (need - s0) / (s1 - s0) if s1 > s0 else 1.0
+            xm = p.x[k - 1] + frac * (p.x[k] - p.x[k - 1])
+            rate = (s1 - s0) / (p.x[k] - p.x[k - 1])
+            v = p.var[k - 1] + frac * (p.var[k] - p.var[k - 1])
+            return xm, v / max(rate, 1e-9) ** 2
+        # Asymptotic renewal: one start every mu / S iterations, CLT variance n sigma^2 / S^2.
+        h = p.x[-1]
+        rate = p.seats / p.mu_it
+        extra = need - starts[-1]
+        xm = h + extra / rate
+        v_end = p.var[-1] / rate ** 2
+        return xm, v_end + extra * p.var_it / (p.seats ** 2)
+
+    def wait(
+        self,
+        inst,
+        now_at: float,
+        position: float,
+        prompt_ahead_tokens: float,
+        own_prompt_tokens: int,
+        bucket_of,
+        cut_in_per_s: float = 0.0,
+    ) -> WaitEstimate:
+        """Waiting time until first token of a request at ``position`` (0-based, counted
+        behind the engine's own waiting queue's ``position`` requests — callers pass the
+        total requests ahead, engine-waiting included) with ``prompt_ahead_tokens`` of prompts
+        ahead of it, on ``inst``."""
+        st = inst.engine.stats()
+        seats, iter_s, c_tok = self.basics(inst, st)
+        if position + 1.0 <= seats - st.num_running and cut_in_per_s <= 0:
+            # A seat is free: only prefill ahead and the request's own prefill remain.
+            mean = (max(0.0, st.busy_until_at - now_at)
+                    + (prompt_ahead_tokens + own_prompt_tokens) * c_tok + iter_s)
+            sd = math.hypot(self.config.rel_err * mean, self.config.min_std_s)
+            return WaitEstimate(mean, sd)
+        p = self.profile(inst, now_at, bucket_of)
+        j = position
+        mean = sd = 0.0
+        per_req_prompt = prompt_ahead_tokens / position if position > 0 else self.prompt_mean
+        for _ in range(3 if cut_in_per_s > 0 else 1):
+            xm, xv = self.start_iters(p, j)
+            pre = (p.pending_prefill_tokens + prompt_ahead_tokens
+                   + (j - position) * per_req_prompt + own_prompt_tokens) * c_tok
+            mean = p.base_s + xm * p.iter_s + pre + p.iter_s
+            sd = math.sqrt(xv) * p.iter_s
+            if cut_in_per_s <= 0:
+                break
+            j = position + cut_in_per_s * mean
+        sd = math.hypot(sd, self.config.rel_err * mean, self.config.min_std_s)
+        return WaitEstimate(mean, sd)
+
+
+@dataclass(slots=True)
+class AccuracyRecord:
+    slo_class: str
+    placed_at: float
+    mean_s: float
+    std_s: float
+
+
+@dataclass(slots=True)
+class RWTAccuracy:
+    """Predicted vs observed waiting time of requests.
+
+    Definition: a prediction is made when a request is *placed*: put in an instance's virtual
+    queue by a global-queue policy (the policy supplies it, on ``Request._sched``), or, for
+    policies without their own predictions, dispatched into an engine's queue (made by the
+    observer). The latest placement before the request's first token counts. Observed wait =
+    first_token_at - placed_at. Requests placed after their first token (evicted and resumed)
+    do not count again.
+    """
+
+    records: dict[int, AccuracyRecord] = field(default_factory=dict)  # req id -> prediction
+    pairs: list[tuple[str, float, float, float]] = field(default_factory=list)
+    # (class, predicted mean s, predicted std s, observed s)
+
+    def predict(self, req: Request, placed_at: float, est: WaitEstimate) -> None:
+        if req.first_token_at is not None:
+            return
+        self.records[req.id] = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s)
+
+    def observe_first_token(self, req: Request) -> None:
+        rec = self.records.pop(req.id, None)
+        if rec is None or req.first_token_at is None:
+            return
+        self.pairs.append((rec.slo_class, rec.mean_s, rec.std_s,
+                           req.first_token_at - rec.placed_at))
+
+    def summary(self) -> dict:
+        """``median_abs_pct_error`` (%), ``coverage_90`` (fraction of observed waits inside
+        mean +- 1.645 std), ``num``; overall and ``per_class``."""
+
+        def stats(rows) -> dict:
+            if not rows:
+                return {"median_abs_pct_error": None, "coverage_90": None, "num": 0}
+            a = np.array([(m, s, o) for _, m, s, o in rows], dtype=float)
+            m, s, o = a[:, 0], a[:, 1], a[:, 2]
+            ape = np.abs(m - o) / np.maximum(o, 1e-3) * 100.0
+            inside = (o >= m - Z90 * s) & (o <= m + Z90 * s)
+            return {
+                "median_abs_pct_error": float(np.median(ape)),
+                "coverage_90": float(inside.mean()),
+                "num": len(rows),
+                "observed_p50_s": float(np.median(o)),
+                "predicted_p50_s": float(np.median(m)),
+            }
+
+        out = stats(self.pairs)
+        classes = sorted({c for c, *_ in self.pairs})
+        out["per_class"] = {c: stats([r for r in self.pairs if r[0] == c]) for c in classes}
+        return out
+
+
+class RWTTracker:
+    """Observer that records predicted vs observed waits for any policy (see
+    ``RWTAccuracy``). Attached to a ``Runtime`` through its hooks; it owns an estimator
+    calibrated from the run's completions. Policies that make their own predictions leave
+    them on ``Request._sched`` (``placed_at``, ``pred_mean_s``, ``pred_std_s``), and those win.
+    """
+
+    def __init__(self, rt, workload, estimator: RWTEstimator | None = None) -> None:
+        from qlm_opt.engines.perf import iteration_model
+        from qlm_opt.queue import length_bucket
+
+        self.rt = rt
+        self._ims: dict[tuple, object] = {}
+
+        def im_of(inst):
+            if inst.model is None:
+                return None
+            k = (inst.model, inst.spec.gpu, inst.spec.tp)
+            im = self._ims.get(k)
+            if im is None:
+                im = self._ims[k] = iteration_model(rt.catalog, *k, rt.fleet.perf)
+            return im
+
+        self.iter_model_of = im_of
+        self.est = estimator or RWTEstimator.from_workload(workload, iter_model_of=im_of)
+        self.acc = RWTAccuracy()
+        self.bucket_of = lambda r: length_bucket(r.prompt_tokens)
+        # instance id -> sorted [(priority, req id, req)] believed waiting in the engine
+        self._mirror: dict[int, list[tuple]] = {}
+        self._mirror_prompt: dict[int, int] = {}
+        rt.submit_hooks.append(self.on_submit)
+        rt.first_token_hooks.append(self.acc.observe_first_token)
+        rt.finish_hooks.append(self.on_finish)
+
+    def on_finish(self, req: Request) -> None:
+        self.est.observe_completion(req, self.bucket_of(req))
+
+    def on_submit(self, req: Request, inst, priority: tuple) -> None:
+        import bisect
+
+        now = self.rt.now()
+        info = req._sched
+        pm = getattr(info, "pred_mean_s", None)
+        if pm is not None and getattr(info, "placed_at", None) is not None:
+            self.acc.predict(req, info.placed_at, WaitEstimate(pm, info.pred_std_s or 0.0))
+            return
+        if req.first_token_at is not None:
+            return
+        mirror = self._mirror.setdefault(inst.id, [])
+        prompt = self._mirror_prompt.get(inst.id, 0)
+        # Engines admit in priority order: entries that left the waiting queue sit in front.
+        drop = 0
+        while drop < len(mirror):
+            r = mirror[drop][2]
+            if r.state == 1 and r.instance_id == inst.id:  # RequestState.WAITING
+                break
+            prompt -= r.prompt_tokens
+            drop += 1
+        if drop:
+            del mirror[:drop]
+        entry = (priority, req.id, req)
+        k = bisect.bisect_left(mirror, entry[:2])
+        ahead_prompt = prompt * k / len(mirror) if mirror else 0.0
+        self.est.observe_engine(inst)
+        est = self.est.wait(inst, now, float(k), ahead_prompt, req.prompt_tokens, self.bucket_of)
+        self.acc.predict(req, now, est)
+        if req.state == 1:
+            mirror.insert(k, entry)
+            prompt += req.prompt_tokens
+        self._mirror_prompt[inst.id] = prompt
+
+    def report(self) -> dict:
+        return self.acc.summary()

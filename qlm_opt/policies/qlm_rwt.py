@@ -1,0 +1,324 @@
+"""``qlm-rwt``: QLM-style global queue with RWT-based placement (no solver).
+
+- Every request joins a request group in the global queue (``queue.py``); a new group is
+  placed on the instance holding its model where the RWT estimator predicts the lowest
+  probability of missing the group's deadline (ties: lower mean wait).
+- Engines get work only when they have a seat (Pull): at most ``engine_slack`` requests wait
+  inside an engine, so the global queue keeps the order (EDF over groups) and can still move
+  work.
+- Requests that can no longer make their deadline when they reach the head go to a per-model
+  *late lane*, served when an instance has nothing on time to do: under overload this keeps
+  the queue from making every request late (EDF's domino effect). They still complete.
+- Evict: when the head of an instance's queue is an urgent request predicted to miss and no
+  seat is free, running lower-priority requests that already have their first token (their
+  TTFT is met) are evicted; they keep their tokens and go back to their group.
+- Rebalance: an instance with free seats and an empty virtual queue takes the head group of
+  the most loaded instance of the same model.
+- Swap: groups for a model no instance holds stay unplaced; the least-loaded instance that is
+  not the last holder of its model is drained and swapped (like ``SwapOnDemand``).
+
+Every placement leaves its prediction on ``Request._sched`` (placed_at, pred_mean_s,
+pred_std_s) for the accuracy report (``estimator.RWTAccuracy``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from qlm_opt.domain import Request
+from qlm_opt.estimator import RWTEstimator, WaitEstimate
+from qlm_opt.policies.base import Policy
+from qlm_opt.queue import UNPLACED, GlobalQueue, QueueConfig, RequestGroup, length_bucket
+
+if TYPE_CHECKING:
+    from qlm_opt.runtime import Instance, Runtime
+
+log = logging.getLogger(__name__)
+
+
+class QLMRWTPolicy(Policy):
+    """See the module docstring."""
+
+    name = "qlm-rwt"
+    epoch_s = 0.5
+
+    def __init__(
+        self,
+        workload=None,
+        queue_config: QueueConfig | None = None,
+        engine_slack: int = 4,
+        rate_window_s: float = 30.0,
+        clairvoyant: bool = False,
+    ) -> None:
+        self.workload = workload
+        self.gq = GlobalQueue(queue_config)
+        self.engine_slack = engine_slack
+        self.rate_window_s = rate_window_s
+        self.clairvoyant = clairvoyant
+        self.late: dict[str, deque[Request]] = {}  # model -> requests past hope, FIFO
+        self._num_late = 0
+        self._arrivals: dict[tuple[str, str], deque[float]] = {}  # (model, class) -> times
+        self._ttft: dict[str, float] = {}  # class -> TTFT target, s
+        self.num_rebalanced = 0
+        self.num_late = 0
+
+    @classmethod
+    def from_context(cls, workload=None, fleet=None, **kw) -> QLMRWTPolicy:
+        return cls(workload=workload, **kw)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def bind(self, rt: Runtime) -> None:
+        super().bind(rt)
+        from qlm_opt.engines.perf import iteration_model
+
+        ims: dict[tuple, object] = {}
+
+        def im_of(inst):
+            if inst.model is None:
+                return None
+            k = (inst.model, inst.spec.gpu, inst.spec.tp)
+            if k not in ims:
+                ims[k] = iteration_model(rt.catalog, *k, rt.fleet.perf)
+            return ims[k]
+
+        if self.workload is not None:
+            self.est = RWTEstimator.from_workload(
+                self.workload, iter_model_of=im_of, clairvoyant=self.clairvoyant
+            )
+            self._ttft = {c.name: c.ttft_s for c in self.workload.classes.values()}
+        else:
+            self.est = RWTEstimator(150.0, 150.0**2, 1000.0, iter_model_of=im_of,
+                                    clairvoyant=self.clairvoyant)
+        rt.finish_hooks.append(self._calibrate)
+
+    def _bucket(self, req: Request) -> int:
+        return length_bucket(req.prompt_tokens, self.gq.config.prompt_bucket_edges)
+
+    def _calibrate(self, req: Request) -> None:
+        self.est.observe_completion(req, self._bucket(req))
+
+    # -- estimates ---------------------------------------------------------------------------
+    def _cut_in_per_s(self, model: str, slo_class: str, now: float) -> float:
+        """Arrivals per second of tighter classes for ``model``, per instance holding it:
+        under EDF they will overtake a request of ``slo_class`` while it waits."""
+        own = self._ttft.get(slo_class, 0.0)
+        rate = 0.0
+        for (m, c), q in self._arrivals.items():
+            if m != model or self._ttft.get(c, 0.0) >= own:
+                continue
+            while q and q[0] < now - self.rate_window_s:
+                q.popleft()
+            rate += len(q) / self.rate_window_s
+        n = max(1, len(self.rt.ready_instances(model)))
+        return rate / n
+
+    def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
+              now: float) -> WaitEstimate:
+        st = inst.engine.stats()
+        n, p = self.gq.vq(inst.id).requests_ahead(g.deadline_at, g.seq)
+        return self.est.wait(
+            inst, now, float(st.num_waiting + n + extra_ahead), p + extra_ahead * prompt,
+            prompt, self._bucket, self._cut_in_per_s(g.model, g.slo_class, now),
+        )
+
+    def _predict(self, req: Request, g: RequestGroup, inst: Instance, now: float) -> None:
+        ahead = sum(1 for at, rid, _r in g.members if rid != req.id and (at, rid) < (req.arrived_at, req.id))
+        est = self._wait(inst, g, ahead, req.prompt_tokens, now)
+        info = req._sched
+        info.placed_at = now
+        info.pred_mean_s = est.mean_s
+        info.pred_std_s = est.std_s
+
+    def _choose(self, g: RequestGroup, now: float) -> Instance | None:
+        insts = self.rt.ready_instances(g.model)
+        if not insts:
+            return None
+        if len(insts) == 1:
+            return insts[0]
+        prompt = g.prompt_tokens // max(g.size, 1)
+        best, best_key = None, None
+        for inst in insts:
+            est = self._wait(inst, g, 0, prompt, now)
+            key = (round(est.p_miss(g.deadline_at - now), 3), est.mean_s)
+            if best_key is None or key < best_key:
+                best, best_key = inst, key
+        return best
+
+    # -- events ------------------------------------------------------------------------------
+    def on_arrival(self, req: Request) -> None:
+        rt = self.rt
+        if not rt.can_serve_anywhere(req.model):
+            rt.drop(req, "no_instance_can_serve_model")
+            return
+        now = rt.now()
+        q = self._arrivals.get((req.model, req.slo_class))
+        if q is None:
+            q = self._arrivals[(req.model, req.slo_class)] = deque()
+        q.append(now)
+        g, new = self.gq.add(req, now)
+        self._settle(g, new, req, now)
+
+    def _settle(self, g: RequestGroup, new: bool, req: Request, now: float) -> None:
+        if new or g.instance_id == UNPLACED:
+            inst = self._choose(g, now)
+            if inst is None:
+                self._ensure_swap(g.model)
+                return
+            self.gq.place(g, inst.id)
+        inst = self.rt.instances[g.instance_id]
+        if req.first_token_at is None:
+            self._predict(req, g, inst, now)
+        self._pump(inst)
+
+    def on_requeue(self, req: Request) -> None:
+        now = self.rt.now()
+        g, new = self.gq.requeue(req, now)
+        self._settle(g, new, req, now)
+
+    def on_finished(self, req: Request) -> None:
+        inst = self.rt.instances[req.instance_id]
+        if inst.ready:
+            self._pump(inst)
+
+    def on_instance_ready(self, inst: Instance) -> None:
+        now = self.rt.now()
+        for g in list(self.gq.vq(UNPLACED).groups.values()):
+            if g.model == inst.model:
+                self.gq.place(g, inst.id)
+                for r in g.requests():
+                    if r.first_token_at is None:
+                        self._predict(r, g, inst, now)
+        self._pump(inst)
+        for g in list(self.gq.vq(UNPLACED).groups.values()):
+            self._ensure_swap(g.model)
+
+    def on_epoch(self) -> None:
+        for inst in self.rt.instances:
+            if inst.ready:
+                self.est.observe_engine(inst)
+                self._maybe_evict(inst)
+                self._pump(inst)
+        for g in list(self.gq.vq(UNPLACED).groups.values()):
+            if self.rt.ready_instances(g.model):
+                self._settle(g, True, g.members[0][2], self.rt.now())
+            else:
+                self._ensure_swap(g.model)
+
+    def num_queued(self) -> int:
+        return len(self.gq) + self._num_late
+
+    def report(self) -> dict:
+        return {"qlm": {"num_rebalanced": self.num_rebalanced, "num_late": self.num_late,
+                        "num_profiles": self.est.num_profiles}}
+
+    # -- LSOs --------------------------------------------------------------------------------
+    def _has_seat(self, inst: Instance) -> bool:
+        st = inst.engine.stats()
+        return (st.num_waiting < self.engine_slack
+                and st.num_running + st.num_waiting < st.max_num_seqs)
+
+    def _pump(self, inst: Instance) -> None:
+        """Pull: feed ``inst`` from its virtual queue while it has seats."""
+        rt = self.rt
+        if not inst.ready:
+            return
+        now = rt.now()
+        _, iter_s, c_tok = self.est.basics(inst, inst.engine.stats())
+        while self._has_seat(inst):
+            req = self.gq.pop(inst.id)
+            if req is None and self._steal(inst):
+                req = self.gq.pop(inst.id)
+            if req is None:
+                lane = self.late.get(inst.model)
+                if not lane:
+                    return
+                req = lane.popleft()
+                self._num_late -= 1
+                rt.dispatch(req, inst, (req.deadline_at, req.id))
+                continue
+            if (req.first_token_at is None
+                    and now + req.prompt_tokens * c_tok + iter_s > req.deadline_at):
+                # Past hope: serve it when nothing on time waits (its wait is then measured
+                # from its dispatch, not from its placement).
+                req._sched.pred_mean_s = None
+                self.late.setdefault(req.model, deque()).append(req)
+                self._num_late += 1
+                self.num_late += 1
+                continue
+            rt.dispatch(req, inst, (req.deadline_at, req.id))
+
+    def _steal(self, inst: Instance) -> bool:
+        """Rebalance: move the head group of the busiest same-model instance here."""
+        donors = [
+            i for i in self.rt.ready_instances(inst.model)
+            if i is not inst and self.gq.vq(i.id).num_requests > 0
+        ]
+        if not donors:
+            return False
+        donor = max(donors, key=lambda i: self.gq.vq(i.id).num_requests)
+        g = self.gq.vq(donor.id).head()
+        if g is None:
+            return False
+        self.gq.place(g, inst.id)
+        self.num_rebalanced += g.size
+        self.rt.lso_counts["rebalance"] += g.size
+        return True
+
+    def _maybe_evict(self, inst: Instance) -> None:
+        """Evict running requests whose TTFT is met to seat an urgent head that would miss."""
+        g = self.gq.vq(inst.id).head()
+        if g is None or self._has_seat(inst):
+            return
+        now = self.rt.now()
+        head = g.members[0][2]
+        est = self._wait(inst, g, 0, head.prompt_tokens, now)
+        slack = g.deadline_at - now
+        if slack <= 0 or est.mean_s <= slack:
+            return
+        pr = head.priority
+        victims = sorted(
+            (r for r in inst.engine.running_requests()
+             if r.priority > pr and r.first_token_at is not None and r.tpot_s is None),
+            key=lambda r: (-r.priority, r.prompt_tokens + r.num_generated),
+        )[: min(g.size, 8)]
+        for v in victims:
+            got = self.rt.evict(inst, v.id)
+            if got is not None:
+                gg, _ = self.gq.requeue(got, now)
+                if gg.instance_id == UNPLACED:
+                    self.gq.place(gg, inst.id)
+        if victims:
+            self.est.invalidate(inst.id)
+            self._pump(inst)
+
+    def _ensure_swap(self, model: str) -> None:
+        """Swap some instance to ``model`` when none holds it and none is on the way."""
+        rt = self.rt
+        if rt.ready_instances(model) or any(i.swap_to == model for i in rt.instances):
+            return
+        cands = [i for i in rt.instances if i.ready and rt.fleet.can_serve(i.spec, model)]
+        if not cands:
+            return
+        held: dict[str | None, int] = {}
+        for i in rt.instances:
+            if i.ready:
+                held[i.model] = held.get(i.model, 0) + 1
+
+        def cost(i: Instance) -> tuple:
+            load = i.engine.load() + self.gq.vq(i.id).num_requests
+            return (held.get(i.model, 0) <= 1 and load > 0, load, i.id)
+
+        victim = min(cands, key=cost)
+        # Its queued groups go to other holders of its model (or wait unplaced).
+        for g in list(self.gq.vq(victim.id).groups.values()):
+            self.gq.place(g, UNPLACED)
+        back = rt.drain_and_swap(victim, model)
+        now = rt.now()
+        for r in back:
+            self.gq.requeue(r, now)
+        for g in list(self.gq.vq(UNPLACED).groups.values()):
+            if g.model != model and rt.ready_instances(g.model):
+                inst = self._choose(g, now)
+                self.gq.place(g, inst.id)

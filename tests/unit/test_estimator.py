@@ -1,0 +1,101 @@
+"""RWT estimator: monotone in queue position, variance grows with requests ahead, and the
+online calibration converges."""
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlm_opt.domain import EngineStats, Request
+from qlm_opt.engines.perf import IterationModel
+from qlm_opt.estimator import LengthStats, RWTAccuracy, RWTEstimator, WaitEstimate
+
+
+class _Eng:
+    def __init__(self, running, seats):
+        self._running = running
+        self.seats = seats
+
+    def stats(self):
+        return EngineStats(num_running=len(self._running), max_num_seqs=self.seats,
+                           kv_capacity_tokens=10**7, decode_tokens_per_s=1000.0,
+                           prefill_tokens_per_s=1e4, model="m")
+
+    def running_requests(self):
+        return self._running
+
+    def waiting_requests(self):
+        return []
+
+
+class _Inst:
+    def __init__(self, eng):
+        self.engine = eng
+        self.id = 0
+        self.model = "m"
+
+
+IM = IterationModel(c_tok=1e-4, m0=0.01, m_kv=1e-8, overhead_s=0.004)
+
+
+def _inst(num_running, seats, seed=0):
+    rng = np.random.default_rng(seed)
+    running = []
+    for i in range(num_running):
+        r = Request(i, "m", "batch", 200, 10**6, 0.0, 600.0)
+        r.num_generated = int(rng.integers(1, 300))
+        r.first_token_at = 0.0
+        running.append(r)
+    return _Inst(_Eng(running, seats))
+
+
+def _est():
+    return RWTEstimator(150.0, 120.0**2, 500.0, iter_model_of=lambda i: IM)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 64), st.integers(1, 64), st.integers(0, 400), st.integers(1, 400))
+def test_wait_grows_with_position_and_variance_with_ahead(nrun, seats, pos, step):
+    est = _est()
+    inst = _inst(nrun, seats)
+    bucket = lambda r: 0  # noqa: E731
+    a = est.wait(inst, 0.0, pos, pos * 500, 500, bucket)
+    b = est.wait(inst, 0.0, pos + step, (pos + step) * 500, 500, bucket)
+    assert b.mean_s >= a.mean_s - 1e-9
+    assert b.std_s >= a.std_s - 1e-9
+    assert a.mean_s >= 0 and a.std_s > 0
+
+
+def test_waiting_request_gets_seat_at_completions_not_after_all_tokens():
+    est = _est()
+    inst = _inst(32, 32)
+    w = est.wait(inst, 0.0, 0, 0, 500, lambda r: 0)
+    # the first of 32 completions comes well before the mean residual of one request
+    assert w.mean_s < 150 * IM.iteration_s(32, 32 * 575)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(3.0, 6.0), st.floats(0.3, 1.0), st.integers(0, 2**16))
+def test_calibration_converges(log_mu, log_sigma, seed):
+    rng = np.random.default_rng(seed)
+    xs = rng.lognormal(log_mu, log_sigma, 50000)
+    s = LengthStats.prior(150.0, 150.0**2, 10.0)  # the workload prior, 10 pseudo-obs
+    for x in xs:
+        s.update(float(x))
+    true_mean = math.exp(log_mu + log_sigma**2 / 2)
+    true_std = math.sqrt((math.exp(log_sigma**2) - 1)) * true_mean
+    assert abs(s.mean - true_mean) / true_mean < 0.1
+    assert abs(s.std - true_std) / true_std < 0.25
+
+
+def test_accuracy_summary():
+    acc = RWTAccuracy()
+    for i in range(10):
+        r = Request(i, "m", "interactive", 10, 10, 0.0, 2.0)
+        acc.predict(r, 0.0, WaitEstimate(1.0, 0.1))
+        r.first_token_at = 1.0 if i < 9 else 3.0
+        acc.observe_first_token(r)
+    out = acc.summary()
+    assert out["median_abs_pct_error"] == 0.0 and out["coverage_90"] == 0.9
+    assert out["per_class"]["interactive"]["num"] == 10
