@@ -25,7 +25,7 @@ venv: $(STAMP_BASE)
 venv-cpu: $(STAMP_CPU)
 
 run: $(STAMP_BASE)
-	$(BIN)/qlm-opt whatif
+	$(BIN)/qlm-opt serve
 
 test: $(STAMP_CPU)
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,305 @@
+"""Backends: the fleet behind the HTTP server.
+
+A backend owns a ``Runtime`` (instances, LSOs, the policy) on an ``AsyncioHost`` and tells the
+gateway how far each request has got and what text it produced:
+
+- ``sim`` (default): the embedded simulated fleet. SimEngines run at simulated speed on the
+  wall clock (optionally sped up, ``backend.sim.speedup``); the text is synthetic (a fixed word
+  list) and responses say so (``system_fingerprint: "qlm-opt-sim"``, ``x-qlm-backend:
+  simulated``).
+- ``vllm_local`` / ``vllm_remote``: real vLLM engines from ``qlm_opt.engines.vllm_local`` and
+  ``qlm_opt.engines.vllm_remote``, imported only when configured (see ``make_backend``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from qlm_opt.domain import Request
+from qlm_opt.errors import ConfigError
+from qlm_opt.live import AsyncioHost
+
+if TYPE_CHECKING:
+    from qlm_opt.runtime import Runtime
+    from qlm_opt.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What the gateway needs from a fleet. All methods run on the event loop."""
+
+    kind: str  # "simulated" | "vllm_local" | "vllm_remote" (the x-qlm-backend header)
+    fingerprint: str  # system_fingerprint of responses
+    runtime: Runtime
+    host: AsyncioHost
+    policy: object
+
+    async def start(self) -> None:
+        """Build the runtime on the running loop and bind the policy. Called once."""
+
+    async def stop(self) -> None:
+        """Stop timers and engines. Called once at shutdown."""
+
+    def models(self) -> list[str]:
+        """Model names the fleet can serve (now or after a swap)."""
+
+    def max_context(self, model: str) -> int:
+        """Prompt + output tokens one request of ``model`` may use."""
+
+    def output_tokens(self, requested: int | None, cap: int) -> int:
+        """Output length to ask the engine for, given the client's max_tokens (or None)."""
+
+    def attach(self, req: Request, prompt: object, params: dict) -> None:
+        """Remember the prompt (text, token ids or chat messages) and sampling parameters of
+        ``req`` for engines that generate real text; the simulated backend ignores them."""
+
+    def progress(self, req: Request) -> int:
+        """Output tokens generated so far (cheap; called by streams)."""
+
+    def poll(self, reqs) -> None:
+        """Bring engines holding ``reqs`` up to date before ``progress`` is read."""
+
+    def text(self, req: Request, start: int, end: int) -> str:
+        """The text of output tokens ``start..end`` of ``req``."""
+
+    def detach(self, req: Request) -> None:
+        """Forget what ``attach`` stored; the request has ended."""
+
+
+class ScaledClock:
+    """Monotonic wall time times ``speedup`` (simulated seconds per wall second)."""
+
+    __slots__ = ("_t0", "speedup")
+
+    def __init__(self, speedup: float = 1.0) -> None:
+        self._t0 = time.monotonic()
+        self.speedup = speedup
+
+    def now(self) -> float:
+        return (time.monotonic() - self._t0) * self.speedup
+
+
+class ScaledHost(AsyncioHost):
+    """``AsyncioHost`` whose clock runs ``speedup`` times faster than the wall clock: timer
+    delays are simulated seconds, converted to wall seconds for the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, speedup: float) -> None:
+        super().__init__(loop, ScaledClock(speedup))
+        self._wall_per_sim = 1.0 / speedup
+
+    def call_at(self, at: float, fn, *args) -> None:
+        delay = (at - self.clock.now()) * self._wall_per_sim
+        self.loop.call_later(delay if delay > 0 else 0.0, self._run, fn, args)
+
+
+# Synthetic output text: one word per token, a fixed list, offset by the request id.
+_WORDS = tuple(
+    " " + w
+    for w in (
+        "the queue serves every request before its deadline while batch work fills the gaps "
+        "left by interactive traffic and the planner moves groups between instances so that "
+        "no GPU idles when another one is late the estimator predicts waiting time from the "
+        "tokens ahead and the decode throughput of each instance at its current batch size"
+    ).split()
+)
+_NW = len(_WORDS)
+
+
+def synthetic_text(seed: int, start: int, end: int) -> str:
+    w = _WORDS
+    return "".join([w[(seed + i) % _NW] for i in range(start, end)])
+
+
+def _server_workload(settings: ServerSettings, models: list[str]):
+    """A ``Workload`` describing the server's classes, for policies built ``from_context``."""
+    from qlm_opt.config import Workload
+
+    sim = settings.backend.sim
+    return Workload.from_dict({
+        "name": "server",
+        "classes": {
+            n: {"ttft_s": c.ttft_s, "tpot_s": c.tpot_s, "share": 1.0, "weight": c.weight,
+                "priority": c.priority}
+            for n, c in settings.classes.items()
+        },
+        "models": {m: 1.0 for m in models} or {"none": 1.0},
+        "lengths": {"output_log_mu": sim.output_log_mu, "output_log_sigma": sim.output_log_sigma},
+    })
+
+
+class _RuntimeBackend:
+    """Shared set-up: policy binding, the policy's epoch timer, shutdown."""
+
+    kind = "runtime"
+    fingerprint = "qlm-opt"
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.runtime: Runtime | None = None
+        self.host: AsyncioHost | None = None
+        self.policy = None
+        self._stopped = False
+
+    def _bind_policy(self, workload) -> None:
+        from qlm_opt.policies import make_policy
+
+        b = self.settings.backend
+        self.policy = make_policy(
+            b.policy, workload=workload, fleet=self.runtime.fleet, **b.policy_options
+        )
+        self.runtime.bind(self.policy)
+        epoch = getattr(self.policy, "epoch_s", None)
+        if epoch:
+            self.host.call_at(self.host.now() + epoch, self._epoch, epoch)
+
+    def _epoch(self, epoch_s: float) -> None:
+        if self._stopped:
+            return
+        try:
+            self.policy.on_epoch()
+        finally:
+            self.host.call_at(self.host.now() + epoch_s, self._epoch, epoch_s)
+
+    async def stop(self) -> None:
+        self._stopped = True
+
+
+class SimBackend(_RuntimeBackend):
+    """The embedded simulated fleet (see the module docstring)."""
+
+    kind = "simulated"
+    fingerprint = "qlm-opt-sim"
+
+    def __init__(self, settings: ServerSettings) -> None:
+        super().__init__(settings)
+        from qlm_opt.config import Fleet
+
+        self.fleet = Fleet.load(settings.fleet_path())
+        sim = settings.backend.sim
+        self._rng = random.Random(sim.seed)
+        fl = self.fleet
+        held = list(dict.fromkeys(i.initial_model for i in fl.instances if i.initial_model))
+        others = sorted(
+            m for m in fl.catalog.models
+            if m not in held and any(fl.can_serve(i, m) for i in fl.instances)
+        )
+        self._models: list[str] = held + others  # models held now first
+        self._max_ctx: dict[str, int] = {}
+
+    async def start(self) -> None:
+        from qlm_opt.runtime import Runtime
+
+        sim = self.settings.backend.sim
+        loop = asyncio.get_running_loop()
+        if sim.speedup == 1.0:
+            self.host = AsyncioHost(loop)
+        else:
+            self.host = ScaledHost(loop, sim.speedup)
+        self.runtime = rt = Runtime(self.fleet, self.host)
+        for inst in rt.instances:
+            inst.engine.set_waker(self.host.engine_waker)
+        cat = self.fleet.catalog
+        for m in self._models:
+            ctx = cat.model(m).max_context
+            lens = [i.engine.max_model_len for i in rt.instances if i.model == m]
+            self._max_ctx[m] = min([ctx, *lens])
+        self._bind_policy(_server_workload(self.settings, self._models))
+
+    def models(self) -> list[str]:
+        return self._models
+
+    def max_context(self, model: str) -> int:
+        return self._max_ctx[model]
+
+    def output_tokens(self, requested: int | None, cap: int) -> int:
+        if requested is not None:
+            return min(requested, cap)
+        sim = self.settings.backend.sim
+        if sim.output_lengths == "max_tokens":
+            return cap
+        n = int(round(self._rng.lognormvariate(sim.output_log_mu, sim.output_log_sigma)))
+        return max(1, min(n, cap))
+
+    def attach(self, req: Request, prompt: object, params: dict) -> None:
+        pass
+
+    def detach(self, req: Request) -> None:
+        pass
+
+    def progress(self, req: Request) -> int:
+        iid = req.instance_id
+        if iid is None:
+            return req.num_generated
+        return self.runtime.instances[iid].engine.num_generated(req)
+
+    def poll(self, reqs) -> None:
+        now = self.host.now()
+        seen = set()
+        insts = self.runtime.instances
+        for r in reqs:
+            iid = r.instance_id
+            if iid is not None and iid not in seen:
+                seen.add(iid)
+                insts[iid].engine.advance_to(now)
+
+    def text(self, req: Request, start: int, end: int) -> str:
+        return synthetic_text(req.id, start, end)
+
+
+def make_backend(settings: ServerSettings) -> Backend:
+    """The backend named by ``backend.kind``. vLLM backends are imported lazily, so the
+    gateway and the simulated fleet never import vLLM.
+
+    A vLLM engine module must provide ``make_backend(settings) -> Backend`` (the protocol
+    above); the gateway needs nothing else from it.
+    """
+    kind = settings.backend.kind
+    if kind == "sim":
+        return SimBackend(settings)
+    import importlib
+
+    mod_name = f"qlm_opt.engines.{kind}"
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"field 'backend.kind': '{kind}' needs {mod_name}, which cannot be imported ({e})"
+        ) from None
+    factory = getattr(mod, "make_backend", None)
+    if factory is None:
+        raise ConfigError(
+            f"field 'backend.kind': {mod_name} has no make_backend(settings) for the server"
+        )
+    return factory(settings)
+
+
+def estimate_wait_s(runtime: Runtime, model: str, num_ahead: int, mean_output_tokens: float) -> float:
+    """Rough seconds until a request queued now behind ``num_ahead`` others starts, from
+    engine stats: the queued requests run in waves of ``max_num_seqs`` per instance, each wave
+    taking ``mean_output_tokens`` iterations at the current iteration time. Used for
+    ``Retry-After``; a swap-in is assumed when no instance holds the model. Replace by the RWT
+    estimator once it offers a one-call query."""
+    insts = runtime.ready_instances(model)
+    if not insts:
+        return 30.0
+    seats = 0
+    waiting = num_ahead
+    iter_s = 0.0
+    for inst in insts:
+        st = inst.engine.stats()
+        seats += max(1, st.max_num_seqs)
+        waiting += st.num_waiting
+        if st.decode_tokens_per_s > 0:
+            iter_s = max(iter_s, max(1, st.num_running) / st.decode_tokens_per_s)
+    waves = math.ceil(waiting / seats) if waiting else 0
+    return waves * mean_output_tokens * iter_s
+
+
+def retry_after_s(wait_s: float) -> int:
+    return max(1, min(3600, math.ceil(wait_s)))

@@ -1,0 +1,306 @@
+"""The OpenAI wire format: request schemas (pydantic, at the HTTP edge only) and response and
+SSE chunk builders (plain dicts encoded once, for speed).
+
+Prompt token counting is an approximation, good enough for admission and scheduling without a
+tokenizer in the gateway: one token per 4 characters of text (rounded up), token-id prompts
+count exactly, and each chat message adds 4 tokens of framing plus 2 for the reply's priming
+(OpenAI's cookbook rule). Real vLLM backends report the exact count in ``usage``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+class _Req(BaseModel):
+    # Clients send many optional OpenAI fields we do not use (logit_bias, user, ...): ignore.
+    model_config = ConfigDict(extra="ignore")
+
+
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
+
+
+class StreamOptions(_Req):
+    include_usage: bool = False
+
+
+class _Sampling(_Req):
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    priority: int | None = Field(
+        None, description="vLLM extension: scheduling priority (lower is more urgent); maps to "
+        "the SLO class with that priority"
+    )
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``. One prompt per request (a string, or token ids)."""
+
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]],
+                    Field(min_length=1, max_length=1)]
+    ) = Field(description="one prompt: a string or token ids (a list of one is accepted)")
+    echo: Literal[False] = Field(False, description="not supported")
+    best_of: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+
+
+class ChatMessage(_Req):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# -- documented responses (OpenAPI only; responses are built as dicts below) -------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# -- token counting ---------------------------------------------------------------------------
+
+
+def approx_tokens(text: str) -> int:
+    """~4 characters per token, rounded up (see the module docstring)."""
+    return (len(text) + 3) // 4
+
+
+def completion_prompt_tokens(prompt: str | list) -> int:
+    """Prompt tokens of a completion request (one prompt; the schema allows no more)."""
+    if isinstance(prompt, str):
+        return approx_tokens(prompt)
+    p = prompt[0]
+    if isinstance(p, int):
+        return len(prompt)
+    return approx_tokens(p) if isinstance(p, str) else len(p)
+
+
+def chat_prompt_tokens(messages: list[ChatMessage]) -> int:
+    n = 2
+    for m in messages:
+        n += 4
+        c = m.content
+        if isinstance(c, str):
+            n += approx_tokens(c)
+        elif c:
+            for part in c:
+                t = part.get("text")
+                if isinstance(t, str):
+                    n += approx_tokens(t)
+    return n
+
+
+# -- responses --------------------------------------------------------------------------------
+
+_ID_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{_ID_PREFIX}{next(_ids):x}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    rid: str, model: str, text: str, finish_reason: str | None, use: dict, fingerprint: str
+) -> bytes:
+    return _dumps({
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": use,
+    }).encode()
+
+
+def chat_body(
+    rid: str, model: str, text: str, finish_reason: str | None, use: dict, fingerprint: str
+) -> bytes:
+    return _dumps({
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }],
+        "usage": use,
+    }).encode()
+
+
+class ChunkWriter:
+    """SSE chunks of one streamed response, in OpenAI's format.
+
+    With ``include_usage`` every chunk carries ``"usage": null`` and a last chunk with empty
+    ``choices`` carries the usage (OpenAI's behaviour). Without it, the chunk that carries the
+    ``finish_reason`` also carries the usage, so clients always get token counts.
+    """
+
+    __slots__ = ("rid", "model", "chat", "include_usage", "created", "fingerprint")
+
+    def __init__(
+        self, rid: str, model: str, chat: bool, include_usage: bool, fingerprint: str
+    ) -> None:
+        self.rid = rid
+        self.model = model
+        self.chat = chat
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.fingerprint = fingerprint
+
+    def _chunk(self, choice: dict | None, use: dict | None = None, last: bool = False) -> bytes:
+        obj = {
+            "id": self.rid,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": [choice] if choice is not None else [],
+        }
+        if self.include_usage:
+            obj["usage"] = use
+        elif last and use is not None:
+            obj["usage"] = use
+        return b"data: " + _dumps(obj).encode() + b"\n\n"
+
+    def role(self) -> bytes:
+        """The chat stream's first chunk (role only); completions have none."""
+        return self._chunk({
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        })
+
+    def delta(self, text: str) -> bytes:
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                      "finish_reason": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+        return self._chunk(choice)
+
+    def finish(self, finish_reason: str, use: dict) -> bytes:
+        if self.chat:
+            choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
+        out = self._chunk(choice, None if self.include_usage else use, last=True)
+        if self.include_usage:
+            out += self._chunk(None, use)
+        return out + b"data: [DONE]\n\n"
+
+    @staticmethod
+    def error(status: int, message: str, type: str, code: str | None) -> bytes:
+        """An error after the stream started (the status line is already sent)."""
+        body = {"error": {"message": message, "type": type, "param": None, "code": code}}
+        return b"data: " + _dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def dumps(obj: Any) -> bytes:
+    return _dumps(obj).encode()

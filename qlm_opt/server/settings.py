@@ -1,0 +1,180 @@
+"""Server configuration (``server.toml``), validated with pydantic.
+
+One ``ServerSettings`` object holds everything the HTTP server needs. It is loaded by
+``load_settings`` (a TOML file plus a few environment variables) when the app is created, never
+at import time, and routes read it through the overridable ``get_settings`` dependency.
+
+Environment variables (they add to, never silently replace, the file):
+- ``QLM_API_KEYS``: extra API keys, comma-separated ``key[:tenant[:default_class[:rate_per_s]]]``
+  (the variable's name is ``auth.keys_env``);
+- ``QLM_ADMIN_KEY``: the admin key when the file sets none (``auth.admin_key_env``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qlm_opt.catalog import parse_toml_as
+from qlm_opt.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(1 << 20, gt=0)  # larger bodies get 413
+    default_max_tokens: int = Field(256, gt=0)  # max_tokens when the client gives none
+    stream_interval_ms: float = Field(20.0, gt=0)  # how often streams poll simulated engines
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False
+    expose_docs: bool = True  # /docs and /openapi.json
+
+
+class ClassSection(_Strict):
+    ttft_s: float = Field(gt=0)
+    tpot_s: float | None = Field(None, gt=0)
+    priority: int = 0  # vLLM convention: lower is more urgent
+    weight: float = Field(1.0, gt=0)
+    max_queue: int = Field(1024, gt=0)  # admitted requests without a first token; more -> 429
+
+
+class KeySection(_Strict):
+    key: str | None = Field(None, min_length=8)
+    key_env: str | None = None  # read the key from this environment variable instead
+    tenant: str = "default"
+    default_class: str | None = None  # None: the server's default_class
+    classes: list[str] | None = None  # classes this key may ask for (None: all)
+    rate_per_s: float | None = Field(None, gt=0)  # token bucket refill; None: unlimited
+    burst: int | None = Field(None, gt=0)  # bucket size (default: max(1, 2 * rate_per_s))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KeySection:
+        if (self.key is None) == (self.key_env is None):
+            raise ValueError("set exactly one of 'key' and 'key_env'")
+        return self
+
+
+class AuthSection(_Strict):
+    allow_unauthenticated: bool = False  # requests without a key are served as 'anonymous'
+    anonymous_tenant: str = "anonymous"
+    anonymous_rate_per_s: float | None = Field(None, gt=0)
+    admin_key: str | None = Field(None, min_length=8)
+    admin_key_env: str = "QLM_ADMIN_KEY"
+    keys_env: str = "QLM_API_KEYS"
+    keys: list[KeySection] = []
+
+
+class LimitsSection(_Strict):
+    max_prompt_tokens: int | None = Field(None, gt=0)  # None: the model's context length
+    max_tokens: int | None = Field(None, gt=0)  # cap on a request's max_tokens (None: context)
+
+
+class SimSection(_Strict):
+    fleet: str = "fleet.toml"  # relative to the config file, else the built-in example
+    speedup: float = Field(1.0, gt=0)  # simulated seconds per wall second (tests, demos)
+    # Output length when the client sends no max_tokens: "prior" samples the lognormal below
+    # (the Azure conversation trace fit, capped at default_max_tokens); "max_tokens" always
+    # generates default_max_tokens. When the client sends max_tokens, exactly that many.
+    output_lengths: Literal["prior", "max_tokens"] = "prior"
+    output_log_mu: float = 5.019
+    output_log_sigma: float = Field(0.859, ge=0)
+    seed: int = 0
+
+
+class VLLMLocalSection(_Strict):
+    """An in-process vLLM ``AsyncLLM`` per entry (``qlm_opt.engines.vllm_local``)."""
+
+    model: str  # a local directory or a model name the vLLM install can load
+    served_model_name: str | None = None
+    engine_args: dict[str, Any] = {}
+
+
+class RemoteServer(_Strict):
+    url: str  # base URL of a vLLM OpenAI server, e.g. http://10.0.0.5:8000
+    model: str  # the model name that server serves
+    api_key_env: str | None = None
+
+
+class VLLMRemoteSection(_Strict):
+    """vLLM OpenAI-compatible servers (``qlm_opt.engines.vllm_remote``)."""
+
+    servers: list[RemoteServer] = Field(min_length=1)
+
+
+class BackendSection(_Strict):
+    kind: Literal["sim", "vllm_local", "vllm_remote"] = "sim"
+    policy: str = "priority"
+    policy_options: dict[str, Any] = {}
+    sim: SimSection = SimSection()
+    vllm_local: list[VLLMLocalSection] = []
+    vllm_remote: VLLMRemoteSection | None = None
+
+    @model_validator(mode="after")
+    def _has_section(self) -> BackendSection:
+        if self.kind == "vllm_local" and not self.vllm_local:
+            raise ValueError("kind 'vllm_local' needs at least one [[backend.vllm_local]]")
+        if self.kind == "vllm_remote" and self.vllm_remote is None:
+            raise ValueError("kind 'vllm_remote' needs [backend.vllm_remote]")
+        return self
+
+
+def _default_classes() -> dict[str, ClassSection]:
+    return {
+        "interactive": ClassSection(ttft_s=2.0, priority=0),
+        "batch": ClassSection(ttft_s=600.0, priority=1, max_queue=8192),
+    }
+
+
+class ServerSettings(_Strict):
+    server: ServerSection = ServerSection()
+    backend: BackendSection = BackendSection()
+    classes: dict[str, ClassSection] = Field(default_factory=_default_classes, min_length=1)
+    default_class: str = "interactive"
+    auth: AuthSection = AuthSection()
+    limits: LimitsSection = LimitsSection()
+    # Where relative paths (the sim fleet) are resolved; set by load_settings.
+    base_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _class_names(self) -> ServerSettings:
+        if self.default_class not in self.classes:
+            raise ValueError(f"default_class '{self.default_class}' is not in [classes]")
+        for i, k in enumerate(self.auth.keys):
+            for c in [k.default_class, *(k.classes or [])]:
+                if c is not None and c not in self.classes:
+                    raise ValueError(f"auth.keys.{i}: unknown class '{c}'")
+        return self
+
+    def fleet_path(self) -> Path:
+        """The sim fleet file: relative to the config file, else the built-in example."""
+        p = Path(self.backend.sim.fleet)
+        if not p.is_absolute() and self.base_dir:
+            cand = Path(self.base_dir) / p
+            if cand.exists():
+                return cand
+        if p.exists():
+            return p
+        builtin = Path(__file__).resolve().parent.parent / "examples" / p.name
+        if builtin.exists():
+            return builtin
+        raise ConfigError(f"field 'backend.sim.fleet': file not found: {self.backend.sim.fleet}")
+
+
+def default_config_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "examples" / "server.toml"
+
+
+def load_settings(path: Path | str | None = None) -> ServerSettings:
+    """Read ``server.toml`` (default: the built-in example). Environment variables are read
+    later, by ``auth.KeyStore.from_settings``."""
+    path = Path(path) if path is not None else default_config_path()
+    settings = parse_toml_as(ServerSettings, path)
+    settings.base_dir = str(path.resolve().parent)
+    return settings
+
