@@ -187,7 +187,9 @@ class Runtime:
         log.debug("swap %s -> %s (%.1f s)", inst.spec.name, model, dur)
         if getattr(inst.engine, "reports_swap_done", False):
             return  # a live engine calls on_swap_done when the model is servable
-        self.host.call_at(self.now() + dur, self._swap_done, inst)
+        # A simulated engine finishes its in-flight iteration first: use its own end time.
+        done_at = getattr(inst.engine, "swap_until_at", None) or self.now() + dur
+        self.host.call_at(max(done_at, self.now() + dur), self._swap_done, inst)
 
     def on_swap_done(self, engine, at: float) -> None:
         """Engine listener: a live engine finished loading its new model at ``at``."""
