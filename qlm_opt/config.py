@@ -81,6 +81,15 @@ class Fleet:
             warm_wake_s=p.warm_wake_s,
         )
         self.calibration = p.calibration
+        if p.calibration:
+            from dataclasses import replace
+
+            from qlm_opt.calibration import Calibration
+
+            cal_path = Path(p.calibration)
+            if not cal_path.is_absolute() and source not in ("<fleet>", ""):
+                cal_path = Path(source).parent / cal_path
+            self.perf = replace(self.perf, calibration=Calibration.load(cal_path))
         self.catalog = Catalog(
             catalog.models,
             catalog.gpus,

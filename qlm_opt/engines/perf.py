@@ -30,6 +30,9 @@ class PerfParams:
     tp_efficiency: float = 0.85  # per-GPU efficiency at tp > 1 (all-reduce cost)
     engine_start_s: float = 20.0  # cold start: process, CUDA context, graph capture
     warm_wake_s: float = 0.5  # fixed part of a sleep/wake swap
+    # qlm_opt.calibration.Calibration from `qlm-opt profile`: measured constants per
+    # (model, device) that replace the roofline where present
+    calibration: object | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,10 @@ class IterationModel:
 def iteration_model(
     catalog: Catalog, model: str, gpu: str, tp: int, perf: PerfParams = PerfParams()
 ) -> IterationModel:
+    cal = perf.calibration.get(model, gpu) if perf.calibration is not None else None
+    if cal is not None:
+        return IterationModel(c_tok=cal.c_tok / tp, m0=cal.m0 / tp, m_kv=cal.m_kv / tp,
+                              overhead_s=cal.overhead_s)
     m, g = catalog.model(model), catalog.gpu(gpu)
     eff = 1.0 if tp == 1 else perf.tp_efficiency
     flops = tp * g.flops * perf.mfu * eff
@@ -111,6 +118,9 @@ def swap_s(
     Warm: weights held in host memory (vLLM sleep mode) cross the host link, per GPU in
     parallel. Cold: weights are read from disk and the engine starts.
     """
+    cal = perf.calibration.get(model, gpu) if perf.calibration is not None else None
+    if cal is not None and cal.swap_s is not None:
+        return cal.swap_s
     m, g = catalog.model(model), catalog.gpu(gpu)
     per_gpu = m.weight_bytes / tp
     if warm:

