@@ -137,11 +137,34 @@ def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from typer._click import exceptions as click_exc
+
     try:
-        app()
+        rv = app(standalone_mode=False)
     except QLMError as e:
         typer.echo(f"qlm-opt: error: {e}", err=True)
         sys.exit(2)
+    except click_exc.NoArgsIsHelpError:
+        sys.exit(2)  # the help was printed
+    except click_exc.ClickException as e:
+        # One line, like every other bad input (typer would draw a box around it).
+        msg = " ".join(e.format_message().split())
+        hint = f" (see 'qlm-opt {_command_name()} --help')" if _command_name() else ""
+        typer.echo(f"qlm-opt: error: {msg}{hint}", err=True)
+        sys.exit(e.exit_code or 2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        typer.echo("qlm-opt: aborted", err=True)
+        sys.exit(130)
+    if isinstance(rv, int):
+        sys.exit(rv)
+
+
+def _command_name() -> str:
+    known = {c.name or c.callback.__name__ for c in app.registered_commands}
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return args[0] if args and args[0] in known else ""
 
 
 if __name__ == "__main__":

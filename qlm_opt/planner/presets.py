@@ -139,3 +139,29 @@ def load_preset(name_or_path: str | Path) -> SolverPreset:
         log_search=parsed.log_search,
         weights=ObjectiveWeights(o.on_time, o.swap_penalty, o.completion_penalty),
     )
+
+
+def preset_to_toml(preset: SolverPreset, header: str = "") -> str:
+    """The TOML text of a preset, in the `solver/*.toml` schema (``load_preset`` reads it)."""
+    import tomli_w
+
+    data = {
+        "time_limit_s": preset.time_limit_s,
+        "num_workers": preset.num_workers,
+        "random_seed": preset.random_seed,
+        "max_groups": preset.max_groups,
+        "horizon_s": preset.horizon_s,
+        "formulation": preset.formulation,
+        "exact_max_groups": preset.exact_max_groups,
+        "deadline_levels": preset.deadline_levels,
+        "candidates_per_group": preset.candidates_per_group,
+        "swap_candidates": preset.swap_candidates,
+        "log_search": preset.log_search,
+        "objective": {
+            "on_time": preset.weights.on_time,
+            "swap_penalty": preset.weights.swap_penalty,
+            "completion_penalty": preset.weights.completion_penalty,
+        },
+    }
+    lines = "".join(f"# {ln}\n" for ln in header.splitlines())
+    return lines + tomli_w.dumps(data)
