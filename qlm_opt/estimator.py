@@ -28,7 +28,17 @@ own waiting queue and the virtual queue ahead) starts at the (j + 1 - free)-th c
   tokens ahead and of the request's own prompt at the prefill throughput, plus the remaining
   model-swap time, plus one iteration for the first token.
 * Requests that will cut ahead later (EDF: later arrivals of tighter classes) are added as
-  ``cut_in_per_s * W`` extra positions (a fixed point, two rounds).
+  ``cut_in_per_s * min(W, horizon)`` extra positions (a fixed point, two rounds; the horizon
+  is when later arrivals' deadlines stop coming first).
+* Prefill phase (``prefill_phase``): from the moment a seat is there, the rest of the
+  iteration in flight (half of it on average) and chunked prefill of the tokens ahead and of
+  the request's own prompt, ``max_num_batched_tokens - b`` per iteration, each iteration at
+  the roofline ``overhead + max(c_tok * tokens, memory)``. With a free seat this is the whole
+  wait; it replaces "prompt * c_tok + one decode iteration at full batch", which was 1.7x too
+  long for waits under 50 ms and blind to prefill queued ahead.
+* Online calibration (``WaitCalibrator``): completed predictions per (SLO class, band of the
+  model mean) give a bias factor (median observed / predicted) and a split-conformal interval
+  factor; callers that pass ``key`` get the calibrated estimate.
 
 Online calibration: output length mean and variance per (model, bucket) by Welford, with the
 workload spec's lognormal as a prior worth ``prior_weight`` pseudo-observations; the
@@ -164,6 +174,72 @@ class _InstCal:
     footprint_tokens: float = 0.0  # KV tokens per running sequence (0: unknown)
 
 
+class WaitCalibrator:
+    """Online (conformal-style) recalibration of wait predictions from completed ones.
+
+    Every prediction whose first token has been seen gives a triple (model mean, model std,
+    observed wait). Per ``(key, bin)`` — ``key`` an SLO class, ``bin`` the model mean in
+    factor-``bin_ratio`` bands — the last ``window`` triples give
+      * a bias factor ``c`` = exp(median log(observed / mean)), and
+      * an interval factor ``k`` = the 90% quantile of |observed - c mean| / (c std),
+    and a new prediction (m, s) becomes (c m, c s max(k, 1.645) / 1.645): its ±1.645 std
+    interval is then the split-conformal 90% interval of the recent past, never narrower
+    than the model's own. Cells with fewer than
+    ``min_n`` triples fall back to the key's pooled cell, then to the model as is. Only
+    predictions made before the observation use it (no look-ahead); the factors are
+    refreshed every ``refresh`` new triples."""
+
+    def __init__(self, window: int = 400, min_n: int = 30, refresh: int = 16,
+                 bin_ratio: float = 2.0, coverage: float = 0.9) -> None:
+        self.window = window
+        self.min_n = min_n
+        self.refresh = refresh
+        self.log_bin = math.log(bin_ratio)
+        self.coverage = coverage
+        self._data: dict[tuple, list] = {}  # cell -> [deque of (m, s, o), new since fit]
+        self._fit: dict[tuple, tuple[float, float]] = {}  # cell -> (c, k)
+
+    def _bin(self, mean_s: float) -> int:
+        return int(math.floor(math.log(max(mean_s, 1e-3) / 1e-3) / self.log_bin))
+
+    def observe(self, key: str, mean_s: float, std_s: float, observed_s: float) -> None:
+        from collections import deque
+
+        trip = (max(mean_s, 1e-6), max(std_s, 1e-6), max(observed_s, 1e-6))
+        for cell in ((key, self._bin(mean_s)), (key, None)):
+            d = self._data.get(cell)
+            if d is None:
+                d = self._data[cell] = [deque(maxlen=self.window), 0]
+            d[0].append(trip)
+            d[1] += 1
+            if d[1] >= self.refresh or cell not in self._fit and len(d[0]) >= self.min_n:
+                self._refit(cell, d)
+
+    def _refit(self, cell, d) -> None:
+        d[1] = 0
+        if len(d[0]) < self.min_n:
+            return
+        a = np.asarray(d[0], dtype=float)
+        m, s, o = a[:, 0], a[:, 1], a[:, 2]
+        c = float(np.exp(np.median(np.log(o / m))))
+        score = np.abs(o - c * m) / (c * s)
+        k = float(np.quantile(score, self.coverage))
+        # the interval only ever widens the model's: a backlog that builds up makes the
+        # recent past too optimistic about the spread of what comes next
+        self._fit[cell] = (c, max(k, Z90))
+
+    def factors(self, key: str, mean_s: float) -> tuple[float, float] | None:
+        f = self._fit.get((key, self._bin(mean_s)))
+        return f if f is not None else self._fit.get((key, None))
+
+    def adjust(self, key: str, est: WaitEstimate) -> WaitEstimate:
+        f = self.factors(key, est.mean_s)
+        if f is None:
+            return est
+        c, k = f
+        return WaitEstimate(c * est.mean_s, c * est.std_s * k / Z90)
+
+
 class RWTEstimator:
     """Waiting-time distributions per (instance, position); see the module docstring.
 
@@ -192,6 +268,9 @@ class RWTEstimator:
         self.model_lengths: dict[str, LengthStats] = {}  # model -> stats over buckets
         self._cal: dict[int, _InstCal] = {}  # instance id -> calibration
         self._profiles: dict[int, _Profile] = {}  # instance id -> cached profile
+        self._now_cache: dict[int, tuple] = {}  # instance id -> (state key, engine summary)
+        self.batch_budget = 8192  # max_num_batched_tokens (vLLM's default; set from config)
+        self.calib = WaitCalibrator()
         self.num_profiles = 0
 
     @classmethod
@@ -392,6 +471,61 @@ class RWTEstimator:
         v_end = p.var[-1] / rate ** 2
         return xm, v_end + extra * p.var_it / (p.seats ** 2)
 
+    def _engine_now(self, inst, st, now_at: float) -> tuple[int, int, float]:
+        """(decoders b, prefill tokens in flight or pending on running requests, KV tokens)
+        of ``inst`` now; cached while (now, running, waiting) do not change."""
+        key = (now_at, st.num_running, st.num_waiting, st.kv_used_tokens)
+        c = self._now_cache.get(inst.id)
+        if c is not None and c[0] == key:
+            return c[1]
+        eng = inst.engine
+        b = 0
+        pend = 0
+        for r in eng.running_requests():
+            ft = r.first_token_at
+            if ft is None or ft > now_at:
+                # prefilling (its first token, if already set, lies at the end of the
+                # iteration in flight): prompt plus tokens to recompute after an eviction
+                pend += r.prompt_tokens + (r.num_generated if ft is None else 0)
+            else:
+                b += 1
+        out = (b, pend, float(st.kv_used_tokens))
+        self._now_cache[inst.id] = (key, out)
+        return out
+
+    def prefill_phase(self, inst, st, now_at: float, tokens_ahead: float, own: float,
+                      include_pending: bool = True) -> tuple[float, float]:
+        """(mean, variance) in seconds from the moment the request could be admitted to its
+        first token: the rest of the iteration in flight (uniform: half of it on average),
+        then chunked prefill of ``tokens_ahead`` (plus the running requests' pending prefill
+        when ``include_pending``) and of its own ``own`` prompt, ``max_num_batched_tokens
+        - b`` tokens per iteration, each iteration costing the roofline
+        ``overhead + max(c_tok * tokens, memory)``; the last chunk samples the first token."""
+        im = self.iter_model_of(inst) if self.iter_model_of else None
+        ratio = self._cal.setdefault(inst.id, _InstCal()).ratio
+        if im is None:
+            _, iter_s, c_tok = self.basics(inst, st)
+            m = (tokens_ahead + own) * c_tok + iter_s
+            return m, (0.3 * iter_s) ** 2
+        b, pend, kv = self._engine_now(inst, st, now_at)
+        cfg = getattr(inst.engine, "config", None)
+        total = getattr(cfg, "max_num_batched_tokens", None) or self.batch_budget
+        budget = float(max(total - b, 1))
+        busy = st.num_running > 0 or st.num_waiting > 0
+        resid_m = resid_v = 0.0
+        q = tokens_ahead + own
+        if busy:
+            flight = min(float(pend), budget) if include_pending else 0.0
+            d = im.iteration_s(int(b + flight), int(kv)) * ratio
+            resid_m, resid_v = 0.5 * d, d * d / 12.0
+            if include_pending:
+                q += max(0.0, pend - budget)
+        n = max(1, int(math.ceil(q / budget - 1e-9)))
+        last = q - (n - 1) * budget
+        t = (n - 1) * im.iteration_s(int(b + budget), int(kv)) + im.iteration_s(
+            int(b + last), int(kv))
+        return resid_m + t * ratio, resid_v
+
     def wait(
         self,
         inst,
@@ -401,32 +535,49 @@ class RWTEstimator:
         own_prompt_tokens: int,
         bucket_of,
         cut_in_per_s: float = 0.0,
+        key=None,
+        cut_in_horizon_s: float = math.inf,
     ) -> WaitEstimate:
         """Waiting time until first token of a request at ``position`` (0-based, counted
         behind the engine's own waiting queue's ``position`` requests — callers pass the
         total requests ahead, engine-waiting included) with ``prompt_ahead_tokens`` of prompts
-        ahead of it, on ``inst``."""
+        ahead of it, on ``inst``. With ``key`` (an SLO class, say) the online calibration
+        of that key corrects the model's bias and interval (``WaitCalibrator``)."""
+        raw = self.wait_raw(inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
+                            bucket_of, cut_in_per_s, cut_in_horizon_s)
+        return raw if key is None else self.calib.adjust(key, raw)
+
+    def wait_raw(self, inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
+                 bucket_of, cut_in_per_s: float = 0.0,
+                 cut_in_horizon_s: float = math.inf) -> WaitEstimate:
+        """The model's estimate, before the online calibration. Requests that cut in arrive
+        at ``cut_in_per_s`` for at most ``cut_in_horizon_s`` (after that, later arrivals'
+        deadlines fall after this request's)."""
         st = inst.engine.stats()
         seats, iter_s, c_tok = self.basics(inst, st)
+        base = max(0.0, st.busy_until_at - now_at)
         if position + 1.0 <= seats - st.num_running and cut_in_per_s <= 0:
             # A seat is free: only prefill ahead and the request's own prefill remain.
-            mean = (max(0.0, st.busy_until_at - now_at)
-                    + (prompt_ahead_tokens + own_prompt_tokens) * c_tok + iter_s)
-            sd = math.hypot(self.config.rel_err * mean, self.config.min_std_s)
+            pm, pv = self.prefill_phase(inst, st, now_at, prompt_ahead_tokens,
+                                        own_prompt_tokens)
+            mean = base + pm
+            sd = math.sqrt(pv + (self.config.rel_err * mean) ** 2 + self.config.min_std_s ** 2)
             return WaitEstimate(mean, sd)
         p = self.profile(inst, now_at, bucket_of)
+        own_m, own_v = self.prefill_phase(inst, st, now_at, 0.0, own_prompt_tokens,
+                                          include_pending=False)
         j = position
         mean = sd = 0.0
         per_req_prompt = prompt_ahead_tokens / position if position > 0 else self.prompt_mean
         for _ in range(3 if cut_in_per_s > 0 else 1):
             xm, xv = self.start_iters(p, j)
             pre = (p.pending_prefill_tokens + prompt_ahead_tokens
-                   + (j - position) * per_req_prompt + own_prompt_tokens) * c_tok
-            mean = p.base_s + xm * p.iter_s + pre + p.iter_s
-            sd = math.sqrt(xv) * p.iter_s
+                   + (j - position) * per_req_prompt) * c_tok
+            mean = p.base_s + xm * p.iter_s + pre + own_m
+            sd = math.sqrt(xv * p.iter_s ** 2 + own_v)
             if cut_in_per_s <= 0:
                 break
-            j = position + cut_in_per_s * mean
+            j = position + cut_in_per_s * max(0.0, min(mean, cut_in_horizon_s))
         sd = math.hypot(sd, self.config.rel_err * mean, self.config.min_std_s)
         return WaitEstimate(mean, sd)
 
@@ -437,6 +588,9 @@ class AccuracyRecord:
     placed_at: float
     mean_s: float
     std_s: float
+    raw: WaitEstimate | None = None  # the model's estimate before calibration
+    calib: WaitCalibrator | None = None  # fed (raw, observed) at the first token
+    key: object = None  # calibration cell key
 
 
 @dataclass(slots=True)
@@ -455,17 +609,22 @@ class RWTAccuracy:
     pairs: list[tuple[str, float, float, float]] = field(default_factory=list)
     # (class, predicted mean s, predicted std s, observed s)
 
-    def predict(self, req: Request, placed_at: float, est: WaitEstimate) -> None:
+    def predict(self, req: Request, placed_at: float, est: WaitEstimate,
+                raw: WaitEstimate | None = None, calib: WaitCalibrator | None = None,
+                key=None) -> None:
         if req.first_token_at is not None:
             return
-        self.records[req.id] = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s)
+        self.records[req.id] = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s,
+                                              raw, calib, key)
 
     def observe_first_token(self, req: Request) -> None:
         rec = self.records.pop(req.id, None)
         if rec is None or req.first_token_at is None:
             return
-        self.pairs.append((rec.slo_class, rec.mean_s, rec.std_s,
-                           req.first_token_at - rec.placed_at))
+        obs = req.first_token_at - rec.placed_at
+        self.pairs.append((rec.slo_class, rec.mean_s, rec.std_s, obs))
+        if rec.calib is not None and rec.raw is not None:
+            rec.calib.observe(rec.key, rec.raw.mean_s, rec.raw.std_s, obs)
 
     def summary(self) -> dict:
         """``median_abs_pct_error`` (%), ``coverage_90`` (fraction of observed waits inside
@@ -556,8 +715,11 @@ class RWTTracker:
         k = bisect.bisect_left(mirror, entry[:2])
         ahead_prompt = prompt * k / len(mirror) if mirror else 0.0
         self.est.observe_engine(inst)
-        est = self.est.wait(inst, now, float(k), ahead_prompt, req.prompt_tokens, self.bucket_of)
-        self.acc.predict(req, now, est)
+        raw = self.est.wait_raw(inst, now, float(k), ahead_prompt, req.prompt_tokens,
+                                self.bucket_of)
+        key = req.slo_class
+        est = self.est.calib.adjust(key, raw)
+        self.acc.predict(req, now, est, raw, self.est.calib, key)
         if req.state == 1:
             mirror.insert(k, entry)
             prompt += req.prompt_tokens

@@ -196,6 +196,9 @@ class GlobalQueue:
         self.vqs: dict[int, VirtualQueue] = {UNPLACED: VirtualQueue(UNPLACED)}
         self._ids = itertools.count()
         self.num_requests = 0
+        # called as on_place(group) after a group moved into an instance's virtual queue
+        # (placement, rebalancing, re-planning): the policy re-predicts its members' waits
+        self.on_place = None
 
     # -- queries -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -304,6 +307,8 @@ class GlobalQueue:
         q.num_requests += g.size
         q.prompt_tokens += g.prompt_tokens
         q._push(g)
+        if self.on_place is not None and instance_id != UNPLACED:
+            self.on_place(g)
 
     # -- internals ---------------------------------------------------------------------------
     def _new_group(self, key: GroupKey, now_at: float) -> RequestGroup:

@@ -99,3 +99,35 @@ def test_accuracy_summary():
     out = acc.summary()
     assert out["median_abs_pct_error"] == 0.0 and out["coverage_90"] == 0.9
     assert out["per_class"]["interactive"]["num"] == 10
+
+
+def test_wait_calibrator_learns_bias_and_interval():
+    from qlm_opt.estimator import Z90, WaitCalibrator
+
+    rng = np.random.default_rng(0)
+    cal = WaitCalibrator()
+    # the model underestimates by 2x and its std is 5x too narrow
+    for _ in range(2000):
+        m = float(rng.uniform(1.0, 1.5))
+        o = 2.0 * m * float(rng.lognormal(0.0, 0.2))
+        cal.observe("c", m, 0.01 * m, o)
+    hits = []
+    for _ in range(2000):
+        m = float(rng.uniform(1.0, 1.5))
+        e = cal.adjust("c", WaitEstimate(m, 0.01 * m))
+        o = 2.0 * m * float(rng.lognormal(0.0, 0.2))
+        hits.append(e.mean_s - Z90 * e.std_s <= o <= e.mean_s + Z90 * e.std_s)
+    assert abs(cal.adjust("c", WaitEstimate(1.2, 0.012)).mean_s / 2.4 - 1) < 0.05
+    assert 0.85 <= np.mean(hits) <= 0.95
+    # an unseen key is left as the model says
+    e = cal.adjust("other", WaitEstimate(1.0, 0.1))
+    assert (e.mean_s, e.std_s) == (1.0, 0.1)
+
+
+def test_free_seat_wait_counts_prefill_ahead():
+    est = _est()
+    inst = _inst(4, 64)
+    a = est.wait(inst, 0.0, 0, 0, 500, lambda r: 0)
+    b = est.wait(inst, 0.0, 3, 30000, 500, lambda r: 0)
+    # 30k prompt tokens ahead take about 30k * c_tok of compute, in 8k-token chunks
+    assert b.mean_s - a.mean_s > 0.8 * 30000 * IM.c_tok
