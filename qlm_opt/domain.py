@@ -59,6 +59,7 @@ class Request:
         "instance_id",
         "num_preemptions",
         "num_evictions",
+        "num_failures",
         "drop_reason",
         "finish_reason",
         # engine-private bookkeeping (the simulated engine keeps its per-request state here
@@ -98,6 +99,7 @@ class Request:
         self.instance_id: int | None = None
         self.num_preemptions = 0
         self.num_evictions = 0
+        self.num_failures = 0  # engine failures (crash, rejection); the runtime re-queues
         self.drop_reason: str | None = None
         self.finish_reason: str | None = None
         self._eng = None

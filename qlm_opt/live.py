@@ -2,12 +2,18 @@
 
 The same ``Runtime``, policies and engines run here as in the simulator; only the host
 changes. Simulated engines (the embedded fleet) get their wake-ups from ``engine_waker``.
+
+``AsyncioHost(speedup=s)`` runs the clock ``s`` times faster than the wall clock (simulated
+seconds per wall second): clock times given to ``call_at`` are converted to wall seconds for
+the event loop. Use it only with simulated engines (tests and demos of the embedded fleet);
+live vLLM engines run at wall speed, so their host keeps ``speedup=1``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from qlm_opt.sim.clock import WallClock
@@ -15,18 +21,45 @@ from qlm_opt.sim.clock import WallClock
 log = logging.getLogger(__name__)
 
 
-class AsyncioHost:
-    """Implements ``runtime.Timers`` on the running event loop."""
+class ScaledClock:
+    """Monotonic wall time times ``speedup``, zero at construction."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, clock=None) -> None:
+    __slots__ = ("_t0", "speedup")
+
+    def __init__(self, speedup: float = 1.0) -> None:
+        if not speedup > 0:
+            raise ValueError(f"speedup must be positive, got {speedup!r}")
+        self._t0 = time.monotonic()
+        self.speedup = speedup
+
+    def now(self) -> float:
+        return (time.monotonic() - self._t0) * self.speedup
+
+
+class AsyncioHost:
+    """Implements ``runtime.Timers`` on the running event loop.
+
+    ``clock`` defaults to a ``WallClock`` (``speedup == 1``) or a ``ScaledClock(speedup)``.
+    A given ``clock`` must advance ``speedup`` clock seconds per wall second.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, clock=None,
+                 speedup: float = 1.0) -> None:
+        if not speedup > 0:
+            raise ValueError(f"speedup must be positive, got {speedup!r}")
         self.loop = loop or asyncio.get_running_loop()
-        self.clock = clock or WallClock()
+        self.speedup = float(speedup)
+        if clock is None:
+            clock = WallClock() if speedup == 1.0 else ScaledClock(speedup)
+        self.clock = clock
+        self._wall_per_clock = 1.0 / self.speedup
 
     def now(self) -> float:
         return self.clock.now()
 
     def call_at(self, at: float, fn: Callable, *args) -> None:
-        delay = at - self.now()
+        """Run ``fn(*args)`` at clock time ``at`` (FIFO among equal times)."""
+        delay = (at - self.now()) * self._wall_per_clock
         self.loop.call_later(delay if delay > 0 else 0.0, self._run, fn, args)
 
     @staticmethod

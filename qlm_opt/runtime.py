@@ -1,7 +1,8 @@
 """The scheduler runtime: instances, LSOs and engine events, independent of the clock.
 
 A ``Runtime`` owns the fleet's engines and offers policies the LLM Serving Operations:
-``dispatch`` (pull a request into an engine), ``evict``, ``drain_and_swap`` and ``drop``.
+``dispatch`` (pull a request into an engine), ``evict``, ``drain_and_swap`` and ``drop``;
+hosts use ``cancel`` when a request's client goes away.
 It receives engine events and forwards them to the policy *through the host's timer*, so a
 policy never runs inside an engine call. The host is the discrete-event simulator in what-if
 runs and the asyncio loop when serving live; the runtime cannot tell which.
@@ -80,6 +81,7 @@ class Runtime:
         self.policy: Policy | None = None
         self.lso_counts: Counter[str] = Counter()
         self.num_outstanding = 0  # accepted, neither finished nor dropped
+        self.max_failures = 3  # engine failures of one request before it is dropped
         self.dropped: list[Request] = []
         # Observers (metrics, estimator calibration, HTTP streams). Each gets the request.
         self.finish_hooks: list[Callable[[Request], None]] = []
@@ -139,6 +141,11 @@ class Runtime:
 
     def dispatch(self, req: Request, inst: Instance, priority: tuple) -> None:
         """Pull: hand ``req`` to ``inst``'s engine with a vLLM-style priority tuple."""
+        if req.is_done:
+            # Cancelled while the policy still held it (a policy without ``remove``, or a
+            # request in transit between engine and policy): nothing to run.
+            log.debug("dispatch of ended request %d ignored", req.id)
+            return
         self.lso_counts["pull"] += 1
         for fn in self.dispatch_hooks:
             fn(req, inst)
@@ -214,11 +221,51 @@ class Runtime:
     def drop(self, req: Request, reason: str) -> None:
         if req.is_done:
             return
+        self.lso_counts["drop"] += 1
+        self._end_dropped(req, reason)
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> bool:
+        """Cancel (the client went away): end ``req`` wherever it is and free its capacity.
+
+        A request in an engine is aborted there; one the policy holds is taken out with
+        ``policy.remove(req)``. When neither holds it (in transit between them, or a policy
+        without ``remove``) it is still ended now, and ``dispatch`` and the re-queue after an
+        engine failure skip it later. The request is marked DROPPED with ``reason``, counted
+        in ``lso_counts["cancel"]`` and reported to ``drop_hooks``; finish hooks and
+        ``policy.on_finished`` are not called (it did not complete). Capacity freed on an
+        engine is offered back to the policy through ``on_instance_ready`` at the current
+        time (the hook that feeds an instance), and a draining instance starts its swap.
+        Returns False when the request had already ended.
+        """
+        if req.is_done:
+            return False
+        inst = None
+        if req.instance_id is not None and req.state in (RequestState.WAITING,
+                                                          RequestState.RUNNING):
+            cand = self.instances[req.instance_id]
+            if cand.engine.abort(req.id) is not None:
+                inst = cand
+        if inst is None and self.policy is not None:
+            remove = getattr(self.policy, "remove", None)
+            if remove is not None:
+                remove(req)
+        self.lso_counts["cancel"] += 1
+        self._end_dropped(req, reason)
+        if inst is not None:
+            self.host.call_at(self.now(), self._capacity_freed, inst)
+        return True
+
+    def _capacity_freed(self, inst: Instance) -> None:
+        if inst.state == InstanceState.DRAINING:
+            self._maybe_start_swap(inst)
+        elif inst.state == InstanceState.READY and self.policy is not None:
+            self.policy.on_instance_ready(inst)
+
+    def _end_dropped(self, req: Request, reason: str) -> None:
         req.state = RequestState.DROPPED
         req.drop_reason = reason
         self.dropped.append(req)
         self.num_outstanding -= 1
-        self.lso_counts["drop"] += 1
         for fn in self.drop_hooks:
             fn(req)
 
@@ -244,8 +291,16 @@ class Runtime:
         self.policy.on_finished(req)
 
     def on_failed(self, req: Request, at: float, reason: str) -> None:
+        req.num_failures += 1
         if reason == "prompt_too_long":
             self.host.call_at(at, self.drop, req, reason)
+        elif req.num_failures > self.max_failures:
+            # A request that fails on every engine (the engine rejects it) must not loop.
+            self.host.call_at(at, self.drop, req, f"engine_failed: {reason}")
         else:
             req.state = RequestState.QUEUED
-            self.host.call_at(at, self.policy.on_requeue, req)
+            self.host.call_at(at, self._requeue, req)
+
+    def _requeue(self, req: Request) -> None:
+        if not req.is_done:  # not cancelled meanwhile
+            self.policy.on_requeue(req)

@@ -57,6 +57,8 @@ def run_policy(
     for inst in rt.instances:
         inst.engine.set_waker(sim.engine_waker)
     policy = make_policy(policy_name, workload=workload, fleet=fleet, **(policy_options or {}))
+    if hasattr(policy, "make_deterministic"):
+        policy.make_deterministic()  # the same seed must give the same report
     rt.bind(policy)
     from qlm_opt.estimator import RWTTracker
 

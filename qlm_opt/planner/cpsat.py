@@ -191,8 +191,13 @@ class _FirstSolution(cp_model.CpSolverSolutionCallback):
 def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
     solver = cp_model.CpSolver()
     p = solver.parameters
-    p.max_time_in_seconds = preset.time_limit_s
     p.num_workers = preset.num_workers
+    if preset.deterministic and preset.time_limit_s > 0:
+        p.max_deterministic_time = preset.time_limit_s
+        p.max_time_in_seconds = max(1.0, 20 * preset.time_limit_s)  # a safety net only
+        p.num_workers = 1  # one worker is deterministic, and cheaper per deterministic second
+    else:
+        p.max_time_in_seconds = preset.time_limit_s
     p.random_seed = preset.random_seed
     if preset.time_limit_s < 1.0:
         # These two LNS workers run sub-solves that ignore the deadline: at a 100 ms limit

@@ -60,6 +60,9 @@ class SolverPreset:
     swap_candidates: int = 2
     log_search: bool = False
     weights: ObjectiveWeights = field(default_factory=ObjectiveWeights)
+    # Reproducible search (what-if runs): the time limit is read as CP-SAT deterministic time
+    # and parallel workers interleave deterministically, so the same seed gives the same plan.
+    deterministic: bool = False
 
 
 class _ObjectiveFile(BaseModel):
@@ -84,6 +87,7 @@ class _PresetFile(BaseModel):
     candidates_per_group: int = Field(ge=1)
     swap_candidates: int = Field(2, ge=0)
     log_search: bool = False
+    deterministic: bool = False
     objective: _ObjectiveFile = _ObjectiveFile()
 
 
@@ -138,6 +142,7 @@ def load_preset(name_or_path: str | Path) -> SolverPreset:
         swap_candidates=parsed.swap_candidates,
         log_search=parsed.log_search,
         weights=ObjectiveWeights(o.on_time, o.swap_penalty, o.completion_penalty),
+        deterministic=parsed.deterministic,
     )
 
 
@@ -157,6 +162,7 @@ def preset_to_toml(preset: SolverPreset, header: str = "") -> str:
         "candidates_per_group": preset.candidates_per_group,
         "swap_candidates": preset.swap_candidates,
         "log_search": preset.log_search,
+        "deterministic": preset.deterministic,
         "objective": {
             "on_time": preset.weights.on_time,
             "swap_penalty": preset.weights.swap_penalty,

@@ -48,6 +48,11 @@ class Policy:
         """Requests held by the policy, in no engine."""
         return 0
 
+    def remove(self, req: Request) -> bool:
+        """Cancel: forget a request the policy holds (in no engine); the runtime ends it.
+        Returns False when the policy does not hold it."""
+        return False
+
 
 class SwapOnDemand:
     """Requests for a model no instance holds wait here; the least-loaded instance that can
@@ -85,6 +90,20 @@ class SwapOnDemand:
 
     def requeue(self, rt: Runtime, req: Request) -> None:
         raise NotImplementedError
+
+    def remove(self, req: Request) -> bool:
+        """Cancel: take a parked request out. False when it is not parked here."""
+        q = self.pending.get(req.model)
+        if not q:
+            return False
+        try:
+            q.remove(req)
+        except ValueError:
+            return False
+        self._num_pending -= 1
+        if not q:
+            del self.pending[req.model]
+        return True
 
     def take_pending(self, model: str | None) -> list[Request]:
         q = self.pending.pop(model, None)

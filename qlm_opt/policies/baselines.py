@@ -59,6 +59,10 @@ class EngineQueuePolicy(Policy, SwapOnDemand):
     def requeue(self, rt: Runtime, req: Request) -> None:
         self.on_arrival(req)
 
+    def remove(self, req: Request) -> bool:
+        """Cancel: only parked requests are held here (the others are in engines)."""
+        return SwapOnDemand.remove(self, req)
+
     def on_instance_ready(self, inst: Instance) -> None:
         for r in self.take_pending(inst.model):
             self.on_arrival(r)
@@ -139,6 +143,19 @@ class ShepherdPolicy(Policy, SwapOnDemand):
 
     def num_queued(self) -> int:
         return self._num_queued + self._num_pending
+
+    def remove(self, req: Request) -> bool:
+        """Cancel: take ``req`` out of its class queue (or out of the parked requests)."""
+        q = self.queues.get(req.model, {}).get(req.priority)
+        if q:
+            try:
+                q.remove(req)
+            except ValueError:
+                pass
+            else:
+                self._num_queued -= 1
+                return True
+        return SwapOnDemand.remove(self, req)
 
     def _feed(self, model: str) -> None:
         """Give instances of ``model`` work up to their seat count, most urgent class first,

@@ -19,6 +19,7 @@ the same planner with perfect information, an upper reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -78,6 +79,10 @@ class QLMPolicy(QLMRWTPolicy):
         self.num_epochs = 0
         self.epoch_triggers: Counter[str] = Counter()
         self._class_weight: dict[str, float] = {}
+
+    def make_deterministic(self) -> None:
+        """What-if runs: reproducible solver search (see ``SolverPreset.deterministic``)."""
+        self.preset = dataclasses.replace(self.preset, deterministic=True)
 
     @classmethod
     def from_context(cls, workload=None, fleet=None, **kw) -> QLMPolicy:

@@ -24,6 +24,7 @@ pred_std_s) for the accuracy report (``estimator.RWTAccuracy``).
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,12 @@ class QLMRWTPolicy(Policy):
         self._num_late = 0
         self._arrivals: dict[tuple[str, str], deque[float]] = {}  # (model, class) -> times
         self._ttft: dict[str, float] = {}  # class -> TTFT target, s
+        # (model, class) -> times requests of that class went to the late lane: they do not
+        # cut in ahead of anyone, so the cut-in rate leaves them out
+        self._late_at: dict[tuple[str, str], deque[float]] = {}
+        # req id -> model estimate (before calibration): fed to the estimator's online calibration when
+        # the first token comes
+        self._raw_pred: dict[int, WaitEstimate] = {}
         self.num_rebalanced = 0
         self.num_late = 0
 
@@ -92,12 +99,29 @@ class QLMRWTPolicy(Policy):
             self.est = RWTEstimator(150.0, 150.0**2, 1000.0, iter_model_of=im_of,
                                     clairvoyant=self.clairvoyant)
         rt.finish_hooks.append(self._calibrate)
+        rt.first_token_hooks.append(self._observe_wait)
+        self.gq.on_place = self._on_place
 
     def _bucket(self, req: Request) -> int:
         return length_bucket(req.prompt_tokens, self.gq.config.prompt_bucket_edges)
 
     def _calibrate(self, req: Request) -> None:
         self.est.observe_completion(req, self._bucket(req))
+
+    def _observe_wait(self, req: Request) -> None:
+        """First token: the observed wait of the latest placement calibrates the estimator."""
+        raw = self._raw_pred.pop(req.id, None)
+        info = req._sched
+        if raw is None or info is None or info.placed_at is None or req.first_token_at is None:
+            return
+        self.est.calib.observe(req.slo_class, raw.mean_s, raw.std_s,
+                               req.first_token_at - info.placed_at)
+
+    def _on_place(self, g: RequestGroup) -> None:
+        """A group entered an instance's virtual queue: (re-)predict its members' waits."""
+        inst = self.rt.instances[g.instance_id]
+        if inst.ready:
+            self._predict_group(g, inst, self.rt.now())
 
     # -- estimates ---------------------------------------------------------------------------
     def _cut_in_per_s(self, model: str, slo_class: str, now: float) -> float:
@@ -110,26 +134,75 @@ class QLMRWTPolicy(Policy):
                 continue
             while q and q[0] < now - self.rate_window_s:
                 q.popleft()
-            rate += len(q) / self.rate_window_s
+            n = len(q)
+            late = self._late_at.get((m, c))
+            if late:
+                while late and late[0] < now - self.rate_window_s:
+                    late.popleft()
+                n = max(0, n - len(late))
+            rate += n / self.rate_window_s
         n = max(1, len(self.rt.ready_instances(model)))
         return rate / n
 
+    def _engine_waiting_prompt(self, inst: Instance, st) -> int:
+        """Prompt tokens (plus tokens to recompute) waiting inside the engine."""
+        if st.num_waiting == 0:
+            return 0
+        if st.waiting_prompt_tokens:
+            return st.waiting_prompt_tokens
+        return sum(r.prompt_tokens + r.num_generated for r in inst.engine.waiting_requests())
+
     def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
-              now: float) -> WaitEstimate:
+              now: float, extra_prompt: float | None = None, raw: bool = True,
+              ahead: tuple[int, int] | None = None) -> WaitEstimate:
+        """Wait of a request of ``g`` behind ``extra_ahead`` members of its own group (with
+        ``extra_prompt`` prompt tokens; default ``extra_ahead * prompt``) on ``inst``;
+        ``raw=False`` applies the estimator's online calibration for the group's class."""
         st = inst.engine.stats()
-        n, p = self.gq.vq(inst.id).requests_ahead(g.deadline_at, g.seq)
+        n, p = ahead if ahead is not None else self.gq.vq(inst.id).requests_ahead(
+            g.deadline_at, g.seq)
+        if extra_prompt is None:
+            extra_prompt = extra_ahead * prompt
+        cut = self._cut_in_per_s(g.model, g.slo_class, now)
+        horizon = math.inf
+        if cut > 0:
+            # later arrivals of a tighter class cut in only while their deadline comes first
+            own = self._ttft.get(g.slo_class, 0.0)
+            tight = min((t for t in self._ttft.values() if t < own), default=0.0)
+            horizon = max(0.0, g.deadline_at - now - tight)
         return self.est.wait(
-            inst, now, float(st.num_waiting + n + extra_ahead), p + extra_ahead * prompt,
-            prompt, self._bucket, self._cut_in_per_s(g.model, g.slo_class, now),
+            inst, now, float(st.num_waiting + n + extra_ahead),
+            p + extra_prompt + self._engine_waiting_prompt(inst, st),
+            prompt, self._bucket, cut, key=None if raw else g.slo_class,
+            cut_in_horizon_s=horizon,
         )
 
-    def _predict(self, req: Request, g: RequestGroup, inst: Instance, now: float) -> None:
-        ahead = sum(1 for at, rid, _r in g.members if rid != req.id and (at, rid) < (req.arrived_at, req.id))
-        est = self._wait(inst, g, ahead, req.prompt_tokens, now)
+    def _record(self, req: Request, now: float, raw: WaitEstimate) -> None:
+        est = self.est.calib.adjust(req.slo_class, raw)
         info = req._sched
         info.placed_at = now
         info.pred_mean_s = est.mean_s
         info.pred_std_s = est.std_s
+        self._raw_pred[req.id] = raw
+
+    def _predict(self, req: Request, g: RequestGroup, inst: Instance, now: float) -> None:
+        ahead = [r for at, rid, r in g.members
+                 if rid != req.id and (at, rid) < (req.arrived_at, req.id)]
+        raw = self._wait(inst, g, len(ahead), req.prompt_tokens, now,
+                         float(sum(r.prompt_tokens for r in ahead)))
+        self._record(req, now, raw)
+
+    def _predict_group(self, g: RequestGroup, inst: Instance, now: float) -> None:
+        """Predict every member of ``g`` (placed on ``inst``) in one pass."""
+        ahead = self.gq.vq(inst.id).requests_ahead(g.deadline_at, g.seq)
+        k = 0
+        cum = 0
+        for _, _, r in g.members:
+            if r.first_token_at is None:
+                raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ahead=ahead)
+                self._record(r, now, raw)
+            k += 1
+            cum += r.prompt_tokens
 
     def _choose(self, g: RequestGroup, now: float) -> Instance | None:
         insts = self.rt.ready_instances(g.model)
@@ -161,14 +234,16 @@ class QLMRWTPolicy(Policy):
         self._settle(g, new, req, now)
 
     def _settle(self, g: RequestGroup, new: bool, req: Request, now: float) -> None:
+        placed = False
         if new or g.instance_id == UNPLACED:
             inst = self._choose(g, now)
             if inst is None:
                 self._ensure_swap(g.model)
                 return
-            self.gq.place(g, inst.id)
+            placed = g.instance_id != inst.id
+            self.gq.place(g, inst.id)  # on_place predicts the members
         inst = self.rt.instances[g.instance_id]
-        if req.first_token_at is None:
+        if req.first_token_at is None and not placed:
             self._predict(req, g, inst, now)
         self._pump(inst)
 
@@ -183,13 +258,9 @@ class QLMRWTPolicy(Policy):
             self._pump(inst)
 
     def on_instance_ready(self, inst: Instance) -> None:
-        now = self.rt.now()
         for g in list(self.gq.vq(UNPLACED).groups.values()):
             if g.model == inst.model:
-                self.gq.place(g, inst.id)
-                for r in g.requests():
-                    if r.first_token_at is None:
-                        self._predict(r, g, inst, now)
+                self.gq.place(g, inst.id)  # on_place predicts the members
         self._pump(inst)
         for g in list(self.gq.vq(UNPLACED).groups.values()):
             self._ensure_swap(g.model)
@@ -208,6 +279,18 @@ class QLMRWTPolicy(Policy):
 
     def num_queued(self) -> int:
         return len(self.gq) + self._num_late
+
+    def remove(self, req: Request) -> bool:
+        """Cancel: take ``req`` out of the global queue or its model's late lane."""
+        self._raw_pred.pop(req.id, None)
+        if self.gq.remove(req):
+            return True
+        lane = self.late.get(req.model)
+        if lane and req in lane:
+            lane.remove(req)
+            self._num_late -= 1
+            return True
+        return False
 
     def report(self) -> dict:
         return {"qlm": {"num_rebalanced": self.num_rebalanced, "num_late": self.num_late,
@@ -243,6 +326,8 @@ class QLMRWTPolicy(Policy):
                 # Past hope: serve it when nothing on time waits (its wait is then measured
                 # from its dispatch, not from its placement).
                 req._sched.pred_mean_s = None
+                self._raw_pred.pop(req.id, None)
+                self._late_at.setdefault((req.model, req.slo_class), deque()).append(now)
                 self.late.setdefault(req.model, deque()).append(req)
                 self._num_late += 1
                 self.num_late += 1

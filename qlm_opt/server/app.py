@@ -163,6 +163,9 @@ async def _serve(
     cls, ttft_s = gw.resolve_class(who, x_slo_class, x_slo_ttft_ms, body.priority)
     params = body.model_dump(exclude={"messages", "prompt"}, exclude_none=True) if (
         gw.backend.kind != "simulated") else {}
+    ids = await gw.prepare(body.model, prompt, chat)
+    if ids is not None:  # real engines: the exact token count
+        prompt, prompt_tokens = ids, len(ids)
     job = gw.admit(who, body.model, cls, ttft_s, prompt_tokens, max_tokens, prompt, params)
     backend = gw.backend
     rid = new_id("chatcmpl" if chat else "cmpl")

@@ -8,7 +8,9 @@ gateway how far each request has got and what text it produced:
   list) and responses say so (``system_fingerprint: "qlm-opt-sim"``, ``x-qlm-backend:
   simulated``).
 - ``vllm_local`` / ``vllm_remote``: real vLLM engines from ``qlm_opt.engines.vllm_local`` and
-  ``qlm_opt.engines.vllm_remote``, imported only when configured (see ``make_backend``).
+  ``qlm_opt.engines.vllm_remote``, adapted in ``qlm_opt.server.vllm_backend`` and imported only
+  when configured (see ``make_backend``). Responses say ``x-qlm-backend: vllm_local`` (or
+  ``vllm_remote``) and carry the engines' real text.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import asyncio
 import logging
 import math
 import random
-import time
 from typing import TYPE_CHECKING, Protocol
 
 from qlm_opt.domain import Request
@@ -71,31 +72,13 @@ class Backend(Protocol):
     def detach(self, req: Request) -> None:
         """Forget what ``attach`` stored; the request has ended."""
 
-
-class ScaledClock:
-    """Monotonic wall time times ``speedup`` (simulated seconds per wall second)."""
-
-    __slots__ = ("_t0", "speedup")
-
-    def __init__(self, speedup: float = 1.0) -> None:
-        self._t0 = time.monotonic()
-        self.speedup = speedup
-
-    def now(self) -> float:
-        return (time.monotonic() - self._t0) * self.speedup
-
-
-class ScaledHost(AsyncioHost):
-    """``AsyncioHost`` whose clock runs ``speedup`` times faster than the wall clock: timer
-    delays are simulated seconds, converted to wall seconds for the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, speedup: float) -> None:
-        super().__init__(loop, ScaledClock(speedup))
-        self._wall_per_sim = 1.0 / speedup
-
-    def call_at(self, at: float, fn, *args) -> None:
-        delay = (at - self.clock.now()) * self._wall_per_sim
-        self.loop.call_later(delay if delay > 0 else 0.0, self._run, fn, args)
+    # Optional members (the gateway checks for them):
+    #   pushes_progress: bool -- True when the backend reports new tokens itself by calling
+    #       ``on_progress(req)`` (set by the gateway); else streams poll every
+    #       ``stream_interval_ms``.
+    #   async prepare_prompt(model, prompt, chat) -> list[int] -- the exact prompt token ids,
+    #       computed before admission; ``attach`` then receives them as the prompt. Raises
+    #       ValueError for a prompt the model cannot take.
 
 
 # Synthetic output text: one word per token, a fixed list, offset by the request id.
@@ -197,10 +180,7 @@ class SimBackend(_RuntimeBackend):
 
         sim = self.settings.backend.sim
         loop = asyncio.get_running_loop()
-        if sim.speedup == 1.0:
-            self.host = AsyncioHost(loop)
-        else:
-            self.host = ScaledHost(loop, sim.speedup)
+        self.host = AsyncioHost(loop, speedup=sim.speedup)
         self.runtime = rt = Runtime(self.fleet, self.host)
         for inst in rt.instances:
             inst.engine.set_waker(self.host.engine_waker)
@@ -253,30 +233,17 @@ class SimBackend(_RuntimeBackend):
 
 
 def make_backend(settings: ServerSettings) -> Backend:
-    """The backend named by ``backend.kind``. vLLM backends are imported lazily, so the
-    gateway and the simulated fleet never import vLLM.
-
-    A vLLM engine module must provide ``make_backend(settings) -> Backend`` (the protocol
-    above); the gateway needs nothing else from it.
-    """
+    """The backend named by ``backend.kind``. vLLM backends are imported lazily (and vLLM
+    itself only when an engine starts), so the gateway and the simulated fleet never import
+    vLLM."""
     kind = settings.backend.kind
     if kind == "sim":
         return SimBackend(settings)
-    import importlib
+    if kind in ("vllm_local", "vllm_remote"):
+        from qlm_opt.server.vllm_backend import make_backend as make_vllm_backend
 
-    mod_name = f"qlm_opt.engines.{kind}"
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(
-            f"field 'backend.kind': '{kind}' needs {mod_name}, which cannot be imported ({e})"
-        ) from None
-    factory = getattr(mod, "make_backend", None)
-    if factory is None:
-        raise ConfigError(
-            f"field 'backend.kind': {mod_name} has no make_backend(settings) for the server"
-        )
-    return factory(settings)
+        return make_vllm_backend(settings)
+    raise ConfigError(f"field 'backend.kind': unknown backend '{kind}'")
 
 
 def estimate_wait_s(runtime: Runtime, model: str, num_ahead: int, mean_output_tokens: float) -> float:

