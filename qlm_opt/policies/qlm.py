@@ -255,12 +255,15 @@ class QLMPolicy(QLMRWTPolicy):
             lam = rates.get(m, 0.0)
             if lam / total > self.swap_util_high:
                 needy.add(m)
-            for iid, c in lst:
+            # At most one donor per model per epoch: two instances that could each leave
+            # alone must not both leave at once.
+            for iid, c in sorted(lst, key=lambda e: (rt.instances[e[0]].engine.load(), e[0])):
                 rest = total - c
                 if (lam == 0.0 and m not in queued_models) or (
                     rest > 0 and lam / rest < self.swap_util_low
                 ):
                     donors.add(iid)
+                    break
         return needy, donors
 
     def _forecast_groups(self, now: float, service_of) -> list[PlanGroup]:
