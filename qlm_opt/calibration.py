@@ -10,6 +10,8 @@ to measured iteration times, plus the measured swap (engine restart) time:
     m0 = 0.0              # seconds to stream the weights once
     m_kv = 1.0e-8         # seconds per KV token read
     overhead_s = 0.004    # per-iteration overhead
+    s_seq = 1.0e-4        # per-sequence seconds in an iteration
+    request_overhead_s = 0.008  # per request: submit -> first schedule + last token -> client
     swap_s = 12.0         # measured: stop the engine, start it with another model
     kv_capacity_tokens = 32768
     block_size = 128
@@ -43,6 +45,8 @@ class ModelCalibration:
     m0: float
     m_kv: float
     overhead_s: float
+    s_seq: float | None = None  # seconds per sequence in an iteration
+    request_overhead_s: float | None = None  # fixed trip into and out of the engine
     swap_s: float | None = None
     kv_capacity_tokens: int | None = None
     block_size: int | None = None
@@ -161,6 +165,78 @@ def fit_iteration_model(tokens, kv, seconds, seed: int = 0) -> tuple[np.ndarray,
     return best, err
 
 
+def predict_step_s(p, seqs, tokens, kv) -> np.ndarray:
+    """``overhead + s_seq · seqs + max(c_tok · tokens, m0 + m_kv · kv)`` for
+    p = (overhead, s_seq, c_tok, m0, m_kv): ``IterationModel.iteration_s`` on arrays."""
+    return p[0] + p[1] * seqs + np.maximum(p[2] * tokens, p[3] + p[4] * kv)
+
+
+def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares for a handful of columns: the best unconstrained fit over
+    every subset of columns whose solution is non-negative."""
+    n = a.shape[1]
+    best, best_l = np.zeros(n), float(np.sum(y ** 2))
+    for mask in range(1, 1 << n):
+        cols = [i for i in range(n) if mask >> i & 1]
+        x, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
+        if np.any(x < 0):
+            continue
+        full = np.zeros(n)
+        full[cols] = x
+        loss = float(np.sum((a @ full - y) ** 2))
+        if loss < best_l:
+            best, best_l = full, loss
+    return best
+
+
+def fit_step_model(seqs, tokens, kv, seconds) -> tuple[np.ndarray, float]:
+    """Fit (overhead_s, s_seq, c_tok, m0, m_kv) >= 0 to measured engine steps (one point per
+    iteration: sequences scheduled, tokens scheduled, KV tokens held, seconds) by least squares
+    on the absolute error, so that the fitted times add up to the measured busy time (single
+    step times are noisy on a shared CPU: a late step makes the next one look short, and
+    absolute least squares averages that out). Starts from a linear non-negative fit
+    (overhead + s_seq·seqs + c_tok·tokens + m_kv·kv) and refines it on the simulator's
+    ``max(compute, memory)`` form. Returns the parameters and the relative error of the fit,
+    sum |error| / sum seconds."""
+    q = np.asarray(seqs, float)
+    t = np.asarray(tokens, float)
+    k = np.asarray(kv, float)
+    y = np.asarray(seconds, float)
+    a = np.column_stack([np.ones_like(y), q, t, k])
+    lin = _nnls(a, y)
+    best = np.array([lin[0], lin[1], lin[2], 0.0, lin[3]])
+
+    def loss(p):
+        return float(np.mean((predict_step_s(p, q, t, k) - y) ** 2))
+
+    best_l = loss(best)
+    scale = np.array([max(float(np.median(y)), 1e-9),
+                      max(float(np.median(y / np.maximum(q, 1))), 1e-12),
+                      max(float(np.median(y / np.maximum(t, 1))), 1e-12),
+                      max(float(np.median(y)), 1e-9),
+                      max(float(np.median(y / np.maximum(k, 1))), 1e-15)])
+    step = 0.5
+    while step > 1e-4:
+        improved = False
+        for i in range(5):
+            for f in (1 + step, 1 / (1 + step)):
+                cand = best.copy()
+                cand[i] = cand[i] * f if cand[i] > 0 else scale[i] * 1e-3 * f
+                cl = loss(cand)
+                if cl < best_l:
+                    best, best_l, improved = cand, cl, True
+            if best[i] > 0:
+                cand = best.copy()
+                cand[i] = 0.0
+                cl = loss(cand)
+                if cl < best_l:
+                    best, best_l, improved = cand, cl, True
+        if not improved:
+            step /= 2
+    err = float(np.sum(np.abs(predict_step_s(best, q, t, k) - y)) / max(float(np.sum(y)), 1e-12))
+    return best, err
+
+
 # -- devices outside the GPU table ------------------------------------------------------------------
 def model_spec_from_dir(model_dir: Path | str) -> ModelSpec:
     """The catalog spec of a model folder written by ``make-tiny-model`` (``qlm_model.toml``)."""
@@ -264,14 +340,131 @@ async def _wait(pred, timeout_s: float = 300.0) -> None:
         await asyncio.sleep(0.001)
 
 
+class _StepRecorder:
+    """Wraps a live engine's per-step stats hook (``VllmLocalEngine._record``, called by
+    vLLM's output handler once per engine step) and keeps one row per step: wall time,
+    sequences and tokens scheduled, KV tokens held and whether work was left after the step.
+    With ``enable_logging_iteration_details`` the counts are vLLM's own scheduler details;
+    otherwise they are derived from the iteration stats."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.rows: list[tuple[float, int, int, int, bool, int]] = []
+        self._orig = getattr(engine, "_record", None)
+        self.active = self._orig is not None
+        if self.active:
+            engine._record = self._record
+
+    def _record(self, ss, it) -> None:
+        now = self.engine._now()
+        try:
+            cap = self.engine.stats().kv_capacity_tokens
+            d = getattr(ss, "iteration_details", None) if ss is not None else None
+            if d is not None and not d.is_dummy:
+                seqs = d.num_ctx_requests + d.num_generation_requests
+                toks = d.num_ctx_tokens + d.num_generation_tokens
+                idx = d.iteration_index
+            elif it is not None and (it.num_generation_tokens or it.num_prompt_tokens):
+                toks = it.num_generation_tokens + it.num_prompt_tokens
+                seqs = max(getattr(ss, "num_running_reqs", 0) or 0, it.num_generation_tokens, 1)
+                idx = -1
+            else:
+                seqs = toks = 0
+                idx = -1
+            kv = int((getattr(ss, "kv_cache_usage", 0.0) or 0.0) * cap)
+            left = bool(ss is not None and (ss.num_running_reqs or ss.num_waiting_reqs))
+            if toks:
+                self.rows.append((now, seqs, toks, kv, left, idx))
+        finally:
+            self._orig(ss, it)
+
+    def close(self) -> None:
+        if self.active:
+            try:
+                del self.engine._record
+            except AttributeError:
+                pass
+
+    def steps(self) -> tuple[list[int], list[int], list[int], list[float]]:
+        """(seqs, tokens, kv, seconds) of steps that followed a busy step directly (a step
+        after an idle engine also counts the idle time, so it is left out)."""
+        seqs, toks, kvs, secs = [], [], [], []
+        rows = self.rows
+        for prev, cur in zip(rows, rows[1:]):
+            if not prev[4]:
+                continue
+            if prev[5] >= 0 and cur[5] >= 0 and cur[5] != prev[5] + 1:
+                continue
+            dt = cur[0] - prev[0]
+            if dt <= 0 or dt > 1.0:
+                continue
+            seqs.append(cur[1])
+            toks.append(cur[2])
+            kvs.append(prev[3])
+            secs.append(dt)
+        return seqs, toks, kvs, secs
+
+
+def replay(im, trace, max_num_seqs: int, kv_capacity_tokens: int, block_size: int = 16,
+           max_num_batched_tokens: int = 2048, max_model_len: int | None = None):
+    """Run ``trace`` [(arrival s, prompt tokens, output tokens)] through one ``SimEngine``
+    with iteration model ``im`` (fcfs); returns [(ttft s, e2e s)] in trace order."""
+    from qlm_opt.domain import Request
+    from qlm_opt.engines.sim import EngineConfig, SimEngine
+
+    clock = [0.0]
+    wake: list = [None]
+    lis = _ProbeListener()
+    cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       block_size=block_size, max_model_len=max_model_len)
+    eng = SimEngine(0, "m", im, kv_capacity_tokens, cfg, lis, lambda: clock[0])
+    eng.set_waker(lambda e, at: wake.__setitem__(0, at))
+    reqs = [Request(i, "m", "profile", pl, out, at, at + 1e9)
+            for i, (at, pl, out) in enumerate(trace)]
+    i = 0
+    while i < len(reqs) or wake[0] is not None:
+        w = wake[0]
+        if i < len(reqs) and (w is None or reqs[i].arrived_at <= w):
+            clock[0] = max(clock[0], reqs[i].arrived_at)
+            eng.submit(reqs[i], (0, i))
+            i += 1
+        else:
+            clock[0] = max(clock[0], w)
+            wake[0] = None  # the engine asks again if it has more to do
+            eng.on_wake(w)
+    out = []
+    for r in reqs:
+        f, c = lis.first_token_at.get(r.id), lis.finished_at.get(r.id)
+        out.append((math.nan if f is None else f - r.arrived_at,
+                    math.nan if c is None else c - r.arrived_at))
+    return out
+
+
 async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448),
                          batch_sizes=(1, 2, 4, 8, 16), decode_tokens: int = 64,
                          decode_prompt_len: int = 32, repeats: int = 3,
-                         measure_swap: bool = True, progress=None) -> tuple[ModelCalibration, dict]:
+                         measure_swap: bool = True, progress=None,
+                         seed: int = 0, workload_requests: int = 40,
+                         workload_rate: float = 4.0) -> tuple[ModelCalibration, dict]:
     """Measure ``engine`` (a started live engine holding ``model``, with ``ignore_eos``) and
-    fit the iteration model. Prefill points: one request of L prompt tokens, time to its
-    first token. Decode points: B requests decoding together, time per iteration between the
-    last first token and the last completion. Returns the calibration and the raw points."""
+    fit the iteration model.
+
+    1. Idle probes: one request of L prompt tokens at a time, for each L in ``prompt_lens``;
+       their time to first token, less the fitted time of their one prefill step, is the
+       per-request overhead (submit to first schedule, first token back to the client).
+    2. Batches at each size B in ``batch_sizes``: B requests (prompts cycling through
+       ``prompt_lens``, outputs staggered up to ``decode_tokens`` so the batch shrinks
+       through every size below B), submitted together and, on alternate repeats, one by
+       one a few milliseconds apart so that prefill chunks mix with decodes.
+    3. A workload (``workload_requests`` Poisson arrivals at ``workload_rate``/s, prompts
+       and outputs uniform over the probed ranges), as a live planner would see it.
+    Every engine step of the three phases is recorded (``_StepRecorder``) and the step model
+    ``overhead + s_seq·seqs + max(c_tok·tokens, m0 + m_kv·kv)`` is fitted to the step times
+    (``fit_step_model``). Engines without a per-step hook fall back to the older request-level
+    points (prefill: time to first token; decode: mean time per token of a batch).
+    Returns the calibration and the raw points."""
+    import asyncio
+    import random
     import time as _time
 
     from qlm_opt.domain import Request
@@ -280,46 +473,128 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
     engine.listener = lis
     now = engine._now
     rid = [1_000_000]
+    rng = random.Random(seed)
+    max_len = int(getattr(engine, "max_model_len", 0) or 512)
 
     def new_req(plen: int, out: int) -> Request:
         rid[0] += 1
+        plen = max(1, min(plen, max_len - out - 1))
         return Request(rid[0], model, "profile", plen, out, now(), now() + 1e9)
 
     say = progress or (lambda msg: None)
-    # warm-up (first iterations allocate)
-    r = new_req(32, 8)
-    engine.submit(r, (0, r.id))
-    await _wait(lambda: r.is_done)
-    pts_tokens, pts_kv, pts_s, kinds = [], [], [], []
-    for plen in prompt_lens:
-        for _ in range(repeats):
-            r = new_req(plen, 1)
-            t0 = now()
+    rec = _StepRecorder(engine)
+    try:
+        # warm-up (first iterations allocate)
+        for _ in range(2):
+            r = new_req(32, 8)
             engine.submit(r, (0, r.id))
             await _wait(lambda: r.is_done)
-            dt = lis.first_token_at[r.id] - t0
-            pts_tokens.append(plen)
-            pts_kv.append(plen)
-            pts_s.append(dt)
-            kinds.append("prefill")
-        say(f"prefill {plen} tokens: {pts_s[-1] * 1e3:.1f} ms")
-    for b in batch_sizes:
-        for _ in range(max(1, repeats - 1)):
-            reqs = [new_req(decode_prompt_len, decode_tokens) for _ in range(b)]
-            for q in reqs:
-                engine.submit(q, (0, q.id))
-            await _wait(lambda: all(q.is_done for q in reqs))
-            t_first = max(lis.first_token_at[q.id] for q in reqs)
-            t_end = max(lis.finished_at[q.id] for q in reqs)
-            iters = decode_tokens - 1
-            if t_end <= t_first:
-                continue
-            pts_tokens.append(b)
-            pts_kv.append(b * (decode_prompt_len + decode_tokens / 2))
-            pts_s.append((t_end - t_first) / iters)
-            kinds.append("decode")
-        say(f"decode batch {b}: {pts_s[-1] * 1e3:.2f} ms/iteration")
-    p, err = fit_iteration_model(pts_tokens, pts_kv, pts_s)
+        rec.rows.clear()
+        # 1. idle probes
+        probes: list[tuple[int, float]] = []  # (prompt tokens, time to first token)
+        for plen in prompt_lens:
+            for _ in range(repeats):
+                await asyncio.sleep(0.01)
+                r = new_req(plen, 1)
+                t0 = now()
+                engine.submit(r, (0, r.id))
+                await _wait(lambda: r.is_done)
+                probes.append((r.prompt_tokens, lis.first_token_at[r.id] - t0))
+            say(f"prefill {plen} tokens: time to first token {probes[-1][1] * 1e3:.1f} ms")
+        # 2. batches
+        dec_pts: list[tuple[int, float]] = []  # (batch, seconds per decode iteration)
+        for b in batch_sizes:
+            for rep in range(max(1, repeats - 1)):
+                outs = [max(2, decode_tokens * (i + 1) // b) for i in range(b)]
+                rng.shuffle(outs)
+                reqs = [new_req(prompt_lens[(i + rep) % len(prompt_lens)] if rep % 2
+                                else decode_prompt_len, outs[i]) for i in range(b)]
+                for q in reqs:
+                    engine.submit(q, (0, q.id))
+                    if rep % 2:
+                        await asyncio.sleep(0.003 * rng.random())
+                await _wait(lambda: all(q.is_done for q in reqs))
+                if rep % 2 == 0 and b > 0:
+                    # request-level decode point (fallback fit): the batch's full-size span
+                    t_first = max(lis.first_token_at[q.id] for q in reqs)
+                    t_end = min(lis.finished_at[q.id] for q in reqs)
+                    iters = min(outs) - 1
+                    if t_end > t_first and iters > 0:
+                        dec_pts.append((b, (t_end - t_first) / iters))
+            say(f"batch {b}: {len(rec.rows)} engine steps recorded")
+        # 3. workload
+        trace, t, wl_live = [], 0.0, []
+        lo_p, hi_p = min(prompt_lens), max(prompt_lens)
+        for _ in range(workload_requests):
+            t += rng.expovariate(workload_rate)
+            out = rng.randint(max(2, decode_tokens // 4), 2 * decode_tokens)
+            trace.append((t, rng.randint(lo_p, max(lo_p, min(hi_p, max_len - out - 1))), out))
+        t0 = now()
+        for at, pl, out in trace:
+            delay = t0 + at - now()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            q = new_req(pl, out)
+            q.arrived_at = now()
+            engine.submit(q, (0, q.id))
+            wl_live.append(q)
+        await _wait(lambda: all(q.is_done for q in wl_live))
+        say(f"workload: {len(wl_live)} requests, {len(rec.rows)} engine steps recorded")
+    finally:
+        rec.close()
+    seqs, toks, kvs, secs = rec.steps()
+    if len(secs) >= 20:
+        p, err = fit_step_model(seqs, toks, kvs, secs)
+        overhead, s_seq, c_tok, m0, m_kv = (float(x) for x in p)
+        say(f"fitted {len(secs)} engine steps")
+    else:  # no per-step hook: request-level points, the older fit
+        pt = [float(pl) for pl, _ in probes] + [float(b) for b, _ in dec_pts]
+        pk = [float(pl) for pl, _ in probes] + [
+            b * (decode_prompt_len + decode_tokens / 2) for b, _ in dec_pts]
+        ps = [x for _, x in probes] + [x for _, x in dec_pts]
+        p4, err = fit_iteration_model(pt, pk, ps)
+        overhead, c_tok, m0, m_kv = (float(x) for x in p4)
+        s_seq = 0.0
+    # Per-request overhead and load factor, from the workload phase: replay its actual
+    # arrivals in the simulator and choose the factor (on every step term) and the overhead
+    # (a shift of each request's reported times, so no re-simulation is needed for it) that
+    # best match the workload's TTFT and E2E p50/p90 (squared log errors). The factor folds
+    # in what the isolated steps miss: the client side's work competing for the CPU, a busier
+    # machine while requests arrive.
+    from qlm_opt.engines.perf import IterationModel
+
+    st = engine.stats()
+    kv_cap = st.kv_capacity_tokens or 65536
+    bsz = getattr(engine, "block_size", None) or 16
+    mnbt = getattr(engine, "max_num_batched_tokens", None) or 2048
+    seats = getattr(getattr(engine, "config", None), "max_num_seqs", None) or max(batch_sizes)
+    t_base = min((q.arrived_at for q in wl_live), default=0.0)
+    tr = [(q.arrived_at - t_base, q.prompt_tokens, q.output_tokens) for q in wl_live]
+    live_ttft = np.array([lis.first_token_at[q.id] - q.arrived_at for q in wl_live])
+    live_e2e = np.array([lis.finished_at[q.id] - q.arrived_at for q in wl_live])
+    probe_ro = max(0.0, float(np.median(
+        [x - (overhead + s_seq + max(c_tok * pl, m0)) for pl, x in probes]))) if probes else 0.0
+    factor, req_over = 1.0, probe_ro
+    if wl_live:
+        target = np.log(np.percentile(live_ttft, [50, 90]).tolist()
+                        + np.percentile(live_e2e, [50, 90]).tolist())
+        ros = np.concatenate([[0.0], np.geomspace(1e-4, max(10.0 * float(np.max(live_ttft)),
+                                                             1e-3), 120)])
+        best = (math.inf, 1.0, probe_ro)
+        for f in np.geomspace(0.05, 20.0, 61):
+            im = IterationModel(c_tok=c_tok * f, m0=m0 * f, m_kv=m_kv * f,
+                                overhead_s=overhead * f, s_seq=s_seq * f)
+            res = np.array(replay(im, tr, seats, kv_cap, bsz, mnbt, max_len))
+            q = np.concatenate([np.percentile(res[:, 0], [50, 90]),
+                                np.percentile(res[:, 1], [50, 90])])
+            for ro in ros:
+                loss = float(np.sum((np.log(np.maximum(q + ro, 1e-9)) - target) ** 2))
+                if loss < best[0]:
+                    best = (loss, float(f), float(ro))
+        _, factor, req_over = best
+    say(f"load factor {factor:.2f}, request overhead {req_over * 1e3:.1f} ms "
+        f"(idle probes: {probe_ro * 1e3:.1f} ms)")
+    overhead, s_seq, c_tok, m0, m_kv = (x * factor for x in (overhead, s_seq, c_tok, m0, m_kv))
     swap = None
     if measure_swap:
         t0 = _time.monotonic()
@@ -327,15 +602,24 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
         await _wait(lambda: lis.swap_done_at is not None, 600)
         swap = getattr(engine, "last_swap_s", None) or (_time.monotonic() - t0)
         say(f"swap (engine restart): {swap:.1f} s")
-    st = engine.stats()
-    cfg = engine.config
     cal = ModelCalibration(
-        c_tok=float(p[1]), m0=float(p[2]), m_kv=float(p[3]), overhead_s=float(p[0]),
+        c_tok=c_tok, m0=m0, m_kv=m_kv, overhead_s=overhead, s_seq=s_seq,
+        request_overhead_s=req_over,
         swap_s=swap, kv_capacity_tokens=st.kv_capacity_tokens or None,
         block_size=getattr(engine, "block_size", None),
         max_num_batched_tokens=getattr(engine, "max_num_batched_tokens", None),
         fit_rel_err=err,
     )
-    raw = {"kind": kinds, "tokens": [float(x) for x in pts_tokens],
-           "kv_tokens": [float(x) for x in pts_kv], "seconds": [float(x) for x in pts_s]}
+    raw = {"step_seqs": [int(x) for x in seqs], "step_tokens": [int(x) for x in toks],
+           "step_kv_tokens": [int(x) for x in kvs], "step_seconds": [float(x) for x in secs],
+           "probe_prompt_tokens": [int(pl) for pl, _ in probes],
+           "probe_ttft_s": [float(x) for _, x in probes],
+           "decode_batch": [int(b) for b, _ in dec_pts],
+           "decode_iter_s": [float(x) for _, x in dec_pts],
+           "workload_prompt_tokens": [int(x[1]) for x in tr],
+           "workload_output_tokens": [int(x[2]) for x in tr],
+           "workload_arrival_s": [float(x[0]) for x in tr],
+           "workload_ttft_s": [float(x) for x in live_ttft],
+           "workload_e2e_s": [float(x) for x in live_e2e], "load_factor": float(factor),
+           "probe_request_overhead_s": float(probe_ro)}
     return cal, raw

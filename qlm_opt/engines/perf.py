@@ -39,18 +39,26 @@ class PerfParams:
 class IterationModel:
     """Per-(model, GPU, tp) constants of the roofline, precomputed for the hot path.
 
-    Iteration time = overhead + max(c_tok · num_tokens, m0 + m_kv · kv_tokens).
+    Iteration time = overhead + s_seq · num_seqs
+                     + max(c_tok · num_tokens, m0 + m_kv · kv_tokens).
+
+    ``s_seq`` (seconds per sequence in the batch: sampling, detokenization, output handling)
+    and ``request_overhead_s`` (a request's fixed trip into and out of the engine: submit to
+    first schedule plus last token to client, which adds to its TTFT and E2E but does not
+    occupy the engine) come only from a calibration; the roofline leaves both at 0.
     """
 
     c_tok: float  # compute seconds per token
     m0: float  # seconds to stream the weights once
     m_kv: float  # seconds per KV token read
     overhead_s: float
+    s_seq: float = 0.0  # seconds per sequence scheduled in an iteration
+    request_overhead_s: float = 0.0  # per-request admission + egress latency
 
-    def iteration_s(self, num_tokens: int, kv_tokens: int) -> float:
+    def iteration_s(self, num_tokens: int, kv_tokens: int, num_seqs: int = 0) -> float:
         c = self.c_tok * num_tokens
         m = self.m0 + self.m_kv * kv_tokens
-        return self.overhead_s + (c if c > m else m)
+        return self.overhead_s + self.s_seq * num_seqs + (c if c > m else m)
 
     def decode_run_s(self, batch: int, kv0: int, n: int) -> float:
         """Total time of ``n`` decode iterations of a fixed ``batch`` whose KV starts at
@@ -69,7 +77,7 @@ class IterationModel:
             k_star = min(n, int(math.ceil((c - a) / b)))
         mem_n = n - k_star
         mem = mem_n * a + b * (k_star * mem_n + mem_n * (mem_n - 1) / 2.0)
-        return n * self.overhead_s + k_star * c + mem
+        return n * (self.overhead_s + self.s_seq * batch) + k_star * c + mem
 
     def decode_iters_before(self, batch: int, kv0: int, n: int, horizon_s: float) -> int:
         """Largest m <= n such that the first m iterations all *start* at or before
@@ -88,7 +96,7 @@ class IterationModel:
     def decode_tokens_per_s(self, batch: int, kv_tokens: int) -> float:
         if batch <= 0:
             return 0.0
-        return batch / self.iteration_s(batch, kv_tokens)
+        return batch / self.iteration_s(batch, kv_tokens, batch)
 
 
 def iteration_model(
@@ -97,7 +105,8 @@ def iteration_model(
     cal = perf.calibration.get(model, gpu) if perf.calibration is not None else None
     if cal is not None:
         return IterationModel(c_tok=cal.c_tok / tp, m0=cal.m0 / tp, m_kv=cal.m_kv / tp,
-                              overhead_s=cal.overhead_s)
+                              overhead_s=cal.overhead_s, s_seq=cal.s_seq or 0.0,
+                              request_overhead_s=cal.request_overhead_s or 0.0)
     m, g = catalog.model(model), catalog.gpu(gpu)
     eff = 1.0 if tp == 1 else perf.tp_efficiency
     flops = tp * g.flops * perf.mfu * eff

@@ -109,6 +109,8 @@ class SimEngine:
     ) -> None:
         self.model = model
         self.iter_model = iter_model
+        # a request's trip into and out of the engine: added to its reported event times
+        self._egress = iter_model.request_overhead_s if iter_model is not None else 0.0
         bs = self.config.block_size
         self.kv_capacity_tokens = kv_capacity_tokens
         self.num_blocks = kv_capacity_tokens // bs
@@ -315,6 +317,7 @@ class SimEngine:
         self._remove_running(req)
         req._eng = None
         req.state = RequestState.FINISHED
+        at += self._egress
         req.completed_at = at
         req.finish_reason = "length" if st.out_cap < req.output_tokens else "stop"
         self.listener.on_finished(req, at)
@@ -400,7 +403,7 @@ class SimEngine:
             # submit, so this is a transient after preemption): idle one overhead tick.
             self.clock_at += self.iter_model.overhead_s
             return
-        dt = self.iter_model.iteration_s(b + new_tokens, kv)
+        dt = self.iter_model.iteration_s(b + new_tokens, kv, b + len(chunks))
         end = self.clock_at + dt
         self.busy_s += dt
         self.iters += 1
@@ -418,8 +421,8 @@ class SimEngine:
                 r.num_generated += 1
                 self.generated_tokens += 1
                 if r.first_token_at is None:
-                    r.first_token_at = end
-                    self.listener.on_first_token(r, end)
+                    r.first_token_at = end + self._egress
+                    self.listener.on_first_token(r, r.first_token_at)
                 if r.num_generated >= st.out_cap:
                     self._num_dec += 1  # _finish -> _remove_running undoes this
                     st.s_iter = iters

@@ -1,0 +1,150 @@
+"""Calibrated engine-model terms: the per-sequence step cost and the per-request overhead.
+
+The closed-form decode jumps must equal the step-by-step sum with the new term, and the
+roofline (no calibration) must be unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from qlm_opt.calibration import (
+    Calibration,
+    ModelCalibration,
+    fit_step_model,
+    predict_step_s,
+    replay,
+)
+from qlm_opt.catalog import Catalog
+from qlm_opt.engines.perf import IterationModel, PerfParams, iteration_model
+
+IM = IterationModel(c_tok=3.3e-5, m0=2e-4, m_kv=2e-8, overhead_s=1.9e-3, s_seq=2.9e-4,
+                    request_overhead_s=4e-3)
+
+
+def test_iteration_s_charges_per_sequence():
+    base = IterationModel(c_tok=3.3e-5, m0=2e-4, m_kv=2e-8, overhead_s=1.9e-3)
+    assert IM.iteration_s(100, 5000, 7) == pytest.approx(base.iteration_s(100, 5000) + 7 * 2.9e-4)
+    # num_seqs defaults to 0: callers that do not pass it see the old form
+    assert IM.iteration_s(100, 5000) == pytest.approx(base.iteration_s(100, 5000))
+
+
+@pytest.mark.parametrize("batch,kv0,n", [(1, 0, 1), (3, 100, 17), (16, 4000, 200), (64, 10, 5),
+                                         (8, 0, 1000)])
+def test_decode_run_closed_form_equals_step_sum_with_s_seq(batch, kv0, n):
+    steps = sum(IM.iteration_s(batch, kv0 + k * batch, batch) for k in range(n))
+    assert IM.decode_run_s(batch, kv0, n) == pytest.approx(steps, rel=1e-9)
+
+
+def test_decode_run_closed_form_memory_bound_crossing_with_s_seq():
+    # compute-bound first, then memory-bound as KV grows: the crossing stays exact
+    im = IterationModel(c_tok=1e-4, m0=1e-3, m_kv=1e-7, overhead_s=1e-3, s_seq=5e-4)
+    for batch, kv0, n in [(32, 0, 400), (32, 20_000, 50), (4, 9_000, 3000)]:
+        steps = sum(im.iteration_s(batch, kv0 + k * batch, batch) for k in range(n))
+        assert im.decode_run_s(batch, kv0, n) == pytest.approx(steps, rel=1e-9)
+
+
+def test_decode_iters_before_with_s_seq():
+    for b, kv0, n, horizon in [(4, 100, 500, 0.05), (16, 0, 300, 0.31), (1, 0, 10, 1.0)]:
+        m = IM.decode_iters_before(b, kv0, n, horizon)
+        if m:
+            assert IM.decode_run_s(b, kv0, m - 1) <= horizon
+        if m < n:
+            assert IM.decode_run_s(b, kv0, m) > horizon
+
+
+def test_decode_tokens_per_s_includes_s_seq():
+    assert IM.decode_tokens_per_s(8, 1000) == pytest.approx(8 / IM.iteration_s(8, 1000, 8))
+
+
+def test_roofline_default_unchanged():
+    cat = Catalog.load()
+    im = iteration_model(cat, "llama-3.1-8b", "A100-80GB", 1, PerfParams())
+    assert im.s_seq == 0.0 and im.request_overhead_s == 0.0
+
+
+def test_calibration_supplies_new_terms(tmp_path):
+    cat = Catalog.load()
+    name = next(iter(cat.models))
+    mc = ModelCalibration(c_tok=1e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4,
+                          request_overhead_s=5e-3)
+    cal = Calibration("cpu", {name: mc})
+    path = cal.save(tmp_path / "cal.toml")
+    back = Calibration.load(path)
+    assert back.models[name] == mc
+    im = iteration_model(cat, name, "cpu", 1, PerfParams(calibration=back))
+    assert im.s_seq == 3e-4 and im.request_overhead_s == 5e-3 and im.overhead_s == 2e-3
+    # an old file without the new fields still loads, with both terms at 0
+    old = ModelCalibration(c_tok=1e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3)
+    Calibration("cpu", {name: old}).save(tmp_path / "old.toml")
+    im = iteration_model(cat, name, "cpu", 1,
+                         PerfParams(calibration=Calibration.load(tmp_path / "old.toml")))
+    assert im.s_seq == 0.0 and im.request_overhead_s == 0.0
+
+
+def _sim_steps(im, trace, **kw):
+    return replay(im, trace, max_num_seqs=16, kv_capacity_tokens=65536, block_size=16,
+                  max_num_batched_tokens=2048, **kw)
+
+
+def test_sim_request_overhead_shifts_ttft_and_e2e():
+    trace = [(0.0, 100, 20), (0.001, 50, 30), (0.05, 200, 10), (0.3, 16, 5)]
+    im0 = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4)
+    im1 = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4,
+                         request_overhead_s=0.007)
+    a, b = _sim_steps(im0, trace), _sim_steps(im1, trace)
+    for (t0, e0), (t1, e1) in zip(a, b):
+        assert t1 == pytest.approx(t0 + 0.007)
+        assert e1 == pytest.approx(e0 + 0.007)
+
+
+def test_sim_single_request_matches_hand_computation():
+    # one request alone: one prefill step (1 sequence, P tokens), then O-1 decode steps of 1
+    im = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4,
+                        request_overhead_s=0.004)
+    p, o = 120, 10
+    ((ttft, e2e),) = _sim_steps(im, [(0.0, p, o)])
+    prefill = 2e-3 + 3e-4 + 3e-5 * p
+    decode = 2e-3 + 3e-4 + 3e-5 * 1
+    assert ttft == pytest.approx(prefill + 0.004)
+    assert e2e == pytest.approx(prefill + (o - 1) * decode + 0.004)
+
+
+class _StepSum(IterationModel):
+    """Reference: decode runs as the plain sum of their iterations (no closed form)."""
+
+    def decode_run_s(self, batch, kv0, n):
+        return sum(self.iteration_s(batch, kv0 + k * batch, batch) for k in range(max(n, 0)))
+
+
+def test_sim_jumps_equal_stepping_with_s_seq():
+    # The engine's closed-form decode jumps give the same times as summing every iteration.
+    kw = dict(c_tok=3e-5, m0=5e-3, m_kv=1e-6, overhead_s=2e-3, s_seq=3e-4,
+              request_overhead_s=0.003)
+    rng = np.random.default_rng(1)
+    t, trace = 0.0, []
+    for _ in range(30):
+        t += rng.exponential(0.05)
+        trace.append((t, int(rng.integers(16, 256)), int(rng.integers(2, 80))))
+    fast = _sim_steps(IterationModel(**kw), trace)
+    ref = _sim_steps(_StepSum(**kw), trace)
+    for (a0, a1), (b0, b1) in zip(fast, ref):
+        assert a0 == pytest.approx(b0, rel=1e-9) and a1 == pytest.approx(b1, rel=1e-9)
+
+
+def test_fit_step_model_recovers_parameters():
+    rng = np.random.default_rng(0)
+    n = 400
+    seqs = rng.integers(1, 17, n)
+    toks = seqs + rng.integers(0, 2, n) * rng.integers(16, 256, n)
+    kv = seqs * rng.integers(20, 300, n)
+    true = np.array([1.9e-3, 2.9e-4, 3.3e-5, 0.0, 0.0])
+    y = predict_step_s(true, seqs, toks, kv) * (1 + 0.05 * rng.standard_normal(n))
+    p, err = fit_step_model(seqs, toks, kv, y)
+    assert p[0] == pytest.approx(true[0], rel=0.15)
+    assert p[1] == pytest.approx(true[1], rel=0.15)
+    assert p[2] == pytest.approx(true[2], rel=0.15)
+    assert np.all(p >= 0) and 0 <= err < 0.1
+    assert not math.isnan(err)
