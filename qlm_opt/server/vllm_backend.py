@@ -125,7 +125,8 @@ def model_spec(name: str, folder: str | None, catalog_model: str | None, base) -
 
 def build_fleet(entries: list[dict]):
     """A ``Fleet`` with one instance per entry (``name``, ``folder``, ``gpu``,
-    ``catalog_model``, ``config``), each holding its model and no other (no swaps)."""
+    ``catalog_model``, ``config``; optional ``spec_folder``, the folder the catalog entry is
+    read from, default ``folder``), each holding its model and no other (no swaps)."""
     from qlm_opt.catalog import Catalog
     from qlm_opt.calibration import device_catalog
     from qlm_opt.config import Fleet
@@ -134,7 +135,8 @@ def build_fleet(entries: list[dict]):
     specs: dict[str, ModelSpec] = {}
     for e in entries:
         if e["name"] not in specs:
-            specs[e["name"]] = model_spec(e["name"], e["folder"], e["catalog_model"], base)
+            specs[e["name"]] = model_spec(e["name"], e.get("spec_folder", e["folder"]),
+                                          e["catalog_model"], base)
     for e in entries:
         if e["gpu"] != "cpu" and e["gpu"] not in base.gpus:
             raise ConfigError(f"model '{e['name']}': unknown GPU type '{e['gpu']}' (known: "
@@ -256,12 +258,16 @@ class VllmBackend(_RuntimeBackend):
                     key = os.environ.get(s.api_key_env)
                     if not key:
                         raise ConfigError(f"server {s.url}: ${s.api_key_env} is not set")
+                tokenizer = folder or (settings.resolve_path(s.tokenizer)
+                                       if s.tokenizer else None)
                 self.entries.append({
                     "name": s.model, "folder": folder, "gpu": s.gpu, "url": s.url,
                     "catalog_model": s.catalog_model, "restart": s.restart_on_failure,
                     "config": engine_config(s.engine_args, s.gpu), "api_key": key,
-                    "tokenizer": folder or (settings.resolve_path(s.tokenizer)
-                                            if s.tokenizer else None),
+                    "tokenizer": tokenizer,
+                    # External: a local tokenizer folder that is the model's folder also
+                    # gives its catalog entry (qlm_model.toml or config.json).
+                    "spec_folder": tokenizer,
                 })
         else:
             raise ConfigError(f"field 'backend.kind': unknown vLLM backend '{kind}'")
