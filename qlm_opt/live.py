@@ -69,6 +69,22 @@ class AsyncioHost:
         except Exception:  # a failing callback must not kill the loop
             log.exception("scheduler callback %r failed", fn)
 
+    def offload(self, fn: Callable, args: tuple, on_done: Callable) -> None:
+        """Run the pure function ``fn(*args)`` on a worker thread (the CP-SAT solve releases
+        the GIL) and ``on_done(result)`` back on the loop, so planning never blocks serving."""
+        fut = self.loop.run_in_executor(None, fn, *args)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                log.error("offloaded %r failed: %r", fn, exc)
+                return
+            self._run(on_done, (f.result(),))
+
+        fut.add_done_callback(done)
+
     def engine_waker(self, engine, at: float | None) -> None:
         engine.wake_version = getattr(engine, "wake_version", 0) + 1
         if at is not None:

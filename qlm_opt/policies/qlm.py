@@ -74,6 +74,7 @@ class QLMPolicy(QLMRWTPolicy):
         self.last_plan: Plan | None = None
         self._last_plan_at = -math.inf
         self._plan_pending = False
+        self._solving = False  # a live solve is running on a worker thread
         self.solve_ms: list[float] = []
         self.statuses: Counter[str] = Counter()
         self.num_epochs = 0
@@ -309,7 +310,23 @@ class QLMPolicy(QLMRWTPolicy):
             return
         self.num_epochs += 1
         self.epoch_triggers[reason] += 1
-        plan = solve(pi, self.preset, hint=self.last_plan)
+        offload = getattr(rt.host, "offload", None)
+        if offload is not None:
+            # Live: solve on a worker thread; the plan is applied when it arrives, to a state
+            # that has moved on meanwhile (the executor skips groups that are gone).
+            if self._solving:
+                return
+            self._solving = True
+            offload(solve, (pi, self.preset, self.last_plan),
+                    lambda plan: self._apply(plan, pi, reason))
+            return
+        self._apply(solve(pi, self.preset, hint=self.last_plan), pi, reason)
+
+    def _apply(self, plan: Plan, pi: PlanningInstance, reason: str) -> None:
+        """Execute a plan: LSOs through the executor, then place and pull."""
+        self._solving = False
+        rt = self.rt
+        now = rt.now()
         self.last_plan = plan
         self.solve_ms.append(plan.solve_ms + plan.build_ms)
         self.statuses[str(plan.status)] += 1
