@@ -213,6 +213,9 @@ class Runtime:
         self._reindex()
 
     def _swap_done(self, inst: Instance) -> None:
+        end_swap = getattr(inst.engine, "end_swap", None)
+        if end_swap is not None:
+            end_swap(self.now())
         inst.state = InstanceState.READY
         inst.swap_to = None
         self._reindex()

@@ -80,7 +80,8 @@ def _serve(kind: str, port: int, speedup: float) -> None:
         from qlm_opt.server.settings import ServerSettings
 
         settings = ServerSettings.model_validate({
-            "backend": {"kind": "sim", "policy": "priority", "sim": {"speedup": speedup}},
+            "backend": {"kind": "sim", "policy": os.environ.get("QLM_BENCH_POLICY", "priority"),
+                        "sim": {"speedup": speedup}},
             "auth": {"keys": [{"key": KEY, "tenant": "bench"}]},
             "classes": {"interactive": {"ttft_s": 2.0, "max_queue": 100000}},
         })
@@ -486,6 +487,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--serve", choices=["bare", "qlm", "proxy"])
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--policy", default=None,
+                    help="scheduling policy of the qlm-opt server (default: priority)")
     ap.add_argument("--speedup", type=float, default=1000.0)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -498,6 +501,8 @@ def main() -> None:
     ap.add_argument("--vllm-requests", type=int, default=200)
     ap.add_argument("--vllm-warmup", type=int, default=20)
     args = ap.parse_args()
+    if args.policy:
+        os.environ["QLM_BENCH_POLICY"] = args.policy  # inherited by the server subprocess
     if args.serve:
         _serve(args.serve, args.port, args.speedup)
         return

@@ -225,6 +225,14 @@ class SimEngine:
         self._rewake()
         return duration_s
 
+    def end_swap(self, now: float) -> None:
+        """The host's swap timer fired: serve from ``now`` even if a live timer fired a hair
+        before the modelled end (timers and clocks round differently)."""
+        if self.swap_until_at > now:
+            self.swap_until_at = now
+            if self.is_idle and self.clock_at > now:
+                self.clock_at = now
+
     def load(self) -> int:
         """Requests held (running + waiting): the routing signal of vLLM-style routers."""
         return len(self._running) + self._num_waiting
