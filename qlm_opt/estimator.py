@@ -659,20 +659,10 @@ class RWTTracker:
     """
 
     def __init__(self, rt, workload, estimator: RWTEstimator | None = None) -> None:
-        from qlm_opt.engines.perf import iteration_model
         from qlm_opt.queue import length_bucket
 
         self.rt = rt
-        self._ims: dict[tuple, object] = {}
-
-        def im_of(inst):
-            if inst.model is None:
-                return None
-            k = (inst.model, inst.spec.gpu, inst.spec.tp)
-            im = self._ims.get(k)
-            if im is None:
-                im = self._ims[k] = iteration_model(rt.catalog, *k, rt.fleet.perf)
-            return im
+        im_of = rt.iteration_model
 
         self.iter_model_of = im_of
         self.est = estimator or RWTEstimator.from_workload(workload, iter_model_of=im_of)

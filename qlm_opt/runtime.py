@@ -90,6 +90,7 @@ class Runtime:
         # After the engine took the request: (request, instance, engine priority tuple).
         self.submit_hooks: list[Callable[[Request, Instance, tuple], None]] = []
         self.drop_hooks: list[Callable[[Request], None]] = []
+        self._iter_models: dict[tuple[str, str, int], object] = {}  # (model, gpu, tp) ->
         if engines is None:
             engines = [self._make_sim_engine(spec) for spec in fleet.instances]
         self.instances = [Instance(spec, eng) for spec, eng in zip(fleet.instances, engines)]
@@ -102,9 +103,25 @@ class Runtime:
         im, cap, mml = self._engine_params(spec, model) if model else (None, 0, None)
         return SimEngine(spec.id, model, im, cap, self.fleet.engine, self, self.host.now, mml)
 
+    def iteration_model(self, inst: Instance | InstanceSpec, model: str | None = None):
+        """The roofline (or calibrated) iteration model of ``model`` (default: the model the
+        instance holds) on the instance's GPUs; None when it holds none. Cached."""
+        spec = inst.spec if isinstance(inst, Instance) else inst
+        if model is None:
+            model = inst.model if isinstance(inst, Instance) else spec.initial_model
+            if model is None:
+                return None
+        k = (model, spec.gpu, spec.tp)
+        im = self._iter_models.get(k)
+        if im is None:
+            im = self._iter_models[k] = iteration_model(
+                self.catalog, model, spec.gpu, spec.tp, self.fleet.perf
+            )
+        return im
+
     def _engine_params(self, spec: InstanceSpec, model: str):
         cat = self.catalog
-        im = iteration_model(cat, model, spec.gpu, spec.tp, self.fleet.perf)
+        im = self.iteration_model(spec, model)
         cap = cat.kv_capacity_tokens(model, spec.gpu, spec.tp)
         return im, cap, cat.model(model).max_context
 

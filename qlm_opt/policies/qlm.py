@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qlm_opt.engines.perf import iteration_model
 from qlm_opt.executor import Executor, ExecutorConfig, group_weight
 from qlm_opt.planner import PlanGroup, PlanInstance, PlanningInstance, load_preset, solve
 from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
@@ -94,7 +93,6 @@ class QLMPolicy(QLMRWTPolicy):
         self.executor = Executor(rt, self.gq, self.executor_config)
         if self.workload is not None:
             self._class_weight = {c.name: c.weight for c in self.workload.classes.values()}
-        self._ims: dict[tuple, object] = {}
 
     # -- events ------------------------------------------------------------------------------
     def on_epoch(self) -> None:
@@ -131,13 +129,6 @@ class QLMPolicy(QLMRWTPolicy):
         self.rt.host.call_at(at, self._replan, reason)
 
     # -- the planning epoch ------------------------------------------------------------------
-    def _iter_model(self, inst: Instance, model: str):
-        k = (model, inst.spec.gpu, inst.spec.tp)
-        im = self._ims.get(k)
-        if im is None:
-            im = self._ims[k] = iteration_model(self.rt.catalog, *k, self.rt.fleet.perf)
-        return im
-
     def snapshot(self, now: float) -> PlanningInstance | None:
         """The planning instance for the current queue and fleet (plain data, integer ms)."""
         rt = self.rt
@@ -212,7 +203,7 @@ class QLMPolicy(QLMRWTPolicy):
     def _nominal(self, inst: Instance, model: str) -> tuple[float, float, float]:
         """(seats, iteration s at full batch, prefill s per token) of ``model`` on ``inst``
         from the roofline, for instances that do not hold it now."""
-        im = self._iter_model(inst, model)
+        im = self.rt.iteration_model(inst, model)
         fp = self.est.prompt_mean + self.est.model_stats(model).mean / 2
         cap = self.rt.catalog.kv_capacity_tokens(model, inst.spec.gpu, inst.spec.tp)
         s = max(1.0, min(float(inst.engine.config.max_num_seqs), cap / max(fp, 1.0)))

@@ -78,17 +78,7 @@ class QLMRWTPolicy(Policy):
     # -- set-up ------------------------------------------------------------------------------
     def bind(self, rt: Runtime) -> None:
         super().bind(rt)
-        from qlm_opt.engines.perf import iteration_model
-
-        ims: dict[tuple, object] = {}
-
-        def im_of(inst):
-            if inst.model is None:
-                return None
-            k = (inst.model, inst.spec.gpu, inst.spec.tp)
-            if k not in ims:
-                ims[k] = iteration_model(rt.catalog, *k, rt.fleet.perf)
-            return ims[k]
+        im_of = rt.iteration_model
 
         if self.workload is not None:
             self.est = RWTEstimator.from_workload(
