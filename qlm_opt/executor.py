@@ -46,6 +46,9 @@ class Executor:
         self.gq = gq
         self.config = config or ExecutorConfig()
         self._last_swap_at: dict[int, float] = {}  # instance id -> clock time of last swap
+        # (group, instance) -> whether the group is predicted to miss its deadline there;
+        # set by the policy (it owns the estimator)
+        self.predicts_miss = None
         self.totals: Counter[str] = Counter()
 
     def can_swap(self, inst: Instance, now_at: float) -> bool:
@@ -91,6 +94,8 @@ class Executor:
                 if inst.state == InstanceState.DRAINING:
                     continue
                 moved = g.instance_id != UNPLACED
+                if moved and not self._should_move(g, plan, gid):
+                    continue
                 self.gq.place(g, ip.instance_id)
                 if moved:
                     counts["rebalance"] += g.size
@@ -99,6 +104,19 @@ class Executor:
                               ip.instance_id)
         self.totals.update(counts)
         return counts
+
+    def _should_move(self, g: RequestGroup, plan: Plan, gid: str) -> bool:
+        """Rebalance a queued group only when it gains: its instance is leaving its model, or
+        the plan has it on time where it goes while the estimator predicts a miss where it
+        is. Moving every group the plan happens to put elsewhere churns (equal instances are
+        interchangeable to the solver) and costs KV preemptions."""
+        cur = self.rt.instances[g.instance_id]
+        if not cur.ready or cur.model != g.model:
+            return True
+        t = plan.timings.get(gid)
+        if t is None or not t.on_time:
+            return False
+        return self.predicts_miss is not None and self.predicts_miss(g, cur)
 
     def _swap(self, inst: Instance, model: str, now_at: float) -> None:
         rt = self.rt

@@ -91,6 +91,7 @@ class QLMPolicy(QLMRWTPolicy):
     def bind(self, rt: Runtime) -> None:
         super().bind(rt)
         self.executor = Executor(rt, self.gq, self.executor_config)
+        self.executor.predicts_miss = self._predicts_miss
         if self.workload is not None:
             self._class_weight = {c.name: c.weight for c in self.workload.classes.values()}
 
@@ -199,6 +200,13 @@ class QLMPolicy(QLMRWTPolicy):
             return None
         return PlanningInstance(tuple(pgroups), tuple(insts), swap_ms_by_instance=swap_ms,
                                 weights=self.preset.weights)
+
+    def _predicts_miss(self, g, inst: Instance) -> bool:
+        """RWT: is the group's head more likely than not to miss its deadline on ``inst``?"""
+        now = self.rt.now()
+        head = g.members[0][2]
+        est = self._wait(inst, g, 0, head.prompt_tokens, now)
+        return est.p_miss(g.deadline_at - now) > 0.5
 
     def _nominal(self, inst: Instance, model: str) -> tuple[float, float, float]:
         """(seats, iteration s at full batch, prefill s per token) of ``model`` on ``inst``
