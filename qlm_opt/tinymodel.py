@@ -32,7 +32,7 @@ _WORDS = (
 
 @dataclass(frozen=True, slots=True)
 class TinyModelSpec:
-    """Architecture of the tiny model (per /work/shared/notes/vllm-on-cpu.md)."""
+    """Architecture of the tiny model (per the project notes on vLLM on CPU (shared/notes/vllm-on-cpu.md))."""
 
     hidden_size: int = 128
     intermediate_size: int = 256

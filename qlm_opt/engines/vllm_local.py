@@ -140,7 +140,7 @@ class PriorityLabeler:
 @dataclass(slots=True)
 class VllmEngineConfig:
     """vLLM engine arguments. The defaults are the CPU settings of the tiny test models
-    (/work/shared/notes/vllm-on-cpu.md); on a GPU set ``kv_cache_memory_bytes=None`` and
+    (the project notes on vLLM on CPU (shared/notes/vllm-on-cpu.md)); on a GPU set ``kv_cache_memory_bytes=None`` and
     ``dtype="auto"``."""
 
     max_num_seqs: int = 64

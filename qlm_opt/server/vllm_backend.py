@@ -54,7 +54,7 @@ _DEFAULT_TEMPERATURE = 1.0  # OpenAI's default when the client sends none
 def engine_config(engine_args: dict[str, Any], gpu: str):
     """A ``VllmEngineConfig`` from an entry's ``engine_args``: its own fields by name, the
     rest passed to vLLM as they are. Defaults follow the device: the CPU settings of
-    /work/shared/notes/vllm-on-cpu.md on ``cpu``; vLLM's own defaults on a GPU."""
+    the project notes on vLLM on CPU (shared/notes/vllm-on-cpu.md) on ``cpu``; vLLM's own defaults on a GPU."""
     from dataclasses import fields
 
     from qlm_opt.engines.vllm_local import VllmEngineConfig
