@@ -119,6 +119,29 @@ def predict_iteration_s(p: np.ndarray, tokens: np.ndarray, kv: np.ndarray) -> np
     return p[0] + np.maximum(p[1] * tokens, p[2] + p[3] * kv)
 
 
+def _refine(loss, best: np.ndarray, best_l: float, scale: np.ndarray) -> np.ndarray:
+    """Coordinate refinement of non-negative parameters: scale each up and down by a
+    shrinking step, and try dropping it to zero, while the loss improves."""
+    step = 0.5
+    while step > 1e-4:
+        improved = False
+        for i in range(len(best)):
+            for f in (1 + step, 1 / (1 + step), 0.0):
+                if f == 0.0 and best[i] == 0:
+                    continue  # dropping a term already at zero changes nothing
+                cand = best.copy()
+                if f == 0.0:
+                    cand[i] = 0.0
+                else:
+                    cand[i] = cand[i] * f if cand[i] > 0 else scale[i] * 1e-3 * f
+                cl = loss(cand)
+                if cl < best_l:
+                    best, best_l, improved = cand, cl, True
+        if not improved:
+            step /= 2
+    return best
+
+
 def fit_iteration_model(tokens, kv, seconds, seed: int = 0) -> tuple[np.ndarray, float]:
     """Fit (overhead_s, c_tok, m0, m_kv) >= 0 to measured iteration times by minimising the
     mean squared relative error (small iterations matter as much as large ones). Returns the
@@ -144,23 +167,7 @@ def fit_iteration_model(tokens, kv, seconds, seed: int = 0) -> tuple[np.ndarray,
         cl = loss(cand)
         if cl < best_l:
             best, best_l = cand, cl
-    step = 0.5
-    while step > 1e-4:
-        improved = False
-        for i in range(4):
-            for f in (1 + step, 1 / (1 + step)):
-                cand = best.copy()
-                cand[i] = cand[i] * f if cand[i] > 0 else scale[i] * 1e-3 * f
-                cl = loss(cand)
-                if cl < best_l:
-                    best, best_l, improved = cand, cl, True
-            cand = best.copy()
-            cand[i] = 0.0
-            cl = loss(cand)
-            if cl < best_l:
-                best, best_l, improved = cand, cl, True
-        if not improved:
-            step /= 2
+    best = _refine(loss, best, best_l, scale)
     err = float(np.mean(np.abs(predict_iteration_s(best, t, k) - y) / y))
     return best, err
 
@@ -215,24 +222,7 @@ def fit_step_model(seqs, tokens, kv, seconds) -> tuple[np.ndarray, float]:
                       max(float(np.median(y / np.maximum(t, 1))), 1e-12),
                       max(float(np.median(y)), 1e-9),
                       max(float(np.median(y / np.maximum(k, 1))), 1e-15)])
-    step = 0.5
-    while step > 1e-4:
-        improved = False
-        for i in range(5):
-            for f in (1 + step, 1 / (1 + step)):
-                cand = best.copy()
-                cand[i] = cand[i] * f if cand[i] > 0 else scale[i] * 1e-3 * f
-                cl = loss(cand)
-                if cl < best_l:
-                    best, best_l, improved = cand, cl, True
-            if best[i] > 0:
-                cand = best.copy()
-                cand[i] = 0.0
-                cl = loss(cand)
-                if cl < best_l:
-                    best, best_l, improved = cand, cl, True
-        if not improved:
-            step /= 2
+    best = _refine(loss, best, best_l, scale)
     err = float(np.sum(np.abs(predict_step_s(best, q, t, k) - y)) / max(float(np.sum(y)), 1e-12))
     return best, err
 
