@@ -25,14 +25,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     ax.set_xlabel("arrival time (s)")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(-2, 102)
-    ax.set_title("SLO attainment over time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out_dir / "attainment.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    files.append(_save(plt, fig, ax, "SLO attainment over time", out_dir / "attainment.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, s in series.items():
@@ -40,12 +33,16 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         ax.plot(q["at_s"], q["queued"], label=name, linewidth=1.2)
     ax.set_xlabel("time (s)")
     ax.set_ylabel("queued requests (not yet running)")
-    ax.set_title("Queue length")
+    files.append(_save(plt, fig, ax, "Queue length", out_dir / "queue.png"))
+    return files
+
+
+def _save(plt, fig, ax, title: str, path: Path) -> Path:
+    """Title, grid and legend, then write the PNG and free the figure."""
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    p = out_dir / "queue.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    files.append(p)
-    return files
+    return path
