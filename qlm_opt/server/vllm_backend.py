@@ -318,14 +318,7 @@ class VllmBackend(_RuntimeBackend):
                 log_dir=Path(self.settings.resolve_path(logs)) if logs else None)
             eng.restart_on_failure = e["restart"]
             return eng
-        eng = VllmRemoteEngine.external(iid, e["name"], e["url"], cfg)
-        if e["api_key"]:
-            import httpx
-
-            # The engine creates its client on start only when it has none.
-            eng._client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None),
-                                            headers=self._auth(e["api_key"]))
-        return eng
+        return VllmRemoteEngine.external(iid, e["name"], e["url"], cfg, api_key=e["api_key"])
 
     @staticmethod
     def _auth(key: str | None) -> dict:
