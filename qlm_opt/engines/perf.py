@@ -35,6 +35,10 @@ class PerfParams:
     calibration: object | None = None
 
 
+_MASK64 = (1 << 64) - 1
+_TWO64 = float(1 << 64)
+
+
 @dataclass(frozen=True, slots=True)
 class IterationModel:
     """Per-(model, GPU, tp) constants of the roofline, precomputed for the hot path.
@@ -53,7 +57,23 @@ class IterationModel:
     m_kv: float  # seconds per KV token read
     overhead_s: float
     s_seq: float = 0.0  # seconds per sequence scheduled in an iteration
-    request_overhead_s: float = 0.0  # per-request admission + egress latency
+    request_overhead_s: float = 0.0  # per-request admission + egress latency (median)
+    # Spread of the per-request overhead around its median: offsets at evenly spaced
+    # quantiles (0 .. 1) of a measured distribution; () means a constant overhead.
+    request_overhead_q: tuple[float, ...] = ()
+
+    def request_overhead_for(self, request_id: int) -> float:
+        """The overhead of one request: a deterministic draw (a hash of its id) from the
+        measured distribution, so that a replay gives the same numbers every time."""
+        q = self.request_overhead_q
+        if not q:
+            return self.request_overhead_s
+        u = ((request_id * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64) / _TWO64
+        x = u * (len(q) - 1)
+        i = int(x)
+        off = q[i] if i >= len(q) - 1 else q[i] + (q[i + 1] - q[i]) * (x - i)
+        v = self.request_overhead_s + off
+        return v if v > 0.0 else 0.0
 
     def iteration_s(self, num_tokens: int, kv_tokens: int, num_seqs: int = 0) -> float:
         c = self.c_tok * num_tokens
@@ -106,7 +126,8 @@ def iteration_model(
     if cal is not None:
         return IterationModel(c_tok=cal.c_tok / tp, m0=cal.m0 / tp, m_kv=cal.m_kv / tp,
                               overhead_s=cal.overhead_s, s_seq=cal.s_seq or 0.0,
-                              request_overhead_s=cal.request_overhead_s or 0.0)
+                              request_overhead_s=cal.request_overhead_s or 0.0,
+                              request_overhead_q=tuple(cal.request_overhead_q or ()))
     m, g = catalog.model(model), catalog.gpu(gpu)
     eff = 1.0 if tp == 1 else perf.tp_efficiency
     flops = tp * g.flops * perf.mfu * eff

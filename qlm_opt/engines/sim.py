@@ -111,6 +111,7 @@ class SimEngine:
         self.iter_model = iter_model
         # a request's trip into and out of the engine: added to its reported event times
         self._egress = iter_model.request_overhead_s if iter_model is not None else 0.0
+        self._egress_varies = bool(iter_model is not None and iter_model.request_overhead_q)
         bs = self.config.block_size
         self.kv_capacity_tokens = kv_capacity_tokens
         self.num_blocks = kv_capacity_tokens // bs
@@ -325,7 +326,8 @@ class SimEngine:
         self._remove_running(req)
         req._eng = None
         req.state = RequestState.FINISHED
-        at += self._egress
+        at += (self.iter_model.request_overhead_for(req.id) if self._egress_varies
+               else self._egress)
         req.completed_at = at
         req.finish_reason = "length" if st.out_cap < req.output_tokens else "stop"
         self.listener.on_finished(req, at)
@@ -429,7 +431,9 @@ class SimEngine:
                 r.num_generated += 1
                 self.generated_tokens += 1
                 if r.first_token_at is None:
-                    r.first_token_at = end + self._egress
+                    r.first_token_at = end + (
+                        self.iter_model.request_overhead_for(r.id) if self._egress_varies
+                        else self._egress)
                     self.listener.on_first_token(r, r.first_token_at)
                 if r.num_generated >= st.out_cap:
                     self._num_dec += 1  # _finish -> _remove_running undoes this

@@ -528,7 +528,12 @@ class VllmLocalEngine(LiveEngine):
             from vllm.v1.engine.async_llm import AsyncLLM
 
             args = AsyncEngineArgs(**self.config.engine_args(path, served_name=model))
-            return AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger_factory()])
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger_factory()])
+        if self.config.extra.get("enable_logging_iteration_details"):
+            # the details are for our per-step hook (profiling); vLLM would also log one
+            # INFO line per engine step, which costs the output loop time and floods logs
+            logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
+        return llm
 
     def _on_loaded(self, llm) -> None:
         mc = llm.model_config

@@ -148,3 +148,48 @@ def test_fit_step_model_recovers_parameters():
     assert p[2] == pytest.approx(true[2], rel=0.15)
     assert np.all(p >= 0) and 0 <= err < 0.1
     assert not math.isnan(err)
+
+
+# -- per-request overhead distribution ----------------------------------------------------------
+Q = tuple(np.linspace(-2e-3, 6e-3, 21))  # offsets around the median at quantiles 0 .. 1
+
+
+def test_request_overhead_draw_is_deterministic_and_follows_the_quantiles():
+    im = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3,
+                        request_overhead_s=4e-3, request_overhead_q=Q)
+    draws = np.array([im.request_overhead_for(i) for i in range(20_000)])
+    assert [im.request_overhead_for(i) for i in range(50)] == list(draws[:50])  # replayable
+    assert draws.min() >= 4e-3 - 2e-3 - 1e-12 and draws.max() <= 4e-3 + 6e-3 + 1e-12
+    # uniform offsets on [-2, 6] ms: the draws' quantiles follow the table
+    for p in (10, 50, 90):
+        assert np.percentile(draws, p) == pytest.approx(4e-3 - 2e-3 + 8e-3 * p / 100, abs=2e-4)
+    # a constant overhead without a table; never negative with one
+    assert IM.request_overhead_for(7) == IM.request_overhead_s
+    low = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3,
+                         request_overhead_s=1e-3, request_overhead_q=Q)
+    assert min(low.request_overhead_for(i) for i in range(2000)) == 0.0
+
+
+def test_sim_applies_one_overhead_per_request_to_ttft_and_e2e():
+    trace = [(0.5 * i, 64, 8) for i in range(40)]  # far apart: every request alone
+    im0 = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4)
+    im1 = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4,
+                         request_overhead_s=4e-3, request_overhead_q=Q)
+    a, b = _sim_steps(im0, trace), _sim_steps(im1, trace)
+    shifts = []
+    for i, ((t0, e0), (t1, e1)) in enumerate(zip(a, b)):
+        ro = im1.request_overhead_for(i)
+        assert t1 == pytest.approx(t0 + ro) and e1 == pytest.approx(e0 + ro)
+        shifts.append(ro)
+    assert len(set(shifts)) > 30  # it varies from request to request
+
+
+def test_calibration_file_keeps_the_overhead_distribution(tmp_path):
+    cat = Catalog.load()
+    name = next(iter(cat.models))
+    mc = ModelCalibration(c_tok=1e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4,
+                          request_overhead_s=5e-3, request_overhead_q=Q)
+    back = Calibration.load(Calibration("cpu", {name: mc}).save(tmp_path / "cal.toml"))
+    assert back.models[name] == mc
+    im = iteration_model(cat, name, "cpu", 1, PerfParams(calibration=back))
+    assert im.request_overhead_q == Q
