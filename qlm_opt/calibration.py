@@ -347,7 +347,8 @@ class _StepRecorder:
 
     def __init__(self, engine) -> None:
         self.engine = engine
-        self.rows: list[tuple[float, int, int, int, bool, int]] = []
+        # (wall time, seqs, tokens, KV tokens, work left, step index, engine-side step s)
+        self.rows: list[tuple[float, int, int, int, bool, int, float]] = []
         self._cap: int | None = None  # KV capacity in tokens, read once
         self._orig = getattr(engine, "_record", None)
         self.active = self._orig is not None
@@ -374,8 +375,13 @@ class _StepRecorder:
                 idx = -1
             kv = int((getattr(ss, "kv_cache_usage", 0.0) or 0.0) * cap)
             left = bool(ss is not None and (ss.num_running_reqs or ss.num_waiting_reqs))
+            # The engine's own clock: a request decoding in this step and the one before
+            # has an inter-token latency of exactly this step's duration, measured in the
+            # engine process (free of the front end's delays in delivering outputs).
+            itls = getattr(it, "inter_token_latencies_iter", None) if it is not None else None
+            eng_dt = min(itls) if itls else -1.0
             if toks:
-                self.rows.append((now, seqs, toks, kv, left, idx))
+                self.rows.append((now, seqs, toks, kv, left, idx, eng_dt))
         finally:
             self._orig(ss, it)
 
@@ -396,7 +402,7 @@ class _StepRecorder:
                 continue
             if prev[5] >= 0 and cur[5] >= 0 and cur[5] != prev[5] + 1:
                 continue
-            dt = cur[0] - prev[0]
+            dt = cur[6] if cur[6] > 0 else cur[0] - prev[0]
             if dt <= 0 or dt > 1.0:
                 continue
             seqs.append(cur[1])

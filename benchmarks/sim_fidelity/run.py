@@ -144,13 +144,14 @@ def summary(reqs) -> dict[str, float]:
 PROFILE_REQUESTS = 40  # --profile-requests
 
 
-async def profile(eng, seed: int = 0) -> Calibration:
+async def profile(eng, seed: int = 0, requests: int | None = None) -> Calibration:
     # the workload's shape (prompts 16-256, outputs 16-128, 4/s), not its requests: the
     # profile draws its own (seed 1000 + k), the benchmark replays seed --seed
     cal, raw = await profile_engine(eng, NAME, prompt_lens=(16, 64, 128, 256),
                                   batch_sizes=(1, 2, 4, 8, 16), decode_tokens=64,
                                   measure_swap=False, seed=1000 + seed,
-                                  workload_requests=PROFILE_REQUESTS, workload_rate=4.0)
+                                  workload_requests=requests or PROFILE_REQUESTS,
+                                  workload_rate=4.0)
     import statistics
 
     # the profile's own workload, live: how far the machine drifts between it and the run
@@ -160,18 +161,21 @@ async def profile(eng, seed: int = 0) -> Calibration:
     return Calibration("cpu", {NAME: cal})
 
 
-async def repetitions(model_dir: str, wl, reps: int, cal_file: Calibration | None):
-    """``reps`` x (profile unless a file is given, then the live workload) on one engine;
-    the simulator replays each live run with the calibration taken just before it."""
+async def repetitions(model_dir: str, wl, reps: int, cal_file: Calibration | None,
+                      each: bool):
+    """``reps`` live runs of the workload on one engine. The calibration: ``cal_file``; else
+    one profile before the first run (``each`` False), or one before every run."""
     eng = new_engine(model_dir)
     await eng.start()
-    # a fresh engine is slower for its first minute (allocation, caches): one profile whose
-    # result is thrown away
-    await profile(eng, seed=999)
     out = []
     try:
+        # a fresh engine is slower for its first minute (allocation, caches): a short
+        # profile whose result is thrown away
+        await profile(eng, seed=999, requests=40)
+        cal = cal_file
         for k in range(reps):
-            cal = cal_file or await profile(eng, seed=k)
+            if cal_file is None and (each or k == 0):
+                cal = await profile(eng, seed=k)
             live = await run_live(model_dir, wl, eng)
             ls = summary(live)
             print(f"live run: TTFT p50 {ls['TTFT p50']:.4f} s, E2E p50 {ls['E2E p50']:.4f} s",
@@ -186,12 +190,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="tiny model folder (default: build one)")
     ap.add_argument("--calibration", help="calibration TOML from `qlm-opt profile`")
-    ap.add_argument("--requests", type=int, default=40)
+    ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reps", type=int, default=3, help="profile + live runs to compare")
-    ap.add_argument("--profile-requests", type=int, default=100,
+    ap.add_argument("--reps", type=int, default=8, help="profile + live runs to compare")
+    ap.add_argument("--profile-requests", type=int, default=400,
                     help="requests in the profile's own workload (fits the request overhead)")
+    ap.add_argument("--profile-each", action="store_true",
+                    help="profile before every repetition (default: once, before the first)")
     a = ap.parse_args()
     global PROFILE_REQUESTS
     PROFILE_REQUESTS = a.profile_requests
@@ -208,7 +214,7 @@ def main() -> None:
         if NAME not in cal_file.models:  # profiled under another name: take its only model
             cal_file = Calibration(cal_file.device, {NAME: next(iter(cal_file.models.values()))})
     wl = workload(a.requests, a.rate, a.seed)
-    runs = asyncio.run(repetitions(model_dir, wl, a.reps, cal_file))
+    runs = asyncio.run(repetitions(model_dir, wl, a.reps, cal_file, a.profile_each))
     print(f"\nworkload: {a.requests} requests, Poisson {a.rate}/s, prompt 16-256, output 16-128,"
           f" 1 instance, fcfs, max_num_seqs {MAX_NUM_SEQS}; {a.reps} repetitions")
     pooled_live: list[Request] = []

@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
         decode_tokens: Annotated[int, typer.Option(help="Tokens per decode probe.")] = 64,
         repeats: Annotated[int, typer.Option(help="Repeats per point.")] = 3,
         workload_requests: Annotated[int, typer.Option(
-            help="Requests of the workload phase (Poisson arrivals), 0 to skip.")] = 40,
+            help="Requests of the workload phase (Poisson arrivals), 0 to skip; it fits the "
+                 "per-request overhead's distribution, so more is steadier.")] = 100,
         workload_rate: Annotated[float, typer.Option(
             help="Arrivals per second of the workload phase.")] = 4.0,
         max_num_seqs: Annotated[int | None, typer.Option(
@@ -76,14 +77,24 @@ def register(app: typer.Typer) -> None:
             f"s_seq {(cal.s_seq or 0) * 1e3:.3f} ms/sequence, "
             f"c_tok {cal.c_tok * 1e6:.2f} us/token, m0 {cal.m0 * 1e3:.2f} ms, "
             f"m_kv {cal.m_kv * 1e9:.2f} ns/token, request overhead "
-            f"{(cal.request_overhead_s or 0) * 1e3:.2f} ms, swap {cal.swap_s or 0:.1f} s, "
+            f"{(cal.request_overhead_s or 0) * 1e3:.2f} ms{_spread(cal)}, "
+            f"swap {cal.swap_s or 0:.1f} s, "
             f"step fit error {cal.fit_rel_err:.1%}, load factor {raw.get('load_factor', 1.0):.2f}"
         )
         typer.echo(f"wrote {out}")
 
 
+def _spread(cal) -> str:
+    q = cal.request_overhead_q
+    if not q:
+        return ""
+    n = len(q) - 1
+    p10, p90 = q[round(0.1 * n)], q[round(0.9 * n)]
+    return f" ({p10 * 1e3:+.2f} .. {p90 * 1e3:+.2f} ms at p10 .. p90)"
+
+
 async def _run(model: Path, name: str, bsz, plens, decode_tokens, repeats, swap,
-               max_model_len, kv_cache_mib, dtype, workload_requests=40, workload_rate=4.0,
+               max_model_len, kv_cache_mib, dtype, workload_requests=100, workload_rate=4.0,
                max_num_seqs=None):
     import logging
 
