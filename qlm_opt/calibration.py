@@ -587,7 +587,12 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
                         + np.percentile(live_e2e, [50, 90]).tolist())
         qs = np.linspace(0.0, 1.0, 21)
         best = (math.inf, 1.0, probe_ro, None)
-        for f in np.geomspace(0.05, 20.0, 61):
+
+        def candidates():  # coarse (10% steps), then 1% steps around the best so far
+            yield from np.geomspace(0.05, 20.0, 61)
+            yield from best[1] * np.geomspace(0.9, 1.1, 21)
+
+        for f in candidates():
             im = IterationModel(c_tok=c_tok * f, m0=m0 * f, m_kv=m_kv * f,
                                 overhead_s=overhead * f, s_seq=s_seq * f)
             res = np.array(replay(im, tr, seats, kv_cap, bsz, mnbt, max_len))
