@@ -174,6 +174,80 @@ class _InstCal:
     footprint_tokens: float = 0.0  # KV tokens per running sequence (0: unknown)
 
 
+class EngineView:
+    """One instance's engine at one moment, shared by several estimates in a row.
+
+    ``stats()`` is read once, and what the estimates derive from it (``basics``, the iteration
+    model, the decoders and pending prefill of ``_engine_now``, the prefill-phase constants) is
+    computed on first use and reused. Valid only while the engine does not change (no submit,
+    abort or advance in between) and the estimator's calibration does not either; build a new
+    one after any of those. Every value is the one a call without the view computes, in the
+    same order of operations, so results are bit-identical."""
+
+    __slots__ = ("inst", "st", "now_at", "basics", "_im", "_cal", "_now", "_pp")
+
+    def __init__(self, inst, st, now_at: float) -> None:
+        self.inst = inst
+        self.st = st
+        self.now_at = now_at
+        self.basics: tuple[float, float, float] | None = None
+        self._im = self  # sentinel: not looked up yet
+        self._cal: _InstCal | None = None
+        self._now: tuple[int, int, float] | None = None
+        self._pp: list | None = None  # prefill-phase constants
+
+
+def sorted_median(xs: np.ndarray) -> float:
+    """``np.median`` of an ascending 1-d array, the same float without its overhead (the
+    mean of the two middle values for an even size)."""
+    n = len(xs)
+    h = n // 2
+    if n % 2:
+        return float(xs[h])
+    return float((xs[h - 1] + xs[h]) / 2)
+
+
+def sorted_quantile(xs: np.ndarray, q: float) -> float:
+    """``np.quantile(xs, q)`` (method "linear") of an ascending 1-d array, the same float:
+    NumPy's index ``(n - 1) q`` and its two-sided ``lerp``."""
+    n = len(xs)
+    vi = (n - 1) * q
+    if vi >= n - 1:
+        return float(xs[n - 1])
+    if vi < 0:
+        return float(xs[0])
+    lo = math.floor(vi)
+    t = vi - lo
+    a = xs[lo]
+    b = xs[lo + 1]
+    diff = b - a
+    return float(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
+
+
+class _Ring:
+    """The last ``size`` (mean, std, observed) triples of a calibration cell, in a numpy ring
+    (rows in rotated order once full), and how many arrived since the last fit."""
+
+    __slots__ = ("buf", "n", "pos", "new")
+
+    def __init__(self, size: int) -> None:
+        self.buf = np.empty((size, 3))
+        self.n = 0
+        self.pos = 0
+        self.new = 0
+
+    def append(self, m: float, s: float, o: float) -> None:
+        row = self.buf[self.pos]
+        row[0] = m
+        row[1] = s
+        row[2] = o
+        self.pos += 1
+        if self.pos == len(self.buf):
+            self.pos = 0
+        if self.n < len(self.buf):
+            self.n += 1
+
+
 class WaitCalibrator:
     """Online (conformal-style) recalibration of wait predictions from completed ones.
 
@@ -196,34 +270,34 @@ class WaitCalibrator:
         self.refresh = refresh
         self.log_bin = math.log(bin_ratio)
         self.coverage = coverage
-        self._data: dict[tuple, list] = {}  # cell -> [deque of (m, s, o), new since fit]
+        self._data: dict[tuple, _Ring] = {}  # cell -> last ``window`` (m, s, o)
         self._fit: dict[tuple, tuple[float, float]] = {}  # cell -> (c, k)
 
     def _bin(self, mean_s: float) -> int:
         return int(math.floor(math.log(max(mean_s, 1e-3) / 1e-3) / self.log_bin))
 
     def observe(self, key: str, mean_s: float, std_s: float, observed_s: float) -> None:
-        from collections import deque
-
-        trip = (max(mean_s, 1e-6), max(std_s, 1e-6), max(observed_s, 1e-6))
+        m, sd, o = max(mean_s, 1e-6), max(std_s, 1e-6), max(observed_s, 1e-6)
         for cell in ((key, self._bin(mean_s)), (key, None)):
             d = self._data.get(cell)
             if d is None:
-                d = self._data[cell] = [deque(maxlen=self.window), 0]
-            d[0].append(trip)
-            d[1] += 1
-            if d[1] >= self.refresh or cell not in self._fit and len(d[0]) >= self.min_n:
+                d = self._data[cell] = _Ring(self.window)
+            d.append(m, sd, o)
+            d.new += 1
+            if d.new >= self.refresh or cell not in self._fit and d.n >= self.min_n:
                 self._refit(cell, d)
 
-    def _refit(self, cell, d) -> None:
-        d[1] = 0
-        if len(d[0]) < self.min_n:
+    def _refit(self, cell, d: _Ring) -> None:
+        d.new = 0
+        if d.n < self.min_n:
             return
-        a = np.asarray(d[0], dtype=float)
+        # The ring holds the last ``window`` triples in rotated order; the median and the
+        # quantile do not depend on the order.
+        a = d.buf if d.n == self.window else d.buf[: d.n]
         m, s, o = a[:, 0], a[:, 1], a[:, 2]
-        c = float(np.exp(np.median(np.log(o / m))))
+        c = float(np.exp(sorted_median(np.sort(np.log(o / m)))))
         score = np.abs(o - c * m) / (c * s)
-        k = float(np.quantile(score, self.coverage))
+        k = sorted_quantile(np.sort(score), self.coverage)
         # the interval only ever widens the model's: a backlog that builds up makes the
         # recent past too optimistic about the spread of what comes next
         self._fit[cell] = (c, max(k, Z90))
@@ -483,24 +557,41 @@ class RWTEstimator:
         pend = 0
         for r in eng.running_requests():
             ft = r.first_token_at
-            if ft is None or ft > now_at:
-                # prefilling (its first token, if already set, lies at the end of the
-                # iteration in flight): prompt plus tokens to recompute after an eviction
-                pend += r.prompt_tokens + (r.num_generated if ft is None else 0)
+            # prefilling (its first token, if already set, lies at the end of the iteration
+            # in flight): prompt plus tokens to recompute after an eviction
+            if ft is None:
+                pend += r.prompt_tokens + r.num_generated
+            elif ft > now_at:
+                pend += r.prompt_tokens
             else:
                 b += 1
         out = (b, pend, float(st.kv_used_tokens))
         self._now_cache[inst.id] = (key, out)
         return out
 
+    def view(self, inst, now_at: float, st=None) -> EngineView:
+        """An ``EngineView`` of ``inst`` now (``st``: its ``stats()``, if already read)."""
+        return EngineView(inst, inst.engine.stats() if st is None else st, now_at)
+
+    def _view_basics(self, v: EngineView) -> tuple[float, float, float]:
+        b = v.basics
+        if b is None:
+            b = v.basics = self.basics(v.inst, v.st)
+        return b
+
     def prefill_phase(self, inst, st, now_at: float, tokens_ahead: float, own: float,
-                      include_pending: bool = True) -> tuple[float, float]:
+                      include_pending: bool = True, view: EngineView | None = None
+                      ) -> tuple[float, float]:
         """(mean, variance) in seconds from the moment the request could be admitted to its
         first token: the rest of the iteration in flight (uniform: half of it on average),
         then chunked prefill of ``tokens_ahead`` (plus the running requests' pending prefill
         when ``include_pending``) and of its own ``own`` prompt, ``max_num_batched_tokens
         - b`` tokens per iteration, each iteration costing the roofline
-        ``overhead + max(c_tok * tokens, memory)``; the last chunk samples the first token."""
+        ``overhead + max(c_tok * tokens, memory)``; the last chunk samples the first token.
+        ``view`` (of ``inst`` at ``now_at``, with ``st``) reuses what earlier calls on it
+        derived."""
+        if view is not None:
+            return self._prefill_phase_view(view, tokens_ahead, own, include_pending)
         im = self.iter_model_of(inst) if self.iter_model_of else None
         ratio = self._cal.setdefault(inst.id, _InstCal()).ratio
         if im is None:
@@ -526,6 +617,50 @@ class RWTEstimator:
             int(b + last), int(kv))
         return resid_m + t * ratio, resid_v
 
+    def _prefill_phase_view(self, v: EngineView, tokens_ahead: float, own: float,
+                            include_pending: bool) -> tuple[float, float]:
+        """``prefill_phase`` on a view: the same arithmetic, the per-engine part done once."""
+        inst = v.inst
+        im = v._im
+        if im is v:
+            im = v._im = self.iter_model_of(inst) if self.iter_model_of else None
+        cal = v._cal
+        if cal is None:
+            cal = v._cal = self._cal.setdefault(inst.id, _InstCal())
+        if im is None:
+            _, iter_s, c_tok = self._view_basics(v)
+            m = (tokens_ahead + own) * c_tok + iter_s
+            return m, (0.3 * iter_s) ** 2
+        pp = v._pp
+        if pp is None:
+            b, pend, kv = v._now = self._engine_now(inst, v.st, v.now_at)
+            cfg = getattr(inst.engine, "config", None)
+            total = getattr(cfg, "max_num_batched_tokens", None) or self.batch_budget
+            budget = float(max(total - b, 1))
+            st = v.st
+            busy = st.num_running > 0 or st.num_waiting > 0
+            full = im.iteration_s(int(b + budget), int(kv))
+            # (b, pend, kv, budget, busy, full, residual with pending, without)
+            pp = v._pp = [b, pend, kv, budget, busy, full, None, None]
+        b, pend, kv, budget, busy, full = pp[:6]
+        ratio = cal.ratio
+        resid_m = resid_v = 0.0
+        q = tokens_ahead + own
+        if busy:
+            slot = 6 if include_pending else 7
+            r = pp[slot]
+            if r is None:
+                flight = min(float(pend), budget) if include_pending else 0.0
+                d = im.iteration_s(int(b + flight), int(kv)) * ratio
+                r = pp[slot] = (0.5 * d, d * d / 12.0)
+            resid_m, resid_v = r
+            if include_pending:
+                q += max(0.0, pend - budget)
+        n = max(1, int(math.ceil(q / budget - 1e-9)))
+        last = q - (n - 1) * budget
+        t = (n - 1) * full + im.iteration_s(int(b + last), int(kv))
+        return resid_m + t * ratio, resid_v
+
     def wait(
         self,
         inst,
@@ -537,35 +672,39 @@ class RWTEstimator:
         cut_in_per_s: float = 0.0,
         key=None,
         cut_in_horizon_s: float = math.inf,
+        view: EngineView | None = None,
     ) -> WaitEstimate:
         """Waiting time until first token of a request at ``position`` (0-based, counted
         behind the engine's own waiting queue's ``position`` requests — callers pass the
         total requests ahead, engine-waiting included) with ``prompt_ahead_tokens`` of prompts
         ahead of it, on ``inst``. With ``key`` (an SLO class, say) the online calibration
-        of that key corrects the model's bias and interval (``WaitCalibrator``)."""
+        of that key corrects the model's bias and interval (``WaitCalibrator``). ``view``
+        (``self.view(inst, now_at)``) shares the engine's state between several calls."""
         raw = self.wait_raw(inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
-                            bucket_of, cut_in_per_s, cut_in_horizon_s)
+                            bucket_of, cut_in_per_s, cut_in_horizon_s, view)
         return raw if key is None else self.calib.adjust(key, raw)
 
     def wait_raw(self, inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
                  bucket_of, cut_in_per_s: float = 0.0,
-                 cut_in_horizon_s: float = math.inf) -> WaitEstimate:
+                 cut_in_horizon_s: float = math.inf,
+                 view: EngineView | None = None) -> WaitEstimate:
         """The model's estimate, before the online calibration. Requests that cut in arrive
         at ``cut_in_per_s`` for at most ``cut_in_horizon_s`` (after that, later arrivals'
         deadlines fall after this request's)."""
-        st = inst.engine.stats()
-        seats, iter_s, c_tok = self.basics(inst, st)
+        if view is None:
+            view = EngineView(inst, inst.engine.stats(), now_at)
+        st = view.st
+        seats, iter_s, c_tok = self._view_basics(view)
         base = max(0.0, st.busy_until_at - now_at)
         if position + 1.0 <= seats - st.num_running and cut_in_per_s <= 0:
             # A seat is free: only prefill ahead and the request's own prefill remain.
-            pm, pv = self.prefill_phase(inst, st, now_at, prompt_ahead_tokens,
-                                        own_prompt_tokens)
+            pm, pv = self._prefill_phase_view(view, prompt_ahead_tokens, own_prompt_tokens,
+                                              True)
             mean = base + pm
             sd = math.sqrt(pv + (self.config.rel_err * mean) ** 2 + self.config.min_std_s ** 2)
             return WaitEstimate(mean, sd)
         p = self.profile(inst, now_at, bucket_of)
-        own_m, own_v = self.prefill_phase(inst, st, now_at, 0.0, own_prompt_tokens,
-                                          include_pending=False)
+        own_m, own_v = self._prefill_phase_view(view, 0.0, own_prompt_tokens, False)
         j = position
         mean = sd = 0.0
         per_req_prompt = prompt_ahead_tokens / position if position > 0 else self.prompt_mean

@@ -72,6 +72,7 @@ class QLMRWTPolicy(Policy):
         self._raw_pred: dict[int, WaitEstimate] = {}
         self.num_rebalanced = 0
         self.num_late = 0
+        self._servable: dict[str, bool] = {}  # model -> can some instance ever serve it
 
     @classmethod
     def from_context(cls, workload=None, fleet=None, **kw) -> QLMRWTPolicy:
@@ -144,17 +145,15 @@ class QLMRWTPolicy(Policy):
             return st.waiting_prompt_tokens
         return sum(r.prompt_tokens + r.num_generated for r in inst.engine.waiting_requests())
 
-    def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
-              now: float, extra_prompt: float | None = None, raw: bool = True,
-              ahead: tuple[int, int] | None = None) -> WaitEstimate:
-        """Wait of a request of ``g`` behind ``extra_ahead`` members of its own group (with
-        ``extra_prompt`` prompt tokens; default ``extra_ahead * prompt``) on ``inst``;
-        ``raw=False`` applies the estimator's online calibration for the group's class."""
-        st = inst.engine.stats()
+    def _wait_ctx(self, inst: Instance, g: RequestGroup, now: float,
+                  ahead: tuple[int, int] | None = None) -> tuple:
+        """What every wait estimate of a member of ``g`` on ``inst`` now shares: the engine's
+        view, the requests and prompt tokens ahead (engine-waiting included), the cut-in rate
+        and its horizon. Valid until the engine, the queue or the estimator changes."""
+        view = self.est.view(inst, now)
+        st = view.st
         n, p = ahead if ahead is not None else self.gq.vq(inst.id).requests_ahead(
             g.deadline_at, g.seq)
-        if extra_prompt is None:
-            extra_prompt = extra_ahead * prompt
         cut = self._cut_in_per_s(g.model, g.slo_class, now)
         horizon = math.inf
         if cut > 0:
@@ -162,11 +161,23 @@ class QLMRWTPolicy(Policy):
             own = self._ttft.get(g.slo_class, 0.0)
             tight = min((t for t in self._ttft.values() if t < own), default=0.0)
             horizon = max(0.0, g.deadline_at - now - tight)
+        return view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut, horizon
+
+    def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
+              now: float, extra_prompt: float | None = None, raw: bool = True,
+              ahead: tuple[int, int] | None = None, ctx: tuple | None = None) -> WaitEstimate:
+        """Wait of a request of ``g`` behind ``extra_ahead`` members of its own group (with
+        ``extra_prompt`` prompt tokens; default ``extra_ahead * prompt``) on ``inst``;
+        ``raw=False`` applies the estimator's online calibration for the group's class.
+        ``ctx`` (``_wait_ctx``) shares the per-group part between the members of a group."""
+        view, n, p, waiting_prompt, cut, horizon = (
+            ctx if ctx is not None else self._wait_ctx(inst, g, now, ahead))
+        if extra_prompt is None:
+            extra_prompt = extra_ahead * prompt
         return self.est.wait(
-            inst, now, float(st.num_waiting + n + extra_ahead),
-            p + extra_prompt + self._engine_waiting_prompt(inst, st),
+            inst, now, float(n + extra_ahead), p + extra_prompt + waiting_prompt,
             prompt, self._bucket, cut, key=None if raw else g.slo_class,
-            cut_in_horizon_s=horizon,
+            cut_in_horizon_s=horizon, view=view,
         )
 
     def _record(self, req: Request, now: float, raw: WaitEstimate) -> None:
@@ -178,20 +189,29 @@ class QLMRWTPolicy(Policy):
         self._raw_pred[req.id] = raw
 
     def _predict(self, req: Request, g: RequestGroup, inst: Instance, now: float) -> None:
-        ahead = [r for at, rid, r in g.members
-                 if rid != req.id and (at, rid) < (req.arrived_at, req.id)]
-        raw = self._wait(inst, g, len(ahead), req.prompt_tokens, now,
-                         float(sum(r.prompt_tokens for r in ahead)))
+        members = g.members
+        if members and members[-1][2] is req:
+            # the newest member (the usual case): everyone else is ahead
+            k = len(members) - 1
+            ahead_prompt = g.prompt_tokens - req.prompt_tokens
+        else:
+            ahead = [r for at, rid, r in members
+                     if rid != req.id and (at, rid) < (req.arrived_at, req.id)]
+            k = len(ahead)
+            ahead_prompt = sum(r.prompt_tokens for r in ahead)
+        raw = self._wait(inst, g, k, req.prompt_tokens, now, float(ahead_prompt))
         self._record(req, now, raw)
 
     def _predict_group(self, g: RequestGroup, inst: Instance, now: float) -> None:
         """Predict every member of ``g`` (placed on ``inst``) in one pass."""
-        ahead = self.gq.vq(inst.id).requests_ahead(g.deadline_at, g.seq)
+        ctx = None
         k = 0
         cum = 0
         for _, _, r in g.members:
             if r.first_token_at is None:
-                raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ahead=ahead)
+                if ctx is None:
+                    ctx = self._wait_ctx(inst, g, now)
+                raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx)
                 self._record(r, now, raw)
             k += 1
             cum += r.prompt_tokens
@@ -214,7 +234,11 @@ class QLMRWTPolicy(Policy):
     # -- events ------------------------------------------------------------------------------
     def on_arrival(self, req: Request) -> None:
         rt = self.rt
-        if not rt.can_serve_anywhere(req.model):
+        ok = self._servable.get(req.model)
+        if ok is None:
+            # the fleet's instances and what their GPUs can hold do not change
+            ok = self._servable[req.model] = rt.can_serve_anywhere(req.model)
+        if not ok:
             rt.drop(req, "no_instance_can_serve_model")
             return
         now = rt.now()
@@ -300,7 +324,11 @@ class QLMRWTPolicy(Policy):
         if not inst.ready:
             return
         now = rt.now()
-        _, iter_s, c_tok = self.est.basics(inst, inst.engine.stats())
+        # (seats, iteration s, prefill s per token): read when first needed (most pumps find
+        # no seat). They depend on the engine's model, seat and KV limits and the estimator's
+        # calibration, none of which a dispatch changes (engine events reach the policy later,
+        # through the host's timer), so they are the same as at the pump's start.
+        basics = None
         while self._has_seat(inst):
             req = self.gq.pop(inst.id)
             if req is None and self._steal(inst):
@@ -313,6 +341,9 @@ class QLMRWTPolicy(Policy):
                 self._num_late -= 1
                 rt.dispatch(req, inst, (req.deadline_at, req.id))
                 continue
+            if basics is None:
+                basics = self.est.basics(inst, inst.engine.stats())
+            _, iter_s, c_tok = basics
             if (req.first_token_at is None
                     and now + req.prompt_tokens * c_tok + iter_s > req.deadline_at):
                 # Past hope: serve it when nothing on time waits (its wait is then measured

@@ -1,0 +1,117 @@
+"""The estimator's fast paths against the plain computations they replace (bit-identical)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlm_opt.domain import EngineStats, Request
+from qlm_opt.engines.perf import IterationModel
+from qlm_opt.estimator import RWTEstimator, WaitCalibrator, sorted_median, sorted_quantile
+
+floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(floats, min_size=1, max_size=450),
+       st.sampled_from([0.0, 0.1, 0.5, 0.9, 0.95, 0.99, 1.0]))
+def test_sorted_median_and_quantile_match_numpy(xs, q):
+    a = np.asarray(xs, dtype=float)
+    s = np.sort(a)
+    assert sorted_median(s) == float(np.median(a))
+    assert sorted_quantile(s, q) == float(np.quantile(a, q))
+
+
+def _reference_fit(trips, window, coverage=0.9):
+    """The calibrator's fit as first written: a deque of the last ``window`` triples."""
+    a = np.asarray(trips[-window:], dtype=float)
+    m, s, o = a[:, 0], a[:, 1], a[:, 2]
+    c = float(np.exp(np.median(np.log(o / m))))
+    score = np.abs(o - c * m) / (c * s)
+    k = float(np.quantile(score, coverage))
+    return c, max(k, 1.6448536269514722)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e-3, 50.0), st.floats(1e-3, 10.0), st.floats(1e-3, 80.0)),
+                min_size=1, max_size=300),
+       st.integers(5, 64))
+def test_calibrator_ring_matches_deque(trips, window):
+    cal = WaitCalibrator(window=window, min_n=4, refresh=3)
+    seen: dict[tuple, list] = {}
+    new: dict[tuple, int] = {}
+    fits: dict[tuple, tuple[float, float]] = {}
+    for m, s, o in trips:
+        cal.observe("c", m, s, o)
+        for cell in (("c", cal._bin(m)), ("c", None)):
+            rows = seen.setdefault(cell, [])
+            rows.append((max(m, 1e-6), max(s, 1e-6), max(o, 1e-6)))
+            new[cell] = new.get(cell, 0) + 1
+            if new[cell] >= 3 or cell not in fits and len(rows[-window:]) >= 4:
+                new[cell] = 0
+                if len(rows[-window:]) >= 4:
+                    fits[cell] = _reference_fit(rows, window)
+    assert cal._fit == fits
+
+
+# -- EngineView: several estimates on one engine state give what separate calls give ----------
+IM = IterationModel(c_tok=1e-4, m0=0.01, m_kv=1e-8, overhead_s=0.004)
+
+
+class _Eng:
+    def __init__(self, running, waiting, seats):
+        self._running = running
+        self._waiting = waiting
+        self.seats = seats
+
+    def stats(self):
+        return EngineStats(num_running=len(self._running), num_waiting=self._waiting,
+                           max_num_seqs=self.seats, kv_capacity_tokens=10**7,
+                           kv_used_tokens=1000 * len(self._running),
+                           decode_tokens_per_s=1000.0, prefill_tokens_per_s=1e4, model="m",
+                           busy_until_at=0.05)
+
+    def running_requests(self):
+        return self._running
+
+
+class _Inst:
+    def __init__(self, eng):
+        self.engine = eng
+        self.id = 0
+        self.model = "m"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 40), st.integers(0, 6), st.integers(1, 48), st.data())
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_view_matches_separate_calls(nrun, nwait, seats, data):
+    rng = np.random.default_rng(nrun * 100 + seats)
+    running = []
+    for i in range(nrun):
+        r = Request(i, "m", "batch", int(rng.integers(1, 3000)), 10**6, 0.0, 600.0)
+        r.num_generated = int(rng.integers(0, 300))
+        r.first_token_at = [None, 0.5, 2.0][int(rng.integers(0, 3))]  # now is 1.0
+        running.append(r)
+    inst = _Inst(_Eng(running, nwait, seats))
+    calls = data.draw(st.lists(st.tuples(st.floats(0, 300), st.floats(0, 1e5),
+                                         st.integers(1, 20000), st.floats(0, 5.0),
+                                         st.sampled_from([math.inf, 0.5, 3.0])),
+                               min_size=1, max_size=6))
+    for im_of in (lambda i: IM, None):
+        a = RWTEstimator(150.0, 120.0**2, 500.0, iter_model_of=im_of)
+        b = RWTEstimator(150.0, 120.0**2, 500.0, iter_model_of=im_of)
+        view = b.view(inst, 1.0)
+        for pos, ahead, own, cut, horizon in calls:
+            wa = a.wait(inst, 1.0, pos, ahead, own, lambda r: 0, cut, cut_in_horizon_s=horizon)
+            wb = b.wait(inst, 1.0, pos, ahead, own, lambda r: 0, cut, cut_in_horizon_s=horizon,
+                        view=view)
+            assert repr(wa) == repr(wb)  # exact, NaN included (overflowing inputs)
+            for pending in (True, False):
+                pa = a.prefill_phase(inst, inst.engine.stats(), 1.0, ahead, own, pending)
+                pb = b.prefill_phase(inst, view.st, 1.0, ahead, own, pending, view=view)
+                assert repr(pa) == repr(pb)
