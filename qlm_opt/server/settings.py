@@ -132,7 +132,7 @@ class VLLMRemoteSection(_Strict):
 
 class BackendSection(_Strict):
     kind: Literal["sim", "vllm_local", "vllm_remote"] = "sim"
-    policy: str = "priority"
+    policy: str = "qlm"
     policy_options: dict[str, Any] = {}
     sim: SimSection = SimSection()
     vllm_local: list[VLLMLocalSection] = []
