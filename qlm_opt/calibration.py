@@ -49,6 +49,9 @@ class ModelCalibration:
     request_overhead_s: float | None = None  # trip into and out of the engine (median)
     # per-request overhead minus its median at quantiles 0, 1/(n-1), .., 1 (see IterationModel)
     request_overhead_q: tuple[float, ...] | None = None
+    # step-time factors of the machine's speed per window, at quantiles 0 .. 1
+    slowdown_q: tuple[float, ...] | None = None
+    slowdown_window_s: float | None = None
     swap_s: float | None = None
     kv_capacity_tokens: int | None = None
     block_size: int | None = None
@@ -90,8 +93,9 @@ class Calibration:
         for name, m in d.get("models", {}).items():
             try:
                 kw = {k: m[k] for k in keys if k in m}
-                if kw.get("request_overhead_q") is not None:
-                    kw["request_overhead_q"] = tuple(float(x) for x in kw["request_overhead_q"])
+                for k in ("request_overhead_q", "slowdown_q"):
+                    if kw.get(k) is not None:
+                        kw[k] = tuple(float(x) for x in kw[k])
                 models[name] = ModelCalibration(**kw)
             except TypeError as e:
                 raise ConfigError(f"{path}: field 'models.{name}': {e}") from None
@@ -392,18 +396,41 @@ class _StepRecorder:
             except AttributeError:
                 pass
 
+    def speed_windows(self, p, window_s: float, start: int = 0,
+                      min_steps: int = 20) -> np.ndarray:
+        """Measured over predicted busy time (step model ``p``) per window of ``window_s``
+        of wall time, over the rows from ``start`` on: how the machine's speed varied. Only
+        windows with at least ``min_steps`` timed steps count."""
+        sums: dict[int, list[float]] = {}
+        rows = self.rows[max(start - 1, 0):]
+        for prev, cur in zip(rows, rows[1:]):
+            dt = self._dt(prev, cur)
+            if dt is None:
+                continue
+            pred = float(predict_step_s(p, cur[1], cur[2], prev[3]))
+            acc = sums.setdefault(int(cur[0] // window_s), [0.0, 0.0, 0])
+            acc[0] += dt
+            acc[1] += pred
+            acc[2] += 1
+        return np.array([m / q for m, q, n in sums.values() if n >= min_steps and q > 0])
+
+    @staticmethod
+    def _dt(prev, cur) -> float | None:
+        if not prev[4]:
+            return None
+        if prev[5] >= 0 and cur[5] >= 0 and cur[5] != prev[5] + 1:
+            return None
+        dt = cur[6] if cur[6] > 0 else cur[0] - prev[0]
+        return dt if 0 < dt <= 1.0 else None
+
     def steps(self) -> tuple[list[int], list[int], list[int], list[float]]:
         """(seqs, tokens, kv, seconds) of steps that followed a busy step directly (a step
         after an idle engine also counts the idle time, so it is left out)."""
         seqs, toks, kvs, secs = [], [], [], []
         rows = self.rows
         for prev, cur in zip(rows, rows[1:]):
-            if not prev[4]:
-                continue
-            if prev[5] >= 0 and cur[5] >= 0 and cur[5] != prev[5] + 1:
-                continue
-            dt = cur[6] if cur[6] > 0 else cur[0] - prev[0]
-            if dt <= 0 or dt > 1.0:
+            dt = self._dt(prev, cur)
+            if dt is None:
                 continue
             seqs.append(cur[1])
             toks.append(cur[2])
@@ -445,6 +472,9 @@ def replay(im, trace, max_num_seqs: int, kv_capacity_tokens: int, block_size: in
         out.append((math.nan if f is None else f - r.arrived_at,
                     math.nan if c is None else c - r.arrived_at))
     return out
+
+
+SPEED_WINDOW_S = 1.0  # the profile's windows of the machine's speed
 
 
 async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448),
@@ -536,6 +566,7 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
             t += rng.expovariate(workload_rate)
             out = rng.randint(max(2, decode_tokens // 4), 2 * decode_tokens)
             trace.append((t, rng.randint(lo_p, max(lo_p, min(hi_p, max_len - out - 1))), out))
+        wl_row0 = len(rec.rows)
         t0 = now()
         for at, pl, out in trace:
             delay = t0 + at - now()
@@ -581,6 +612,15 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
     live_e2e = np.array([lis.finished_at[q.id] - q.arrived_at for q in wl_live])
     probe_ro = max(0.0, float(np.median(
         [x - (overhead + s_seq + max(c_tok * pl, m0)) for pl, x in probes]))) if probes else 0.0
+    # How the machine's speed varied over the workload phase, in windows of a second: the
+    # quantiles of measured over predicted busy time, around their median (the load factor
+    # below sets the level). A steady machine gives () and the simulator runs at one speed.
+    slow_q: tuple[float, ...] = ()
+    if wl_live and len(secs) >= 20:
+        ratios = rec.speed_windows((overhead, s_seq, c_tok, m0, m_kv), SPEED_WINDOW_S, wl_row0)
+        if len(ratios) >= 10:
+            sq = np.quantile(ratios, np.linspace(0.0, 1.0, 21)) / float(np.median(ratios))
+            slow_q = tuple(float(x) for x in sq)
     factor, req_over, ro_q = 1.0, probe_ro, None
     if wl_live:
         target = np.log(np.percentile(live_ttft, [50, 90]).tolist()
@@ -594,7 +634,8 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
 
         for f in candidates():
             im = IterationModel(c_tok=c_tok * f, m0=m0 * f, m_kv=m_kv * f,
-                                overhead_s=overhead * f, s_seq=s_seq * f)
+                                overhead_s=overhead * f, s_seq=s_seq * f,
+                                slowdown_q=slow_q, slowdown_window_s=SPEED_WINDOW_S)
             res = np.array(replay(im, tr, seats, kv_cap, bsz, mnbt, max_len))
             # What the deterministic replay misses, request by request, is the overhead:
             # its median, and its spread as quantile offsets (each request of a later run
@@ -630,6 +671,7 @@ async def profile_engine(engine, model: str, prompt_lens=(16, 64, 128, 256, 448)
     cal = ModelCalibration(
         c_tok=c_tok, m0=m0, m_kv=m_kv, overhead_s=overhead, s_seq=s_seq,
         request_overhead_s=req_over, request_overhead_q=ro_q,
+        slowdown_q=slow_q or None, slowdown_window_s=SPEED_WINDOW_S if slow_q else None,
         swap_s=swap, kv_capacity_tokens=st.kv_capacity_tokens or None,
         block_size=getattr(engine, "block_size", None),
         max_num_batched_tokens=getattr(engine, "max_num_batched_tokens", None),

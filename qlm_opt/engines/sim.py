@@ -112,6 +112,7 @@ class SimEngine:
         # a request's trip into and out of the engine: added to its reported event times
         self._egress = iter_model.request_overhead_s if iter_model is not None else 0.0
         self._egress_varies = bool(iter_model is not None and iter_model.request_overhead_q)
+        self._slow = bool(iter_model is not None and iter_model.slowdown_q)
         bs = self.config.block_size
         self.kv_capacity_tokens = kv_capacity_tokens
         self.num_blocks = kv_capacity_tokens // bs
@@ -258,7 +259,11 @@ class SimEngine:
             return None
         n = self._fast_n()
         if n > 0:
-            return self.clock_at + self.iter_model.decode_run_s(self._num_dec, self._kv_used(), n)
+            im = self.iter_model
+            dt = im.decode_run_s(self._num_dec, self._kv_used(), n)
+            if self._slow:
+                dt *= im.slowdown_at(self.clock_at)
+            return self.clock_at + dt
         return self.clock_at
 
     def _fast_n(self) -> int:
@@ -294,8 +299,13 @@ class SimEngine:
             n = self._fast_n()
             if n > 0:
                 b, kv = self._num_dec, self._kv_used()
-                m = im.decode_iters_before(b, kv, n, t - self.clock_at)
-                dt = im.decode_run_s(b, kv, m)
+                if self._slow:  # one speed factor for the whole jump: its window's
+                    f = im.slowdown_at(self.clock_at)
+                    m = im.decode_iters_before(b, kv, n, (t - self.clock_at) / f)
+                    dt = im.decode_run_s(b, kv, m) * f
+                else:
+                    m = im.decode_iters_before(b, kv, n, t - self.clock_at)
+                    dt = im.decode_run_s(b, kv, m)
                 self.clock_at += dt
                 self.busy_s += dt
                 self.iters += m
@@ -414,6 +424,8 @@ class SimEngine:
             self.clock_at += self.iter_model.overhead_s
             return
         dt = self.iter_model.iteration_s(b + new_tokens, kv, b + len(chunks))
+        if self._slow:
+            dt *= self.iter_model.slowdown_at(self.clock_at)
         end = self.clock_at + dt
         self.busy_s += dt
         self.iters += 1

@@ -193,3 +193,37 @@ def test_calibration_file_keeps_the_overhead_distribution(tmp_path):
     assert back.models[name] == mc
     im = iteration_model(cat, name, "cpu", 1, PerfParams(calibration=back))
     assert im.request_overhead_q == Q
+
+
+# -- the machine's speed over time -------------------------------------------------------------
+def test_slowdown_draw_is_per_window_and_deterministic():
+    q = tuple(np.linspace(0.8, 1.6, 21))
+    im = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, slowdown_q=q,
+                        slowdown_window_s=0.5)
+    assert im.slowdown_at(0.1) == im.slowdown_at(0.4)  # one window, one factor
+    draws = np.array([im.slowdown_at(0.5 * w + 0.01) for w in range(5000)])
+    assert draws.min() >= 0.8 - 1e-12 and draws.max() <= 1.6 + 1e-12
+    assert np.percentile(draws, 50) == pytest.approx(1.2, abs=0.03)
+    assert IM.slowdown_at(123.0) == 1.0  # no table: a steady machine
+
+
+def test_sim_slowdown_scales_engine_time():
+    # every window twice as slow: a lone request's engine time doubles, jumps included
+    trace = [(0.0, 120, 40)]
+    base = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4)
+    slow = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4,
+                          slowdown_q=(2.0,) * 21)
+    ((t0, e0),), ((t1, e1),) = _sim_steps(base, trace), _sim_steps(slow, trace)
+    assert t1 == pytest.approx(2 * t0) and e1 == pytest.approx(2 * e0)
+    # a varying speed keeps every request's events ordered and finishes everything
+    rng = np.random.default_rng(3)
+    t, tr = 0.0, []
+    for _ in range(60):
+        t += rng.exponential(0.05)
+        tr.append((t, int(rng.integers(16, 256)), int(rng.integers(2, 80))))
+    vary = IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, s_seq=3e-4,
+                          slowdown_q=tuple(np.linspace(0.7, 2.5, 21)), slowdown_window_s=0.2)
+    res = _sim_steps(vary, tr)
+    ref = _sim_steps(base, tr)
+    assert all(0 < a <= b for a, b in res)
+    assert np.mean([b for _, b in res]) > np.mean([b for _, b in ref])
