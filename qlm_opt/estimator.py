@@ -590,36 +590,13 @@ class RWTEstimator:
         ``overhead + max(c_tok * tokens, memory)``; the last chunk samples the first token.
         ``view`` (of ``inst`` at ``now_at``, with ``st``) reuses what earlier calls on it
         derived."""
-        if view is not None:
-            return self._prefill_phase_view(view, tokens_ahead, own, include_pending)
-        im = self.iter_model_of(inst) if self.iter_model_of else None
-        ratio = self._cal.setdefault(inst.id, _InstCal()).ratio
-        if im is None:
-            _, iter_s, c_tok = self.basics(inst, st)
-            m = (tokens_ahead + own) * c_tok + iter_s
-            return m, (0.3 * iter_s) ** 2
-        b, pend, kv = self._engine_now(inst, st, now_at)
-        cfg = getattr(inst.engine, "config", None)
-        total = getattr(cfg, "max_num_batched_tokens", None) or self.batch_budget
-        budget = float(max(total - b, 1))
-        busy = st.num_running > 0 or st.num_waiting > 0
-        resid_m = resid_v = 0.0
-        q = tokens_ahead + own
-        if busy:
-            flight = min(float(pend), budget) if include_pending else 0.0
-            d = im.iteration_s(int(b + flight), int(kv)) * ratio
-            resid_m, resid_v = 0.5 * d, d * d / 12.0
-            if include_pending:
-                q += max(0.0, pend - budget)
-        n = max(1, int(math.ceil(q / budget - 1e-9)))
-        last = q - (n - 1) * budget
-        t = (n - 1) * im.iteration_s(int(b + budget), int(kv)) + im.iteration_s(
-            int(b + last), int(kv))
-        return resid_m + t * ratio, resid_v
+        if view is None:
+            view = EngineView(inst, st, now_at)
+        return self._prefill_phase_view(view, tokens_ahead, own, include_pending)
 
     def _prefill_phase_view(self, v: EngineView, tokens_ahead: float, own: float,
                             include_pending: bool) -> tuple[float, float]:
-        """``prefill_phase`` on a view: the same arithmetic, the per-engine part done once."""
+        """``prefill_phase`` on a view: the per-engine part is computed once per view."""
         inst = v.inst
         im = v._im
         if im is v:

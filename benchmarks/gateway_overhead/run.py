@@ -91,6 +91,24 @@ def _serve(kind: str, port: int, speedup: float) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
+async def _read_body(receive) -> bytes:
+    body, more = b"", True
+    while more:
+        msg = await receive()
+        body += msg.get("body", b"")
+        more = msg.get("more_body", False)
+    return body
+
+
+async def _relay(send, status: int, content_type: str, chunks) -> None:
+    """Pass an upstream response back as it comes."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode())]})
+    async for chunk in chunks:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
 def _aiohttp_proxy_app(upstream: str):
     """The floor of a Python proxy hop with the client qlm-opt's ``vllm_remote`` engines use
     for completions (aiohttp, keep-alive pool): forward the body to ``upstream`` and pass the
@@ -107,19 +125,9 @@ def _aiohttp_proxy_app(upstream: str):
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0),
                 timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
-        body = b""
-        more = True
-        while more:
-            msg = await receive()
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
-        async with session.post(upstream + scope["path"], data=body,
-                                headers={"content-type": "application/json"}) as r:
-            await send({"type": "http.response.start", "status": r.status,
-                        "headers": [(b"content-type", r.headers["content-type"].encode())]})
-            async for chunk in r.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+        body = await _read_body(receive)
+        async with session.post(upstream + scope["path"], data=body, headers=_JSON) as r:
+            await _relay(send, r.status, r.headers["content-type"], r.content.iter_any())
 
     return app
 
@@ -137,21 +145,15 @@ def _proxy_app(upstream: str):
             return
         if client is None:
             client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
-        body = b""
-        more = True
-        while more:
-            msg = await receive()
-            body += msg.get("body", b"")
-            more = msg.get("more_body", False)
+        body = await _read_body(receive)
         async with client.stream("POST", upstream + scope["path"], content=body,
-                                 headers={"content-type": "application/json"}) as r:
-            await send({"type": "http.response.start", "status": r.status_code,
-                        "headers": [(b"content-type", r.headers["content-type"].encode())]})
-            async for chunk in r.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+                                 headers=_JSON) as r:
+            await _relay(send, r.status_code, r.headers["content-type"], r.aiter_raw())
 
     return app
+
+
+_JSON = {"content-type": "application/json"}
 
 
 def _free_port() -> int:

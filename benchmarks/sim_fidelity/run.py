@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import random
 import sys
@@ -59,11 +58,6 @@ def new_engine(model_dir: str):
     cfg = VllmEngineConfig(max_num_seqs=MAX_NUM_SEQS, ignore_eos=True,
                            extra={"enable_logging_iteration_details": True})
     return VllmLocalEngine(0, NAME, {NAME: model_dir}, cfg)
-
-
-def quiet_vllm_step_log() -> None:
-    """The iteration details come with one INFO line per engine step: drop those."""
-    logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
 
 
 async def run_live(model_dir: str, wl, eng=None) -> list[Request]:
@@ -201,7 +195,6 @@ def main() -> None:
     a = ap.parse_args()
     global PROFILE_REQUESTS
     PROFILE_REQUESTS = a.profile_requests
-    quiet_vllm_step_log()
     tmp = tempfile.TemporaryDirectory()
     model_dir = a.model
     if model_dir is None:

@@ -96,13 +96,10 @@ def _spread(cal) -> str:
 async def _run(model: Path, name: str, bsz, plens, decode_tokens, repeats, swap,
                max_model_len, kv_cache_mib, dtype, workload_requests=100, workload_rate=4.0,
                max_num_seqs=None):
-    import logging
-
     from qlm_opt.calibration import profile_engine
     from qlm_opt.engines.vllm_local import VllmEngineConfig, VllmLocalEngine
 
-    # per-step scheduler details for the step fit; vLLM logs each step at INFO with them
-    logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
+    # per-step scheduler details for the step fit (the engine silences vLLM's line per step)
     cfg = VllmEngineConfig(max_num_seqs=max_num_seqs or max(bsz), max_model_len=max_model_len,
                            kv_cache_memory_bytes=kv_cache_mib << 20, dtype=dtype,
                            ignore_eos=True,

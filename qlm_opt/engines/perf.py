@@ -39,6 +39,15 @@ _MASK64 = (1 << 64) - 1
 _TWO64 = float(1 << 64)
 
 
+def _draw(q: tuple[float, ...], key: int, mult: int, add: int) -> float:
+    """A deterministic draw from the distribution given by values ``q`` at evenly spaced
+    quantiles: ``key`` hashed (multiplicative, 64-bit) to a uniform, then interpolated."""
+    u = ((key * mult + add) & _MASK64) / _TWO64
+    x = u * (len(q) - 1)
+    i = int(x)
+    return q[i] if i >= len(q) - 1 else q[i] + (q[i + 1] - q[i]) * (x - i)
+
+
 @dataclass(frozen=True, slots=True)
 class IterationModel:
     """Per-(model, GPU, tp) constants of the roofline, precomputed for the hot path.
@@ -73,11 +82,8 @@ class IterationModel:
         q = self.slowdown_q
         if not q:
             return 1.0
-        w = int(t // self.slowdown_window_s)
-        u = ((w * 0xD1B54A32D192ED03 + 0x8CB92BA72F3D8DD7) & _MASK64) / _TWO64
-        x = u * (len(q) - 1)
-        i = int(x)
-        return q[i] if i >= len(q) - 1 else q[i] + (q[i + 1] - q[i]) * (x - i)
+        return _draw(q, int(t // self.slowdown_window_s), 0xD1B54A32D192ED03,
+                     0x8CB92BA72F3D8DD7)
 
     def request_overhead_for(self, request_id: int) -> float:
         """The overhead of one request: a deterministic draw (a hash of its id) from the
@@ -85,11 +91,8 @@ class IterationModel:
         q = self.request_overhead_q
         if not q:
             return self.request_overhead_s
-        u = ((request_id * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & _MASK64) / _TWO64
-        x = u * (len(q) - 1)
-        i = int(x)
-        off = q[i] if i >= len(q) - 1 else q[i] + (q[i + 1] - q[i]) * (x - i)
-        v = self.request_overhead_s + off
+        v = self.request_overhead_s + _draw(q, request_id, 0x9E3779B97F4A7C15,
+                                            0x632BE59BD9B4E019)
         return v if v > 0.0 else 0.0
 
     def iteration_s(self, num_tokens: int, kv_tokens: int, num_seqs: int = 0) -> float:

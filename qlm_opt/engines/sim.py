@@ -336,11 +336,16 @@ class SimEngine:
         self._remove_running(req)
         req._eng = None
         req.state = RequestState.FINISHED
-        at += (self.iter_model.request_overhead_for(req.id) if self._egress_varies
-               else self._egress)
+        at += self._egress_of(req)
         req.completed_at = at
         req.finish_reason = "length" if st.out_cap < req.output_tokens else "stop"
         self.listener.on_finished(req, at)
+
+    def _egress_of(self, req: Request) -> float:
+        """The request's trip into and out of the engine (calibrated engines only)."""
+        if self._egress_varies:
+            return self.iter_model.request_overhead_for(req.id)
+        return self._egress
 
     def _remove_running(self, req: Request) -> None:
         st = req._eng
@@ -443,9 +448,7 @@ class SimEngine:
                 r.num_generated += 1
                 self.generated_tokens += 1
                 if r.first_token_at is None:
-                    r.first_token_at = end + (
-                        self.iter_model.request_overhead_for(r.id) if self._egress_varies
-                        else self._egress)
+                    r.first_token_at = end + self._egress_of(r)
                     self.listener.on_first_token(r, r.first_token_at)
                 if r.num_generated >= st.out_cap:
                     self._num_dec += 1  # _finish -> _remove_running undoes this
