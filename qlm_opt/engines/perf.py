@@ -33,10 +33,15 @@ class PerfParams:
     # qlm_opt.calibration.Calibration from `qlm-opt profile`: measured constants per
     # (model, device) that replace the roofline where present
     calibration: object | None = None
+    # Which sample of a calibration's measured noise (per-request overhead, the machine's
+    # speed per window) a run draws: runs with different seeds sample it independently.
+    noise_seed: int = 0
 
 
 _MASK64 = (1 << 64) - 1
 _TWO64 = float(1 << 64)
+# A seed rotates every draw's uniform by a golden-ratio step: seeds 0, 1, 2, .. spread evenly.
+_SEED_STEP = 0x9E3779B97F4A7C15
 
 
 def _draw(q: tuple[float, ...], key: int, mult: int, add: int) -> float:
@@ -75,6 +80,7 @@ class IterationModel:
     # (``slowdown_at``). () means a steady machine.
     slowdown_q: tuple[float, ...] = ()
     slowdown_window_s: float = 1.0
+    noise_seed: int = 0  # PerfParams.noise_seed: shifts every draw below
 
     def slowdown_at(self, t: float) -> float:
         """The step-time factor of the window holding time ``t``: a deterministic draw (a
@@ -83,7 +89,7 @@ class IterationModel:
         if not q:
             return 1.0
         return _draw(q, int(t // self.slowdown_window_s), 0xD1B54A32D192ED03,
-                     0x8CB92BA72F3D8DD7)
+                     0x8CB92BA72F3D8DD7 + self.noise_seed * _SEED_STEP)
 
     def request_overhead_for(self, request_id: int) -> float:
         """The overhead of one request: a deterministic draw (a hash of its id) from the
@@ -92,7 +98,7 @@ class IterationModel:
         if not q:
             return self.request_overhead_s
         v = self.request_overhead_s + _draw(q, request_id, 0x9E3779B97F4A7C15,
-                                            0x632BE59BD9B4E019)
+                                            0x632BE59BD9B4E019 + self.noise_seed * _SEED_STEP)
         return v if v > 0.0 else 0.0
 
     def iteration_s(self, num_tokens: int, kv_tokens: int, num_seqs: int = 0) -> float:
@@ -149,7 +155,8 @@ def iteration_model(
                               request_overhead_s=cal.request_overhead_s or 0.0,
                               request_overhead_q=tuple(cal.request_overhead_q or ()),
                               slowdown_q=tuple(cal.slowdown_q or ()),
-                              slowdown_window_s=cal.slowdown_window_s or 1.0)
+                              slowdown_window_s=cal.slowdown_window_s or 1.0,
+                              noise_seed=perf.noise_seed)
     m, g = catalog.model(model), catalog.gpu(gpu)
     eff = 1.0 if tp == 1 else perf.tp_efficiency
     flops = tp * g.flops * perf.mfu * eff

@@ -207,6 +207,28 @@ def test_slowdown_draw_is_per_window_and_deterministic():
     assert IM.slowdown_at(123.0) == 1.0  # no table: a steady machine
 
 
+def test_noise_seed_resamples_the_draws_with_the_same_distribution():
+    q = tuple(np.linspace(0.8, 1.6, 21))
+    ims = [IterationModel(c_tok=3e-5, m0=0.0, m_kv=0.0, overhead_s=2e-3, slowdown_q=q,
+                          request_overhead_s=4e-3, request_overhead_q=Q, noise_seed=s)
+           for s in range(3)]
+    windows = [[im.slowdown_at(w + 0.5) for w in range(4000)] for im in ims]
+    overheads = [[im.request_overhead_for(i) for i in range(4000)] for im in ims]
+    for a, b in ((0, 1), (1, 2), (0, 2)):  # another sample: most draws differ
+        assert np.mean(np.isclose(windows[a], windows[b])) < 0.05
+        assert np.mean(np.isclose(overheads[a], overheads[b])) < 0.05
+    for ws, os_ in zip(windows, overheads):  # of the same distribution
+        assert np.percentile(ws, 50) == pytest.approx(1.2, abs=0.03)
+        assert np.percentile(os_, 90) == pytest.approx(4e-3 - 2e-3 + 8e-3 * 0.9, abs=2e-4)
+    # a fleet's [perf] noise_seed reaches the iteration model
+    cat = Catalog.load()
+    name = next(iter(cat.models))
+    cal = Calibration("cpu", {name: ModelCalibration(c_tok=1e-5, m0=0.0, m_kv=0.0,
+                                                    overhead_s=2e-3, slowdown_q=q)})
+    im = iteration_model(cat, name, "cpu", 1, PerfParams(calibration=cal, noise_seed=5))
+    assert im.noise_seed == 5
+
+
 def test_sim_slowdown_scales_engine_time():
     # every window twice as slow: a lone request's engine time doubles, jumps included
     trace = [(0.0, 120, 40)]
