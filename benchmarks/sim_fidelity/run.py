@@ -155,7 +155,7 @@ def summary(reqs) -> dict[str, float]:
 PROMPTS, OUTPUTS = (16, 256), (16, 128)  # the workload's shape (workload() above)
 
 
-def print_profile(cal: Calibration, raw: dict) -> None:
+def print_profile(raw: dict) -> None:
     import statistics
 
     # the profile's own workload, live: how far the machine drifts between it and the runs
@@ -171,7 +171,7 @@ async def profile_once(eng, requests: int, rate: float) -> tuple[Calibration, di
                                     batch_sizes=(1, 2, 4, 8, 16), decode_tokens=64,
                                     measure_swap=False, seed=1000,
                                     workload_requests=requests, workload_rate=rate)
-    print_profile(cal, raw)
+    print_profile(raw)
     return Calibration("cpu", {NAME: cal}), raw
 
 
@@ -209,11 +209,11 @@ async def repetitions(model_dir: str, wls: list, cal_file: Calibration | None,
             lives.append(live)
         if prof is not None:
             mc, raw = prof.fit()
-            print_profile(mc, raw)
+            print_profile(raw)
             cal = Calibration("cpu", {NAME: mc})
     finally:
         await eng.shutdown()
-    return [(cal, live) for live in lives], raw
+    return cal, lives, raw
 
 
 def main() -> None:
@@ -245,14 +245,12 @@ def main() -> None:
     # each repetition its own draw of the workload (seed, seed + 1, ..): the pooled numbers
     # then average over workloads as well as over the machine's drift
     wls = [workload(a.requests, a.rate, a.seed + k) for k in range(a.reps)]
-    runs, raw = asyncio.run(repetitions(model_dir, wls, cal_file, a.method,
-                                   a.profile_requests, a.rate))
+    cal, lives, raw = asyncio.run(repetitions(model_dir, wls, cal_file, a.method,
+                                              a.profile_requests, a.rate))
     print(f"\nworkload: {a.requests} requests, Poisson {a.rate}/s, prompt 16-256, output 16-128,"
           f" 1 instance, fcfs, max_num_seqs {MAX_NUM_SEQS}; {a.reps} repetitions; calibration:"
           f" {a.calibration or a.method}")
-    cal = runs[0][0]
     print(describe(cal.models[NAME]))
-    lives = [live for _, live in runs]
     sims = []
     print("\nper repetition: simulator vs the live run it replays (its workload, its actual"
           " arrival times)")

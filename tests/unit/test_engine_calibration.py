@@ -227,6 +227,12 @@ def test_noise_seed_resamples_the_draws_with_the_same_distribution():
                                                     overhead_s=2e-3, slowdown_q=q)})
     im = iteration_model(cat, name, "cpu", 1, PerfParams(calibration=cal, noise_seed=5))
     assert im.noise_seed == 5
+    from qlm_opt.config import Fleet
+    from tests.conftest import small_fleet_dict
+
+    assert Fleet.from_dict({**small_fleet_dict(), "perf": {"noise_seed": 7}}).perf.noise_seed == 7
+    with pytest.raises(ValueError, match="noise_seed"):
+        Fleet.from_dict({**small_fleet_dict(), "perf": {"noise_seed": -1}})
 
 
 def test_sim_slowdown_scales_engine_time():
