@@ -109,34 +109,9 @@ async def _relay(send, status: int, content_type: str, chunks) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def _aiohttp_proxy_app(upstream: str):
-    """The floor of a Python proxy hop with the client qlm-opt's ``vllm_remote`` engines use
-    for completions (aiohttp, keep-alive pool): forward the body to ``upstream`` and pass the
-    response back as it comes."""
-    import aiohttp
-
-    session = None
-
-    async def app(scope, receive, send):
-        nonlocal session
-        if scope["type"] != "http":
-            return
-        if session is None:
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0),
-                timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
-        body = await _read_body(receive)
-        async with session.post(upstream + scope["path"], data=body, headers=_JSON) as r:
-            await _relay(send, r.status, r.headers["content-type"], r.content.iter_any())
-
-    return app
-
-
-def _proxy_app(upstream: str):
-    """A Python proxy hop with httpx (the client qlm-opt used for completions before
-    aiohttp): forward the body to ``upstream`` and pass the response back as it comes."""
-    import httpx
-
+def _proxy(new_client, forward):
+    """An ASGI app that passes every request's body to ``forward(client, path, body, send)``
+    with one client, made on first use (inside the server's loop)."""
     client = None
 
     async def app(scope, receive, send):
@@ -144,13 +119,43 @@ def _proxy_app(upstream: str):
         if scope["type"] != "http":
             return
         if client is None:
-            client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
-        body = await _read_body(receive)
-        async with client.stream("POST", upstream + scope["path"], content=body,
-                                 headers=_JSON) as r:
-            await _relay(send, r.status_code, r.headers["content-type"], r.aiter_raw())
+            client = new_client()
+        await forward(client, scope["path"], await _read_body(receive), send)
 
     return app
+
+
+def _aiohttp_proxy_app(upstream: str):
+    """The floor of a Python proxy hop with the client qlm-opt's ``vllm_remote`` engines use
+    for completions (aiohttp, keep-alive pool): forward the body to ``upstream`` and pass the
+    response back as it comes."""
+    import aiohttp
+
+    def new_client():
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=aiohttp.ClientTimeout(total=None),
+                                     auto_decompress=False)
+
+    async def forward(session, path, body, send):
+        async with session.post(upstream + path, data=body, headers=_JSON) as r:
+            await _relay(send, r.status, r.headers["content-type"], r.content.iter_any())
+
+    return _proxy(new_client, forward)
+
+
+def _proxy_app(upstream: str):
+    """A Python proxy hop with httpx (the client qlm-opt used for completions before
+    aiohttp): forward the body to ``upstream`` and pass the response back as it comes."""
+    import httpx
+
+    def new_client():
+        return httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None))
+
+    async def forward(client, path, body, send):
+        async with client.stream("POST", upstream + path, content=body, headers=_JSON) as r:
+            await _relay(send, r.status_code, r.headers["content-type"], r.aiter_raw())
+
+    return _proxy(new_client, forward)
 
 
 _JSON = {"content-type": "application/json"}
