@@ -1,32 +1,51 @@
-"""The executor: turns a ``Plan`` into LLM Serving Operations on the fleet.
+"""The executor: the one place that issues LLM Serving Operations on the fleet.
 
-It compares the plan with the current state and issues, through the ``Runtime``:
-- **Swap** where the plan gives an instance another model *and* the on-time weight the plan
-  puts on that instance under the new model exceeds the swap's cost (in the objective's own
-  units), and the instance has not swapped within ``min_swap_interval_s`` (no thrashing).
-  Running requests are evicted (they keep their tokens and resume elsewhere by recompute), so
-  the swap starts at once instead of waiting for long batch requests to drain.
-- **Rebalance**: a queued group whose planned instance differs from its virtual queue moves
-  there (queued work only; running requests never move).
-Pull and Evict happen continuously in the policy (``QLMRWTPolicy._pump``/``_maybe_evict``),
-because they react to capacity freeing between epochs.
+Policies decide; the executor acts, through the ``Runtime``. Both global-queue policies use
+it: ``qlm`` feeds it the CP-SAT plan every epoch, ``qlm-rwt`` its RWT heuristics.
 
-Every LSO is counted in ``Runtime.lso_counts`` and logged at DEBUG; ``apply`` returns the
-epoch's counts for the one summary line per epoch.
+- **Apply a plan** (``apply``), once per epoch:
+  - *swap* where the plan gives an instance another model and the on-time weight the plan
+    puts on that instance under the new model exceeds the swap's cost, both in the
+    objective's units (``ObjectiveWeights.swap_penalty`` against ``on_time`` x weight), at
+    most once per ``min_swap_interval_s`` per instance. A plan that serves groups of the
+    current model first and then swaps ("serve these, then swap") keeps those groups on the
+    instance: they drain before the swap starts;
+  - *rebalance*: a queued group moves to its planned instance when that gains something;
+  - *order*: a group the plan cannot get on time goes behind the on-time ones in its
+    instance's virtual queue (``RequestGroup.tier``), so it does not push them late
+    (Moore-Hodgson's rule, weighted and across instances, is what the knapsack solves).
+- **Pull** (``pull``), on every event that frees capacity: an instance with a free seat takes
+  the head of its virtual queue; at most ``engine_slack`` requests wait inside an engine, so
+  the global queue keeps control of order and placement. A request that can no longer make
+  its deadline goes to its model's *late lane*, served when nothing on time waits.
+- **Steal** (``steal``): an idle instance takes the head group of the busiest instance of
+  the same model.
+- **Evict** (``evict_for``): running lower-priority requests whose first token is out and
+  whose recompute is cheap are aborted to seat an urgent group; they keep their tokens and
+  resume by recompute.
+- **Swap** (``swap``): drain and load another model; the instance's queued groups go back to
+  the pool (or stay, to be served first, when the plan says so).
+
+Every LSO is counted in ``Runtime.lso_counts``; ``apply`` returns the epoch's counts for the
+policy's one summary line per epoch.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qlm_opt.planner import Plan, PlanningInstance
+from qlm_opt.domain import Request
+from qlm_opt.planner.instance import REQUEST_WEIGHT
 from qlm_opt.queue import UNPLACED, GlobalQueue, RequestGroup
 from qlm_opt.runtime import InstanceState
 
 if TYPE_CHECKING:
+    from qlm_opt.planner import Plan, PlanningInstance
     from qlm_opt.runtime import Instance, Runtime
 
 log = logging.getLogger(__name__)
@@ -34,38 +53,262 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class ExecutorConfig:
-    min_swap_interval_s: float = 60.0  # an instance swaps at most this often
+    # An instance keeps a model at least this long, and at least `min_dwell_swaps` times
+    # the swap that loaded it: a swap must pay for itself before the next one (no thrashing);
+    # the swap penalty in the objective says when it is worth it at all.
+    min_swap_interval_s: float = 10.0
+    min_dwell_swaps: float = 5.0
     evict_on_swap: bool = False  # evict running requests instead of draining them
+    engine_slack: int = 4  # requests that may wait inside an engine
+    evict_max_recompute_tokens: int = 256  # only victims this cheap to recompute
+    max_victims: int = 8  # evictions per urgent group
+    demote_late: bool = True  # plan-late groups go behind on-time ones
+    rebalance: bool = True  # move queued groups to their planned instance when it gains
+    rebalance_horizon_s: float = 60.0  # only groups due within this are moved by the plan
 
 
 class Executor:
-    """Applies plans to the fleet; see the module docstring."""
+    """Issues LSOs; see the module docstring.
 
-    def __init__(self, rt: Runtime, gq: GlobalQueue, config: ExecutorConfig | None = None):
+    ``basics(inst)`` -> (seats, iteration s, prefill s per token) of an instance (from the
+    RWT estimator) decides when a request is past hope; ``on_late(req)`` is called when one
+    goes to the late lane, ``predicts_miss(group, inst)`` (set by ``qlm``) when a rebalance
+    must gain. All three are the policy's: it owns the estimator.
+    """
+
+    def __init__(self, rt: Runtime, gq: GlobalQueue, config: ExecutorConfig | None = None,
+                 basics: Callable | None = None, on_late: Callable | None = None):
         self.rt = rt
         self.gq = gq
         self.config = config or ExecutorConfig()
+        self.basics = basics
+        self.on_late = on_late
+        self.predicts_miss: Callable | None = None
         self._last_swap_at: dict[int, float] = {}  # instance id -> clock time of last swap
-        # (group, instance) -> whether the group is predicted to miss its deadline there;
-        # set by the policy (it owns the estimator)
-        self.predicts_miss = None
+        # instance id -> model it swaps to once its queued groups of the old model drain
+        self.swap_after: dict[int, str] = {}
+        self.late: dict[str, deque[Request]] = {}  # model -> requests past hope, FIFO
+        self.num_late_queued = 0
+        self.num_late = 0  # requests ever sent to a late lane
+        self.num_rebalanced = 0
         self.totals: Counter[str] = Counter()
+        self.requeued: list[Request] = []
 
+    # -- pull --------------------------------------------------------------------------------
+    def has_seat(self, inst: Instance) -> bool:
+        st = inst.engine.stats()
+        return (st.num_waiting < self.config.engine_slack
+                and st.num_running + st.num_waiting < st.max_num_seqs)
+
+    def pull(self, inst: Instance) -> None:
+        """Feed ``inst`` from its virtual queue (then its model's late lane) while it has
+        seats. At most ``engine_slack`` requests due no later than the next one wait inside
+        the engine: work due later (batch) waiting there does not hold an urgent request back
+        in the global queue (the engine orders its waiting queue by deadline, so it goes
+        first), while the urgent backlog an engine holds stays bounded, so the global queue
+        still decides what is past hope (EDF's domino effect). A request past hope moves to
+        its model's late lane instead."""
+        rt = self.rt
+        if not inst.ready:
+            return
+        now = rt.now()
+        slack = self.config.engine_slack
+        vq = self.gq.vq(inst.id)
+        # (seats, iteration s, prefill s per token): read when first needed (most pulls find
+        # no seat); a dispatch does not change them (engine events reach the policy later).
+        basics = None
+        waiting_at = None  # sorted deadlines waiting in the engine, once at the slack limit
+        while True:
+            st = inst.engine.stats()
+            if st.num_running + st.num_waiting >= st.max_num_seqs:
+                return
+            g = vq.head()
+            if g is None and st.num_waiting < slack and self.steal(inst):
+                g = vq.head()
+            if st.num_waiting >= slack:
+                if g is None:
+                    return
+                if waiting_at is None:
+                    waiting_at = sorted(r.deadline_at for r in inst.engine.waiting_requests())
+                due_at = g.members[0][2].deadline_at
+                if bisect.bisect_right(waiting_at, due_at) >= slack:
+                    return
+                bisect.insort(waiting_at, due_at)
+            if g is None:
+                self._maybe_swap_after(inst, now)
+                lane = self.late.get(inst.model)
+                if not lane:
+                    return
+                req = lane.popleft()
+                self.num_late_queued -= 1
+                rt.dispatch(req, inst, (req.deadline_at, req.id))
+                continue
+            req = self.gq.pop(inst.id)
+            if basics is None and self.basics is not None:
+                basics = self.basics(inst)
+            if (basics is not None and req.first_token_at is None
+                    and now + req.prompt_tokens * basics[2] + basics[1] > req.deadline_at):
+                self._to_late_lane(req)
+                continue
+            rt.dispatch(req, inst, (req.deadline_at, req.id))
+
+    def _to_late_lane(self, req: Request) -> None:
+        self.late.setdefault(req.model, deque()).append(req)
+        self.num_late_queued += 1
+        self.num_late += 1
+        if self.on_late is not None:
+            self.on_late(req)
+
+    def remove_late(self, req: Request) -> bool:
+        lane = self.late.get(req.model)
+        if lane and req in lane:
+            lane.remove(req)
+            self.num_late_queued -= 1
+            return True
+        return False
+
+    # -- rebalance ---------------------------------------------------------------------------
+    def steal(self, inst: Instance) -> bool:
+        """Move the head group of the busiest same-model instance to idle ``inst``."""
+        if inst.id in self.swap_after:
+            return False  # it is about to leave its model
+        donors = [
+            i for i in self.rt.ready_instances(inst.model)
+            if i is not inst and self.gq.vq(i.id).num_requests > 0
+        ]
+        if not donors:
+            return False
+        donor = max(donors, key=lambda i: self.gq.vq(i.id).num_requests)
+        g = self.gq.vq(donor.id).head()
+        if g is None:
+            return False
+        self._move(g, inst.id)
+        return True
+
+    def _move(self, g: RequestGroup, instance_id: int) -> None:
+        self.gq.place(g, instance_id)
+        self.num_rebalanced += g.size
+        self.rt.lso_counts["rebalance"] += g.size
+
+    # -- evict -------------------------------------------------------------------------------
+    def victims_for(self, inst: Instance, g: RequestGroup) -> list[Request]:
+        """Running requests of lower priority than ``g``'s head whose first token is out and
+        whose recompute (prompt + generated tokens) is cheap, cheapest first, at most one per
+        member of ``g`` (and ``max_victims``)."""
+        pr = g.members[0][2].priority
+        # An evicted request recomputes prompt + generated tokens on what is usually a
+        # saturated instance: only cheap victims are worth it (measured on the conv trace:
+        # a 256-token cap keeps the attainment of evicting and the throughput of not).
+        cap = self.config.evict_max_recompute_tokens
+        # a live engine knows only what it streamed back: Request.num_generated
+        gen = getattr(inst.engine, "num_generated", None) or (lambda r: r.num_generated)
+        return sorted(
+            (r for r in inst.engine.running_requests()
+             if r.priority > pr and r.first_token_at is not None and r.tpot_s is None
+             and r.prompt_tokens + gen(r) <= cap),
+            key=lambda r: (-r.priority, r.prompt_tokens + gen(r)),
+        )[: min(g.size, self.config.max_victims)]
+
+    def evict_for(self, inst: Instance, g: RequestGroup, now_at: float) -> int:
+        """Evict ``victims_for(inst, g)`` to seat ``g``. The victims go back to their groups
+        and keep their tokens. Returns how many were evicted."""
+        victims = self.victims_for(inst, g)
+        n = 0
+        for v in victims:
+            got = self.rt.evict(inst, v.id)
+            if got is not None:
+                n += 1
+                gg, _ = self.gq.requeue(got, now_at)
+                if gg.instance_id == UNPLACED:
+                    self.gq.place(gg, inst.id)
+        return n
+
+    # -- swap --------------------------------------------------------------------------------
     def can_swap(self, inst: Instance, now_at: float) -> bool:
         last = self._last_swap_at.get(inst.id)
-        return inst.ready and (last is None or now_at - last >= self.config.min_swap_interval_s)
+        if not inst.ready:
+            return False
+        if last is None:
+            return True
+        dwell = max(self.config.min_swap_interval_s,
+                    self.config.min_dwell_swaps * self.rt.swap_time_s(inst, inst.model))
+        return now_at - last >= dwell
 
-    def apply(self, plan: Plan, pi: PlanningInstance, now_at: float) -> Counter[str]:
-        """Issue the LSOs that move the fleet towards ``plan``. Returns this epoch's counts.
-        Requests that come back from an engine (evicted for a swap) are returned to the
-        global queue by the caller through ``requeued``."""
+    def swap(self, inst: Instance, model: str, now_at: float) -> list[Request]:
+        """Drain ``inst`` and load ``model``. Its queued groups go to the pool (re-placed by
+        the caller); requests taken back from the engine are returned for re-queueing."""
+        rt = self.rt
+        self.swap_after.pop(inst.id, None)
+        for g in list(self.gq.vq(inst.id).groups.values()):
+            self.gq.place(g, UNPLACED)
+        back: list[Request] = []
+        if self.config.evict_on_swap:
+            for r in list(inst.engine.running_requests()):
+                got = rt.evict(inst, r.id)
+                if got is not None:
+                    back.append(got)
+        back.extend(rt.drain_and_swap(inst, model))
+        self._last_swap_at[inst.id] = now_at
+        log.debug("swap instance %d -> %s", inst.id, model)
+        return back
+
+    def _maybe_swap_after(self, inst: Instance, now_at: float) -> None:
+        """"Serve these groups, then swap": the instance's queue of its old model is empty."""
+        model = self.swap_after.get(inst.id)
+        if model is None or self.gq.vq(inst.id).num_requests:
+            return
+        for r in self.swap(inst, model, now_at):
+            self.gq.requeue(r, now_at)  # unplaced: the policy places it on its next pass
+
+    def cover(self, model: str, cost: Callable | None = None) -> list[Request] | None:
+        """Coverage: swap some instance to ``model`` when none holds it and none is on the
+        way (requests must complete even where no plan finds them worth a swap). The victim
+        is the least-loaded instance that is not the last holder of its model, or the one
+        with the lowest ``cost(instance)``. Returns the requests taken back from its engine,
+        or None when no swap started."""
+        rt = self.rt
+        if rt.ready_instances(model) or any(i.swap_to == model for i in rt.instances):
+            return None
+        if any(m == model for m in self.swap_after.values()):
+            return None
+        cands = [i for i in rt.instances if i.ready and rt.fleet.can_serve(i.spec, model)]
+        if not cands:
+            return None
+        held: dict[str | None, int] = {}
+        for i in rt.instances:
+            if i.ready:
+                held[i.model] = held.get(i.model, 0) + 1
+
+        def least_loaded(i: Instance) -> tuple:
+            load = i.engine.load() + self.gq.vq(i.id).num_requests
+            return (held.get(i.model, 0) <= 1 and load > 0, load, i.id)
+
+        victim = min(cands, key=cost or least_loaded)
+        self.totals["cover_swap"] += 1
+        return self.swap(victim, model, rt.now())
+
+    # -- plans -------------------------------------------------------------------------------
+    def apply(self, plan: Plan, pi: PlanningInstance, now_at: float,
+              members: Mapping[str, Sequence[RequestGroup]] | None = None) -> Counter[str]:
+        """Issue the LSOs that move the fleet towards ``plan``; returns this epoch's counts.
+        ``members`` maps a planning group's id to the queue groups it stands for (the
+        planner may see several queue groups as one); by default a planning group is the
+        queue group of the same id. Requests that come back from an engine (taken back for a
+        swap) are left in ``requeued`` for the caller to return to the global queue."""
         rt = self.rt
         counts: Counter[str] = Counter()
-        groups = {str(g.id): g for g in self.gq.groups.values()}
-        weights = {g.id: g.weight for g in pi.groups}
-        models = {g.id: g.model for g in pi.groups}
-        swap_cost = pi.weights.swap_penalty
-        self.requeued: list = []
+        if members is None:
+            members = {str(g.id): (g,) for g in self.gq.groups.values()}
+        live = self.gq.groups
+
+        def queued(gid: str) -> list[RequestGroup]:
+            return [g for g in members.get(gid, ()) if g.id in live and g.size > 0]
+
+        by_id = pi.group_by_id()
+        w = pi.weights
+        # the executor's swap rule and the objective's swap term in one unit
+        swap_cost = w.swap_penalty
+        self.requeued = []
         for ip in plan.instances:
             inst = rt.instances[ip.instance_id]
             target = ip.final_model
@@ -75,63 +318,74 @@ class Executor:
                 continue
             # Forecast groups (expected arrivals) count too: that is what makes a swap last.
             gain = sum(
-                weights.get(gid, 0)
-                for gid in ip.group_ids
-                if plan.timings.get(gid) is not None and plan.timings[gid].on_time
-                and models.get(gid) == target
+                by_id[gid].weight for gid in ip.group_ids
+                if gid in by_id and by_id[gid].model == target
+                and plan.timings.get(gid) is not None and plan.timings[gid].on_time
             )
-            if gain <= swap_cost:
+            if w.on_time * gain <= swap_cost:
                 continue
-            self._swap(inst, target, now_at)
+            # "Serve these groups, then swap": the plan serves groups of the current model
+            # first; keep them here and swap when they are done.
+            keep = [g for gid in ip.group_ids if plan.timings[gid].on_time
+                    for g in queued(gid) if g.model == inst.model]
+            if keep:
+                self.swap_after[inst.id] = target
+                for g in list(self.gq.vq(inst.id).groups.values()):
+                    if g not in keep:
+                        self.gq.place(g, UNPLACED)
+                for g in keep:
+                    if g.instance_id != inst.id:
+                        self._move(g, inst.id)
+                counts["swap_after"] += 1
+                continue
+            self.requeued.extend(self.swap(inst, target, now_at))
             counts["swap"] += 1
         for ip in plan.instances:
             inst = rt.instances[ip.instance_id]
             holds = inst.swap_to if inst.state != InstanceState.READY else inst.model
-            for gid in ip.group_ids:
-                g = groups.get(gid)
-                if g is None or g.instance_id == ip.instance_id or g.model != holds:
+            for gid, g in ((gid, g) for gid in ip.group_ids for g in queued(gid)):
+                t = plan.timings.get(gid)
+                if self.config.demote_late and t is not None:
+                    self.gq.set_tier(g, 0 if t.on_time else 1)
+                if g.instance_id == ip.instance_id or g.model != holds:
                     continue
-                if inst.state == InstanceState.DRAINING:
+                if inst.state == InstanceState.DRAINING or (
+                        inst.id in self.swap_after and g.model == inst.model):
                     continue
                 moved = g.instance_id != UNPLACED
-                if moved and not self._should_move(g, plan, gid):
+                if moved and not self._should_move(g, plan, gid, inst):
                     continue
-                self.gq.place(g, ip.instance_id)
                 if moved:
+                    self._move(g, ip.instance_id)
                     counts["rebalance"] += g.size
-                    rt.lso_counts["rebalance"] += g.size
                     log.debug("rebalance group %s (%d requests) -> instance %d", gid, g.size,
                               ip.instance_id)
+                else:
+                    self.gq.place(g, ip.instance_id)
         self.totals.update(counts)
         return counts
 
-    def _should_move(self, g: RequestGroup, plan: Plan, gid: str) -> bool:
+    def _should_move(self, g: RequestGroup, plan: Plan, gid: str, to: Instance) -> bool:
         """Rebalance a queued group only when it gains: its instance is leaving its model, or
-        the plan has it on time where it goes while the estimator predicts a miss where it
-        is. Moving every group the plan happens to put elsewhere churns (equal instances are
-        interchangeable to the solver) and costs KV preemptions."""
+        the plan has it on time where it goes and the estimator predicts a miss where it is
+        but not where it goes. Moving every group the plan happens to put elsewhere churns
+        (equal instances are interchangeable to the solver); under overload, where the
+        estimator predicts misses everywhere, the plan's snapshot alone moved groups back
+        and forth between two instances every epoch."""
         cur = self.rt.instances[g.instance_id]
-        if not cur.ready or cur.model != g.model:
+        if not cur.ready or cur.model != g.model or cur.id in self.swap_after:
             return True
+        if not self.config.rebalance:
+            return False
         t = plan.timings.get(gid)
         if t is None or not t.on_time:
             return False
-        return self.predicts_miss is not None and self.predicts_miss(g, cur)
-
-    def _swap(self, inst: Instance, model: str, now_at: float) -> None:
-        rt = self.rt
-        for g in list(self.gq.vq(inst.id).groups.values()):
-            self.gq.place(g, UNPLACED)  # its queued groups are re-placed by the plan
-        if self.config.evict_on_swap:
-            for r in list(inst.engine.running_requests()):
-                got = rt.evict(inst, r.id)
-                if got is not None:
-                    self.requeued.append(got)
-        self.requeued.extend(rt.drain_and_swap(inst, model))
-        self._last_swap_at[inst.id] = now_at
-        log.debug("swap instance %d -> %s", inst.id, model)
+        if g.deadline_at - self.rt.now() > self.config.rebalance_horizon_s:
+            return False  # far from its deadline: stealing by idle instances balances it
+        return (self.predicts_miss is not None and self.predicts_miss(g, cur)
+                and not self.predicts_miss(g, to))
 
 
-def group_weight(g: RequestGroup, class_weight: float, scale: int = 10) -> int:
-    """Planner weight of a group: requests x class weight, scaled to an integer."""
-    return max(1, int(round(g.size * class_weight * scale)))
+def group_weight(g: RequestGroup, class_weight: float) -> int:
+    """Planner weight of a group: requests x class weight, in ``REQUEST_WEIGHT`` units."""
+    return max(1, int(round(g.size * class_weight * REQUEST_WEIGHT)))

@@ -5,7 +5,8 @@ bucket), up to ``max_group_size`` members that arrived within ``max_group_age_s`
 group's first member. Inside a group, members stay in arrival order; the group's deadline is
 its earliest member deadline. Groups are the unit of placement: each group sits either in the
 *unplaced* pool or in exactly one instance's virtual queue, where groups are ordered by
-(deadline, seq) — EDF with a deterministic tie-break.
+(tier, deadline, seq): EDF with a deterministic tie-break, except that groups the plan cannot
+get on time (tier 1, set by the executor) go behind the others so they push nobody late.
 
 Output-length bucket. True output lengths are unknown to the scheduler, so the bucket comes
 from what is known at arrival: the prompt length, in log2 bands (``prompt_bucket_edges``). A
@@ -83,6 +84,7 @@ class RequestGroup:
     members: list[tuple[float, int, Request]] = field(default_factory=list)
     prompt_tokens: int = 0  # sum over members
     version: int = 0  # bumped when the group's heap key changes (lazy deletion)
+    tier: int = 0  # 0: on time in the plan (or not planned yet); 1: the plan has it late
     _deadlines: list[tuple[float, int]] = field(default_factory=list)  # heap (deadline, id)
     _ids: set[int] = field(default_factory=set)
 
@@ -140,11 +142,13 @@ class RequestGroup:
 
 
 class VirtualQueue:
-    """Groups assigned to one instance, in (deadline, seq) order; a heap with lazy deletion."""
+    """Groups assigned to one instance, in (tier, deadline, seq) order; a heap with lazy
+    deletion."""
 
     def __init__(self, instance_id: int) -> None:
         self.instance_id = instance_id
-        self._heap: list[tuple[float, int, int, RequestGroup]] = []  # (deadline, seq, ver, g)
+        # (tier, deadline, seq, version, group)
+        self._heap: list[tuple[int, float, int, int, RequestGroup]] = []
         self.groups: dict[int, RequestGroup] = {}  # group id -> group
         self.num_requests = 0
         self.prompt_tokens = 0
@@ -154,12 +158,12 @@ class VirtualQueue:
 
     def _push(self, g: RequestGroup) -> None:
         g.version += 1
-        heapq.heappush(self._heap, (g.deadline_at, g.seq, g.version, g))
+        heapq.heappush(self._heap, (g.tier, g.deadline_at, g.seq, g.version, g))
 
     def _clean(self) -> None:
         h = self._heap
         while h:
-            _, _, ver, g = h[0]
+            _, _, _, ver, g = h[0]
             if g.id in self.groups and g.version == ver and g.instance_id == self.instance_id:
                 return
             heapq.heappop(h)
@@ -167,17 +171,18 @@ class VirtualQueue:
     def head(self) -> RequestGroup | None:
         """The earliest-deadline group, or None."""
         self._clean()
-        return self._heap[0][3] if self._heap else None
+        return self._heap[0][4] if self._heap else None
 
     def ordered(self) -> list[RequestGroup]:
-        """Groups in EDF order (O(G log G))."""
-        return sorted(self.groups.values(), key=lambda g: (g.deadline_at, g.seq))
+        """Groups in queue order (O(G log G))."""
+        return sorted(self.groups.values(), key=lambda g: (g.tier, g.deadline_at, g.seq))
 
-    def requests_ahead(self, deadline_at: float, seq: int) -> tuple[int, int]:
-        """(requests, prompt tokens) in groups ordered before (deadline_at, seq)."""
+    def requests_ahead(self, deadline_at: float, seq: int, tier: int = 0) -> tuple[int, int]:
+        """(requests, prompt tokens) in groups ordered before (tier, deadline_at, seq)."""
         n = p = 0
+        key = (tier, deadline_at, seq)
         for g in self.groups.values():
-            if (g.deadline_at, g.seq) < (deadline_at, seq):
+            if (g.tier, g.deadline_at, g.seq) < key:
                 n += g.size
                 p += g.prompt_tokens
         return n, p
@@ -343,3 +348,11 @@ class GlobalQueue:
             return
         if g.deadline_at != old_deadline_at:
             q._push(g)  # the deadline moved; the old heap entry goes stale
+
+    def set_tier(self, g: RequestGroup, tier: int) -> None:
+        """Set a group's tier (0: on time in the plan, 1: late in the plan; see
+        ``VirtualQueue``) and re-order its virtual queue."""
+        if g.tier == tier or g.id not in self.groups:
+            return
+        g.tier = tier
+        self.vqs[g.instance_id]._push(g)

@@ -5,7 +5,7 @@ against a two-GPU-type fleet serving three models, 60% interactive (2 s TTFT) an
 (10 min TTFT). Every policy sees the identical request list.
 
     .venv/bin/python benchmarks/policy_quality/run.py [--loads 4,6,8] [--duration 600]
-        [--policies fcfs,edf,priority,shepherd,qlm-rwt,qlm,clairvoyant] [--out out/policy_quality]
+        [--policies fcfs,edf,priority,shepherd,qlm-rwt,qlm,qlm-true-lengths] [--out out/policy_quality]
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--loads", default="3,5,7")
     ap.add_argument("--duration", type=float, default=600.0)
-    ap.add_argument("--policies", default="fcfs,edf,priority,shepherd,qlm-rwt,qlm,clairvoyant")
+    ap.add_argument("--policies", default="fcfs,edf,priority,shepherd,qlm-rwt,qlm,qlm-true-lengths")
     ap.add_argument("--out", default=str(REPO / "out" / "policy_quality"))
     args = ap.parse_args()
     trace = load_azure_csv(args.trace)

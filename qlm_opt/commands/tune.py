@@ -34,8 +34,9 @@ def register(app: typer.Typer) -> None:
         time_limit: Annotated[str | None, typer.Option(
             help="Comma-separated CP-SAT time limits (s) to try on every preset.")] = None,
         swap_penalty: Annotated[str | None, typer.Option(
-            help="Comma-separated swap penalties to try.")] = None,
-        policy: Annotated[str, typer.Option(help="qlm or clairvoyant.")] = "qlm",
+            help="Comma-separated swap penalties to try, in objective units (on_time x 10 "
+            "per request of weight 1: 50000 = 5 requests).")] = None,
+        policy: Annotated[str, typer.Option(help="qlm or qlm-true-lengths.")] = "qlm",
         duration: Annotated[float | None, typer.Option(help="Override duration_s.")] = None,
         rate_scale: Annotated[float | None, typer.Option(help="Override rate_scale.")] = None,
         out: Annotated[Path, typer.Option(help="Where to write the best preset.")] = Path(
@@ -56,8 +57,8 @@ def register(app: typer.Typer) -> None:
         from qlm_opt.sim.workload import load_trace
         from qlm_opt.whatif import prepare_requests, run_policy
 
-        if policy not in ("qlm", "clairvoyant"):
-            raise typer.BadParameter("--policy must be qlm or clairvoyant")
+        if policy not in ("qlm", "qlm-true-lengths"):
+            raise typer.BadParameter("--policy must be qlm or qlm-true-lengths")
         wl = Workload.load(workload or example_path("workload.toml"))
         if duration is not None:
             wl.data.duration_s = duration

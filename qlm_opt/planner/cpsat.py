@@ -27,7 +27,8 @@ from qlm_opt.planner.instance import SWAP_SCALE, PlanGroup, PlanningInstance
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences, sequence_objective
 from qlm_opt.planner.presets import SolverPreset
 
-__all__ = ["solve", "choose_formulation", "ExactModel", "KnapsackModel", "deadline_levels"]
+__all__ = ["solve", "choose_formulation", "primary_objective", "ExactModel", "KnapsackModel",
+           "deadline_levels"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def solve(
     if not inst.groups:
         return plan_from_sequences(inst, {}, PlanStatus.EMPTY, "fallback")
     if preset.time_limit_s <= 0:
-        return fallback_plan(inst, build_ms=_ms_since(t0))
+        return fallback_plan(inst, build_ms=_ms_since(t0)).replace(
+            fallback_cause="time_limit_zero")
 
     # Group cap: the most urgent groups go to CP-SAT, the rest are appended greedily.
     core = inst
@@ -68,7 +70,11 @@ def solve(
         keep = {g.id for g in sorted(inst.groups, key=edf_key)[: preset.max_groups]}
         core = inst.subset(keep)
 
-    start_seqs = _hint_sequences(core, hint)
+    greedy_seqs = fallback_sequences(core)
+    greedy = plan_from_sequences(core, greedy_seqs, PlanStatus.FALLBACK, "fallback")
+    start_seqs = _hint_sequences(core, hint, greedy_seqs, greedy.objective)
+    if core is not inst:
+        greedy = None  # the fallback for the whole instance is computed when needed
     formulation = choose_formulation(core, preset)
     model: ExactModel | KnapsackModel
     if formulation == "exact":
@@ -83,8 +89,10 @@ def solve(
         if result.status in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID):
             logger.warning("planner: %s model is %s; using the EDF fallback",
                            formulation, result.status_name)
-        plan = fallback_plan(inst, build_ms=build_ms)
-        return plan.replace(solve_ms=result.solve_ms)
+        plan = (fallback_plan(inst) if greedy is None else greedy).replace(build_ms=build_ms)
+        cause = {cp_model.INFEASIBLE: "infeasible", cp_model.MODEL_INVALID: "model_invalid"}
+        return plan.replace(solve_ms=result.solve_ms,
+                            fallback_cause=cause.get(result.status, "timeout"))
 
     seqs = model.read_sequences(result.values)
     if core is not inst:
@@ -103,16 +111,19 @@ def solve(
         hint_objective=result.hint_objective,
     )
     if formulation == "knapsack":
-        # The knapsack's deadline levels are conservative and it ignores late groups'
-        # completion times, so the greedy plan can occasionally score higher; keep the best.
-        # The search figures stay on the plan: they describe what the solver did.
-        greedy = fallback_plan(inst, build_ms=build_ms)
-        if greedy.objective > plan.objective:
+        # The knapsack's deadline levels are conservative, so the greedy plan can get more
+        # weight on time; then it is used. Its completion-time term is only a tie-break
+        # that the knapsack approximates (service time, EDF order): a plan with the same
+        # on-time weight and swaps is the solver's. The search figures stay on the plan.
+        greedy = fallback_plan(inst) if greedy is None else greedy
+        greedy = greedy.replace(build_ms=build_ms)
+        if primary_objective(inst, greedy) > primary_objective(inst, plan):
             plan = greedy.replace(
                 solve_ms=result.solve_ms,
                 solver_objective=result.objective,
                 best_bound=result.bound,
                 hint_objective=result.hint_objective,
+                fallback_cause="greedy_better",
             )
     logger.debug(
         "planner: %s %s groups=%d instances=%d objective=%d bound=%s build=%.1fms solve=%.1fms",
@@ -120,6 +131,12 @@ def solve(
         result.bound, build_ms, result.solve_ms,
     )
     return plan
+
+
+def primary_objective(instance: PlanningInstance, plan: Plan) -> int:
+    """The objective without its completion-time tie-break: weight on time less swaps."""
+    w = instance.weights
+    return w.on_time * plan.on_time_weight - w.swap_penalty * plan.num_swaps
 
 
 def choose_formulation(instance: PlanningInstance, preset: SolverPreset) -> str:
@@ -133,10 +150,13 @@ def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def _hint_sequences(instance: PlanningInstance, hint: Plan | None) -> dict[int, list[str]]:
+def _hint_sequences(instance: PlanningInstance, hint: Plan | None,
+                    greedy: dict[int, list[str]] | None = None,
+                    greedy_objective: int | None = None) -> dict[int, list[str]]:
     """A complete starting solution: the previous plan where it still applies, completed by
     the EDF fallback; or the EDF fallback alone when that scores higher."""
-    greedy = fallback_sequences(instance)
+    if greedy is None:
+        greedy = fallback_sequences(instance)
     if hint is None:
         return greedy
     groups = instance.group_by_id()
@@ -152,7 +172,9 @@ def _hint_sequences(instance: PlanningInstance, hint: Plan | None) -> dict[int, 
         instance, groups=[g for g in instance.groups if g.id not in placed], base=base
     )
     score = lambda s: plan_from_sequences(instance, s, PlanStatus.FALLBACK, "").objective  # noqa: E731
-    return warm if score(warm) >= score(greedy) else greedy
+    if greedy_objective is None:
+        greedy_objective = score(greedy)
+    return warm if score(warm) >= greedy_objective else greedy
 
 
 # ============================================================================ search
@@ -199,6 +221,7 @@ def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
     else:
         p.max_time_in_seconds = preset.time_limit_s
     p.random_seed = preset.random_seed
+    p.cp_model_presolve = preset.presolve
     if preset.time_limit_s < 1.0:
         # These two LNS workers run sub-solves that ignore the deadline: at a 100 ms limit
         # they overshot to 180-270 ms (p95) at 256 x 32; without them the limit holds.
@@ -288,8 +311,14 @@ class ExactModel:
             if not lits:
                 raise ValueError(f"group {g.id}: no instance can serve model {g.model!r}")
             m.add_exactly_one(lits)
-            # Soft deadline: only an on-time group must end by its deadline.
-            m.add(self.end[k] <= g.deadline_ms).only_enforce_if(~self.late[k])
+            if g.release_ms:
+                m.add(self.start[k] >= g.release_ms)
+            # Soft deadline: only an on-time group must end by its deadline (on the instance
+            # it runs on, for a time-to-first-token deadline).
+            if g.start_deadline_ms is None:
+                m.add(self.end[k] <= g.deadline_ms).only_enforce_if(~self.late[k])
+            else:
+                m.add(self.start[k] <= g.start_deadline_ms).only_enforce_if(~self.late[k])
         for i in inst.instances:
             cands = self.nodes[i.id]
             intervals = []
@@ -415,6 +444,14 @@ class KnapsackModel:
             <= max(0, L - busy_until[i] - swap[i](current -> m)) * w[i,m]
     which also makes y[g,i] imply w[i,model(g)]. Lower levels whose constraint cannot bind
     are skipped; the top level is always kept for that implication.
+
+    "Serve these, then swap": groups of the model an instance holds now may be on time on it
+    whatever model it ends with; they are served first. So their block is not tied to
+    w[i,current], and each block of another model m also counts them:
+        sum(service * y : current model on i) + sum(service * y : model m, level <= L)
+            + (M - cap(L)) * w[i,m] <= M,   M = sum(service : current model on i)
+    which is the Jackson constraint of the sequence "current groups, swap, m's groups" when
+    w[i,m] = 1 and always holds when it is 0.
     """
 
     def __init__(
@@ -465,7 +502,9 @@ class KnapsackModel:
         # Candidate instances: soonest-done holders, plus a few that would swap, plus the
         # instance of the hint so the hint stays complete.
         big = np.iinfo(np.int64).max // 4
-        ready = busy[None, :] + np.where(swap_g >= 0, swap_g, 0) + service
+        release = np.array([g.release_ms for g in self.groups], dtype=np.int64)
+        ready = np.maximum(busy[None, :] + np.where(swap_g >= 0, swap_g, 0),
+                           release[:, None]) + service
         cand = np.zeros((G, I), dtype=bool)
         for mask, k in ((holder, pre.candidates_per_group), (other, pre.swap_candidates)):
             if k <= 0:
@@ -491,19 +530,28 @@ class KnapsackModel:
         # `deadline_levels` levels, and each group is checked at the largest level <= its
         # deadline. Deadlines past the horizon count as the horizon. Per-block levels follow
         # that block's own deadlines, so they are much tighter than fleet-wide ones.
+        # Deadlines are per (group, instance): a time-to-first-token deadline ends one
+        # service later on each instance. Releases (forecast groups) only enter through
+        # `ready` (a group alone must fit after its release); the cumulative constraints
+        # ignore them, which is optimistic for forecast groups only.
         horizon_ms = int(pre.horizon_s * 1000)
         deadline = np.array([g.deadline_ms for g in self.groups], dtype=np.int64)
-        clamped = np.minimum(deadline, horizon_ms)
+        dpair = np.repeat(deadline[:, None], I, axis=1)
+        for r, g in enumerate(self.groups):
+            if g.start_deadline_ms is not None:
+                dpair[r] = np.where(service[r] > 0, g.start_deadline_ms + service[r], 0)
+        clamped = np.minimum(dpair, horizon_ms)
         # A pair is worth a y variable only if g alone could be on time on i.
-        pairs = np.argwhere(cand & (ready <= clamped[:, None]))
+        pairs = np.argwhere(cand & (ready <= clamped))
         rows, cols = pairs[:, 0], pairs[:, 1]
         block = cols * len(models) + g_model[rows]
-        order = np.lexsort((clamped[rows], block))
-        rows, cols, block = rows[order], cols[order], block[order]
+        dsel = clamped[rows, cols]
+        order = np.lexsort((dsel, block))
+        rows, cols, block, dsel = rows[order], cols[order], block[order], dsel[order]
         level_ms = np.empty(len(rows), dtype=np.int64)
         cuts = np.flatnonzero(np.diff(block)) + 1
         for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(rows)]))):
-            d = clamped[rows[lo:hi]]  # sorted
+            d = dsel[lo:hi]  # sorted
             lv = deadline_levels(d, pre.deadline_levels)
             level_ms[lo:hi] = lv[np.searchsorted(lv, d, side="right") - 1]
         keep = ready[rows, cols] <= level_ms
@@ -566,7 +614,14 @@ class KnapsackModel:
         rows, cols = self.y_pairs[:, 0], self.y_pairs[:, 1]
         svc = self.service[rows, cols]
         cuts = np.flatnonzero(np.diff(self.y_block)) + 1
-        for lo, hi in zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(rows)]))):
+        spans = list(zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(rows)]))))
+        # instance column -> (y literals, services) of its current model's groups
+        current: dict[int, tuple[list, list[int]]] = {}
+        for lo, hi in spans:
+            c, k = int(cols[lo]), int(self.g_model[rows[lo]])
+            if k == self.cur[c]:
+                current[c] = (self.y[lo:hi], svc[lo:hi].tolist())
+        for lo, hi in spans:
             c, k = int(cols[lo]), int(self.g_model[rows[lo]])
             base = int(self.busy[c] + self.swap[c, k])
             lv = self.y_level_ms[lo:hi]
@@ -575,27 +630,38 @@ class KnapsackModel:
             lits = self.y[lo:hi]
             w = self.hold[c, k]
             ends = np.flatnonzero(np.diff(np.append(lv, -1))) + 1  # end of each level's run
+            first = current.get(c) if k != self.cur[c] else None
+            first_total = sum(first[1]) if first else 0
             for n, end in enumerate(ends):
                 cap = max(0, int(lv[end - 1]) - base)
-                if n < len(ends) - 1 and cum[end - 1] <= cap:
-                    continue  # cannot bind; the top level carries y => w
-                m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap * w)
+                if k == self.cur[c]:
+                    # served first, whatever the instance holds at the end
+                    if cum[end - 1] > cap:
+                        m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap)
+                    continue
+                if n == len(ends) - 1 or cum[end - 1] > cap:
+                    m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap * w)
+                if first and first_total + cum[end - 1] > cap:
+                    terms = [*first[0], *lits[:end], w]
+                    coefs = [*first[1], *sv[:end].tolist(), first_total - cap]
+                    m.add(_LinearExpr.weighted_sum(terms, coefs) <= first_total)
 
     def _add_objective(self) -> None:
+        """On-time weight less swaps, in group-weight units: the plan's primary objective
+        (``primary_objective``) divided by ``on_time``. Small coefficients keep the search
+        fast; the completion-time tie-break is left to the order read off the solution
+        (EDF per instance) and to the hint (the greedy plan finishes groups early)."""
         w = self.instance.weights
-        rows, cols = (self.y_pairs[:, 0], self.y_pairs[:, 1]) if len(self.y_pairs) else (
-            np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
         weight = np.array([g.weight for g in self.groups], dtype=np.int64)
-        # Service time stands in for completion time: it prefers the faster instance.
-        coef = SWAP_SCALE * w.on_time * weight[rows] - w.completion_penalty * self.service[
-            rows, cols]
+        rows = self.y_pairs[:, 0] if len(self.y_pairs) else np.zeros(0, dtype=np.int64)
         terms: list[cp_model.IntVar] = list(self.y)
-        coefs: list[int] = coef.tolist()
+        coefs: list[int] = weight[rows].tolist()
+        swap_cost = -(-w.swap_penalty // w.on_time) if w.on_time else w.swap_penalty
         for (c, k), lit in self.hold.items():
             cur_model = self.insts[c].current_model
-            if k is not None and self.models[k] != cur_model:
+            if k is not None and self.models[k] != cur_model and swap_cost:
                 terms.append(lit)
-                coefs.append(-SWAP_SCALE * w.swap_penalty)
+                coefs.append(-swap_cost)
         self.model.maximize(_LinearExpr.weighted_sum(terms, coefs))
 
     # ---------------------------------------------------------------- hint and answer
@@ -609,25 +675,36 @@ class KnapsackModel:
         hold_val: dict[tuple[int, int | None], bool] = {key: False for key in self.hold}
         for c, i in enumerate(self.insts):
             seq_rows = [gid_row[g] for g in sequences.get(i.id, ()) if g in gid_row]
-            kinds = {int(self.g_model[r]) for r in seq_rows}
-            if len(kinds) > 1:
-                continue  # several models in a row: no single-model hint for i
-            k = kinds.pop() if kinds else self.cur[c]
+            cur = self.cur[c]
+            head = [r for r in seq_rows if int(self.g_model[r]) == cur]
+            tail = [r for r in seq_rows if int(self.g_model[r]) != cur]
+            kinds = {int(self.g_model[r]) for r in tail}
+            if len(kinds) > 1 or (tail and head and seq_rows.index(head[-1]) > seq_rows.index(
+                    tail[0])):
+                # not "current model's groups, then one other model": hint the current
+                # model's groups only
+                tail, kinds = [], set()
+            k = kinds.pop() if kinds else cur
             if (c, k) not in self.hold:
                 # None of i's hinted groups can be on time there: hint "keep the model".
-                k = self.cur[c]
+                k, tail = cur, []
             hold_val[c, k] = True
-            if k is None:
+            if cur is None and k is None:
                 continue
-            base = int(self.busy[c] + self.swap[c, k])
+            # current model's groups first (no swap), then the other model's after the swap
             total = 0
-            cands = [(int(self.y_level_ms[j]), j) for r in seq_rows
-                     if (j := y_at.get((r, c))) is not None]
-            for level, j in sorted(cands):
-                s = int(self.service[self.y_pairs[j, 0], c])
-                if total + s <= level - base:
-                    total += s
-                    y_val[j] = True
+            for part, base in ((head, int(self.busy[c])), (tail, None)):
+                if base is None:
+                    if k is None or k == cur:
+                        break
+                    base = int(self.busy[c] + self.swap[c, k])
+                cands = [(int(self.y_level_ms[j]), j) for r in part
+                         if (j := y_at.get((r, c))) is not None]
+                for level, j in sorted(cands):
+                    s = int(self.service[self.y_pairs[j, 0], c])
+                    if total + s <= level - base:
+                        total += s
+                        y_val[j] = True
         for j, v in enumerate(self.y):
             m.add_hint(v, bool(y_val[j]))
         for key, lit in self.hold.items():
@@ -643,7 +720,14 @@ class KnapsackModel:
             g = self.groups[r]
             seqs[self.insts[c].id].append(g)
             placed.add(g.id)
-        out = {iid: [g.id for g in sorted(gs, key=edf_key)] for iid, gs in seqs.items()}
+        # The current model's groups first ("serve these, then swap"), then EDF on each
+        # instance's own deadlines (Jackson's order).
+        held = {i.id: i.current_model for i in self.insts}
+        out = {
+            iid: [g.id for g in sorted(gs, key=lambda g, i=iid: (
+                g.model != held[i], g.deadline_on(i), *edf_key(g)))]
+            for iid, gs in seqs.items()
+        }
         late = [g for g in self.groups if g.id not in placed]
         if late:
             out = fallback_sequences(self.instance, groups=late, base=out)

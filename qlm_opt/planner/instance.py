@@ -24,11 +24,14 @@ __all__ = [
     "ObjectiveWeights",
     "PlanningInstance",
     "SWAP_SCALE",
+    "REQUEST_WEIGHT",
 ]
 
 # The objective's on-time and swap terms are multiplied by this so the completion-time term,
 # counted per millisecond, is worth `completion_penalty` per *second* and stays integral.
 SWAP_SCALE = 1000
+# Group weight of one request of class weight 1 (`group_weight` scales by this to stay integral).
+REQUEST_WEIGHT = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,12 @@ class PlanGroup:
         service_ms: instance id -> estimated service time (ms) of the whole group on it;
             only instances whose GPU fits the model appear. Do not mutate.
         prev_instance: the instance the previous plan gave it, if any (only used for hints).
+        release_ms: the group cannot start before this, ms from now (a forecast group of
+            requests expected to arrive then); 0 for queued requests.
+        start_deadline_ms: a time-to-first-token deadline, ms from now: the group is on time
+            on instance i when it *starts* by then, i.e. ends by ``start_deadline_ms +
+            service_ms[i]``; None leaves ``deadline_ms`` as the end deadline everywhere.
+            ``deadline_ms`` then holds the end deadline on the fastest instance (EDF order).
     """
 
     id: str
@@ -53,6 +62,14 @@ class PlanGroup:
     deadline_ms: int
     service_ms: Mapping[int, int]
     prev_instance: int | None = None
+    release_ms: int = 0
+    start_deadline_ms: int | None = None
+
+    def deadline_on(self, instance_id: int) -> int:
+        """End deadline (ms from now) of the group on ``instance_id``."""
+        if self.start_deadline_ms is None:
+            return self.deadline_ms
+        return self.start_deadline_ms + self.service_ms[instance_id]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +102,24 @@ class ObjectiveWeights:
 
     i.e. `on_time` per unit of group weight, `swap_penalty` per model swap, and
     `completion_penalty` per second of completion time summed over groups.
+
+    One unit everywhere (objective, executor, README): `swap_penalty` is in the on-time term's
+    units, so a swap costs `swap_penalty / request_value` requests of class weight 1 on time;
+    the executor swaps only where the plan's on-time gain exceeds that same amount.
     """
 
     on_time: int = 1000
     swap_penalty: int = 50
     completion_penalty: int = 1
+
+    @property
+    def request_value(self) -> int:
+        """Objective value (before SWAP_SCALE) of one request of class weight 1 on time."""
+        return self.on_time * REQUEST_WEIGHT
+
+    def swap_cost_requests(self) -> float:
+        """What one swap costs, in requests of class weight 1 on time."""
+        return self.swap_penalty / self.request_value if self.request_value else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +157,8 @@ class PlanningInstance:
         for g in self.groups:
             if g.weight < 0 or g.size < 0:
                 raise ValueError(f"group {g.id}: weight and size must be >= 0")
+            if g.release_ms < 0:
+                raise ValueError(f"group {g.id}: release_ms must be >= 0")
             for i, s in g.service_ms.items():
                 if i not in known:
                     raise ValueError(f"group {g.id}: service_ms names unknown instance {i}")
@@ -235,6 +267,8 @@ class _GroupModel(BaseModel):
     deadline_ms: int
     service_ms: dict[int, int]
     prev_instance: int | None = None
+    release_ms: int = 0
+    start_deadline_ms: int | None = None
 
 
 class _InstanceModel(BaseModel):
@@ -295,6 +329,8 @@ class _SnapshotModel(BaseModel):
                     deadline_ms=g.deadline_ms,
                     service_ms=dict(g.service_ms),
                     prev_instance=g.prev_instance,
+                    release_ms=g.release_ms,
+                    start_deadline_ms=g.start_deadline_ms,
                 )
                 for g in inst.groups
             ],
@@ -325,7 +361,7 @@ class _SnapshotModel(BaseModel):
         return PlanningInstance(
             groups=tuple(
                 PlanGroup(g.id, g.model, g.size, g.weight, g.deadline_ms, dict(g.service_ms),
-                          g.prev_instance)
+                          g.prev_instance, g.release_ms, g.start_deadline_ms)
                 for g in self.groups
             ),
             instances=tuple(

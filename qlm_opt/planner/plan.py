@@ -87,6 +87,9 @@ class Plan:
         on_time_weight: summed weight of those groups.
         hint_objective: the solver objective of the first solution when it came from the
             hint (tag "[hint]"), else None; tells whether the warm start was used.
+        fallback_cause: why a FALLBACK plan is not the solver's: "time_limit_zero",
+            "timeout" (no solution within the limit), "infeasible", "model_invalid" or
+            "greedy_better" (the solver's plan scored lower than the EDF plan); None otherwise.
     """
 
     instances: tuple[InstancePlan, ...]
@@ -101,6 +104,7 @@ class Plan:
     num_on_time: int = 0
     on_time_weight: int = 0
     hint_objective: float | None = None
+    fallback_cause: str | None = None
 
     @property
     def gap(self) -> float | None:
@@ -136,7 +140,8 @@ def plan_from_sequences(
     """Build a Plan from per-instance service orders, with compact timings.
 
     Each group starts at max(instance free, previous end) plus the swap time when its model
-    differs from the one held. Instances missing from `sequences` stay idle.
+    differs from the one held, and not before its release. Instances missing from
+    `sequences` stay idle.
     """
     groups = instance.group_by_id()
     w = instance.weights
@@ -156,9 +161,9 @@ def plan_from_sequences(
                 t += instance.swap_time_ms(inst, held, g.model)
                 held = g.model
                 num_swaps += 1
-            start = t
+            start = t = max(t, g.release_ms)
             t += g.service_ms[inst.id]
-            on_time = t <= g.deadline_ms
+            on_time = t <= g.deadline_on(inst.id)
             timings[gid] = GroupTiming(gid, inst.id, start, t, on_time)
             objective -= w.completion_penalty * t
             if on_time:
@@ -193,8 +198,8 @@ def sequence_objective(instance: PlanningInstance, inst: PlanInstance, seq: Sequ
             t += instance.swap_time_ms(inst, held, g.model)
             held = g.model
             total -= SWAP_SCALE * w.swap_penalty
-        t += g.service_ms[inst.id]
+        t = max(t, g.release_ms) + g.service_ms[inst.id]
         total -= w.completion_penalty * t
-        if t <= g.deadline_ms:
+        if t <= g.deadline_on(inst.id):
             total += SWAP_SCALE * w.on_time * g.weight
     return total

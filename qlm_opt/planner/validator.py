@@ -43,7 +43,7 @@ def recompute_objective(instance: PlanningInstance, plan: Plan) -> int:
         if t is None:
             continue
         total_end_ms += t.end_ms
-        if t.end_ms <= g.deadline_ms:
+        if t.end_ms <= g.deadline_on(t.instance_id):
             on_time_weight += g.weight
     models = {g.id: g.model for g in instance.groups}
     swaps = 0
@@ -129,9 +129,12 @@ def validate_plan(instance: PlanningInstance, plan: Plan) -> ValidationReport:
                     f"{where}: starts at {t.start_ms} ms before the instance is free "
                     f"(and swapped) at {free_ms} ms"
                 )
+            if t.start_ms < g.release_ms:
+                errors.append(f"{where}: starts at {t.start_ms} ms before its release "
+                              f"at {g.release_ms} ms")
             if t.end_ms != t.start_ms + g.service_ms[inst.id]:
                 errors.append(f"{where}: end {t.end_ms} != start + service")
-            if t.on_time != (t.end_ms <= g.deadline_ms):
+            if t.on_time != (t.end_ms <= g.deadline_on(t.instance_id)):
                 errors.append(f"{where}: on_time flag is wrong")
             free_ms = max(free_ms, t.end_ms)
         if swaps != ip.num_swaps:

@@ -12,7 +12,7 @@ _REGISTRY: dict[str, str] = {
     "shepherd": "qlm_opt.policies.baselines:ShepherdPolicy",
     "qlm-rwt": "qlm_opt.policies.qlm_rwt:QLMRWTPolicy",
     "qlm": "qlm_opt.policies.qlm:QLMPolicy",
-    "clairvoyant": "qlm_opt.policies.qlm:ClairvoyantPolicy",
+    "qlm-true-lengths": "qlm_opt.policies.qlm:TrueLengthsPolicy",
 }
 
 

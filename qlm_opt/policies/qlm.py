@@ -1,20 +1,30 @@
 """``qlm``: the global queue, the RWT estimator, the CP-SAT planner and the executor.
 
-It extends ``qlm-rwt`` (which keeps pulling, evicting and rebalancing between epochs) with a
-planning epoch:
-  1. snapshot the global queue's groups and the fleet into a ``PlanningInstance`` (integer ms):
-     each group's service time on each candidate instance from the RWT estimator's throughput
-     model, each instance's busy-until from the estimated wait at the back of its engine, swap
-     times from the catalog;
+Every epoch:
+  1. snapshot the global queue's groups and the fleet into a ``PlanningInstance`` (integer
+     ms): each group's service time on each candidate instance (from the RWT estimator's
+     engine model), its time-to-first-token deadline (a *start* deadline, so its end deadline
+     differs per instance), each instance's busy-until (the estimated wait at the back of its
+     engine; a draining instance is busy until its running work ends plus its swap, a
+     swapping one until its swap ends), swap times from the catalog, and *forecast groups*
+     for the arrivals expected over the next ``forecast_horizon_s``, with release times;
   2. solve it with CP-SAT (``planner.solve``, preset from ``solver/``), warm-started from the
-     previous plan; on a time-out the EDF fallback plans, so an epoch never blocks;
-  3. the ``Executor`` applies it: model swaps worth their cost, and queued groups moved to
-     their planned instances.
+     previous plan; the EDF plan is the fallback behind the same ``solve()`` (a time-out, or
+     a greedy plan with more weight on time), and the cause is counted per epoch;
+  3. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
+     "serve these groups, then swap" sequences, rebalancing that gains, and the plan's order
+     (groups the plan cannot get on time go behind the others).
+Between epochs the executor pulls, steals and evicts with the RWT estimator; the same
+executor serves ``qlm-rwt``. A model no instance holds waits for the plan to swap it in (the
+plan weighs its waiting requests against the forecast demand of the model it displaces);
+only requests ``cover_late_s`` past their deadline force a swap, so nothing starves.
 Epochs run every ``plan_period_s`` and on events: an urgent arrival predicted to miss its
-deadline, or capacity freed while groups wait unplaced; at most one per ``min_spacing_s``.
+deadline, a model nobody holds, or capacity freed while groups wait unplaced; at most one per
+``min_spacing_s``.
 
-``clairvoyant`` (what-if only) gives the estimator and the planner the true output lengths:
-the same planner with perfect information, an upper reference.
+``qlm-true-lengths`` (what-if only) gives the estimator and the planner the true output
+lengths: the same planner with perfect length information. It is a reference policy, not a
+bound: it can score below ``qlm`` (better length estimates do not make a myopic plan optimal).
 """
 
 from __future__ import annotations
@@ -27,10 +37,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qlm_opt.executor import Executor, ExecutorConfig, group_weight
+from qlm_opt.executor import ExecutorConfig, group_weight
 from qlm_opt.planner import PlanGroup, PlanInstance, PlanningInstance, load_preset, solve
+from qlm_opt.planner.instance import REQUEST_WEIGHT
 from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
 from qlm_opt.queue import UNPLACED
+from qlm_opt.runtime import InstanceState
 
 if TYPE_CHECKING:
     from qlm_opt.planner import Plan
@@ -56,11 +68,16 @@ class QLMPolicy(QLMRWTPolicy):
         forecast_weight: float = 0.5,
         swap_util_high: float = 0.85,
         swap_util_low: float = 0.6,
+        swap_gating: bool = True,
+        aggregate_min_slack_s: float = 30.0,
+        aggregate_level_ratio: float = 0.1,
+        aggregate_max_size: int = 256,
+        cover_late_s: float = 30.0,
         clairvoyant: bool = False,
         executor: ExecutorConfig | None = None,
         **kw,
     ) -> None:
-        super().__init__(workload=workload, clairvoyant=clairvoyant, **kw)
+        super().__init__(workload=workload, clairvoyant=clairvoyant, executor=executor, **kw)
         self.preset = load_preset(preset) if isinstance(preset, str) else preset
         self.plan_period_s = plan_period_s
         self.min_spacing_s = min_spacing_s
@@ -69,13 +86,22 @@ class QLMPolicy(QLMRWTPolicy):
         self.forecast_weight = forecast_weight
         self.swap_util_high = swap_util_high
         self.swap_util_low = swap_util_low
-        self.executor_config = executor or ExecutorConfig()
+        self.swap_gating = swap_gating
+        # queue groups due later than this are planned in aggregates whose deadlines lie
+        # within `aggregate_level_ratio` of each other, up to `aggregate_max_size` requests
+        self.aggregate_min_slack_s = aggregate_min_slack_s
+        self.aggregate_level_ratio = aggregate_level_ratio
+        self.aggregate_max_size = aggregate_max_size
+        self._members: dict[str, list] = {}  # planning group id -> queue groups
+        self.cover_late_s = cover_late_s
+        self._cover_check: set[str] = set()  # models with a coverage re-check scheduled
         self.last_plan: Plan | None = None
         self._last_plan_at = -math.inf
         self._plan_pending = False
         self._solving = False  # a live solve is running on a worker thread
         self.solve_ms: list[float] = []
         self.statuses: Counter[str] = Counter()
+        self.fallback_causes: Counter[str] = Counter()  # cause -> epochs (Plan.fallback_cause)
         self.num_epochs = 0
         self.epoch_triggers: Counter[str] = Counter()
         self._class_weight: dict[str, float] = {}
@@ -90,7 +116,6 @@ class QLMPolicy(QLMRWTPolicy):
 
     def bind(self, rt: Runtime) -> None:
         super().bind(rt)
-        self.executor = Executor(rt, self.gq, self.executor_config)
         self.executor.predicts_miss = self._predicts_miss
         if self.workload is not None:
             self._class_weight = {c.name: c.weight for c in self.workload.classes.values()}
@@ -130,38 +155,77 @@ class QLMPolicy(QLMRWTPolicy):
         self.rt.host.call_at(at, self._replan, reason)
 
     # -- the planning epoch ------------------------------------------------------------------
+    def _add_plan_group(self, pgroups: list, members: dict, gs: list, out_tokens: float,
+                        prompt: int, slack_ms: int, service_of) -> None:
+        """One planning group for the queue groups ``gs`` (same model and class)."""
+        g = gs[0]
+        service = service_of(g.model, out_tokens, float(prompt))
+        if not service:
+            return
+        cw = self._class_weight.get(g.slo_class, 1.0)
+        gid = str(g.id) if len(gs) == 1 else f"a{g.id}+{len(gs) - 1}"
+        prev = g.instance_id if g.instance_id != UNPLACED else None
+        weight = sum(group_weight(x, cw) for x in gs)
+        # A TTFT deadline: the group must *start* by then, so it may end one service later,
+        # on whichever instance serves it.
+        pgroups.append(PlanGroup(gid, g.model, sum(x.size for x in gs), weight,
+                                 slack_ms + min(service.values()), service, prev,
+                                 start_deadline_ms=slack_ms))
+        members[gid] = gs
+
+    def _planned_state(self, inst: Instance, now: float) -> tuple[str | None, int, bool]:
+        """(model it will hold, ms until it can take new work, whether it may swap) of an
+        instance that is not ready: a draining instance first finishes its running requests
+        and then swaps, a swapping one finishes its swap. Neither is free capacity."""
+        st = inst.engine.stats()
+        held = inst.swap_to or inst.model
+        left_s = max(0.0, st.busy_until_at - now)
+        if inst.state == InstanceState.DRAINING:
+            running = inst.engine.running_requests()
+            if running:
+                _, iter_s, _ = self.est.basics(inst, st)
+                rest = max(max(self.est.stats_for(inst.model, self._bucket(r)).mean
+                               - r.num_generated, 1.0) for r in running)
+                left_s = rest * iter_s
+            left_s += self.rt.swap_time_s(inst, held) if held else 0.0
+        return held, int(left_s * 1000), False
+
     def snapshot(self, now: float) -> PlanningInstance | None:
         """The planning instance for the current queue and fleet (plain data, integer ms)."""
         rt = self.rt
         groups = [g for g in self.gq.groups.values() if g.size > 0]
         if not groups:
             return None
-        insts: list[PlanInstance] = []
+        insts: dict[int, PlanInstance] = {}
         per_inst: dict[int, tuple] = {}  # id -> (seats, iteration s at S, c_tok, instance)
         models = {g.model for g in groups}
         needy, donors = self._swap_candidates(now, models)
         swap_ms: dict[int, dict] = {}
         for inst in rt.instances:
+            if inst.state == InstanceState.DOWN:
+                continue  # a dead engine is no capacity until its health check passes
             st = inst.engine.stats()
-            held = inst.model if inst.state != 2 else (inst.swap_to or inst.model)
             if inst.ready:
+                held = inst.model
                 seats, iter_s, c_tok = self.est.basics(inst, st)
                 back = self.est.wait(inst, now, float(st.num_waiting), 0, 0, self._bucket)
                 busy_ms = int(back.mean_s * 1000)
+                can_swap = (self.executor.can_swap(inst, now) and inst.id in donors
+                            and inst.id not in self.executor.swap_after)
             else:
+                held, busy_ms, can_swap = self._planned_state(inst, now)
                 seats, iter_s, c_tok = float(st.max_num_seqs or 256), None, None
-                busy_ms = int(max(0.0, st.busy_until_at - now) * 1000)
-            can_swap = self.executor.can_swap(inst, now) and inst.id in donors
             allowed = frozenset(m for m in (needy & models) | ({held} if held else set())
                                 if rt.fleet.can_serve(inst.spec, m))
-            insts.append(PlanInstance(inst.id, inst.spec.gpu, held, busy_ms,
-                                      can_swap, allowed))
+            insts[inst.id] = PlanInstance(inst.id, inst.spec.gpu, held, busy_ms, can_swap,
+                                          allowed)
             per_inst[inst.id] = (seats, iter_s, c_tok, inst)
             # Loading a model costs the same whatever was there before.
             to_ms = {m: int(rt.swap_time_s(inst, m) * 1000) for m in allowed}
             swap_ms[inst.id] = {
                 (a, b): ms for b, ms in to_ms.items() for a in (allowed | {held}) if a != b
             }
+
         def service_of(model: str, out_tokens: float, prompt: float) -> dict[int, int]:
             service: dict[int, int] = {}
             for iid, (seats, iter_s, c_tok, inst) in per_inst.items():
@@ -177,7 +241,16 @@ class QLMPolicy(QLMRWTPolicy):
                 service[iid] = max(1, int(1000 * (out_tokens * it / s + prompt * ct)))
             return service
 
+        # Queue groups far from their deadline are planned in aggregates of equal (model,
+        # class, instance, deadline level): the planner's size follows the number of
+        # distinct decisions, not the backlog (an overloaded batch class has hundreds of
+        # groups). The aggregate's deadline is its earliest member's (conservative), its size,
+        # weight and service the sums. Urgent groups stay apart, for fine placement.
         pgroups: list[PlanGroup] = []
+        members: dict[str, list] = {}
+        agg: dict[tuple, list] = {}
+        min_ms = int(1000 * self.aggregate_min_slack_s)
+        log_step = math.log(1.0 + self.aggregate_level_ratio)
         for g in groups:
             reqs = g.requests()
             if self.clairvoyant:
@@ -185,21 +258,74 @@ class QLMPolicy(QLMRWTPolicy):
             else:
                 mu = self.est.stats_for(g.model, g.bucket).mean
                 out_tokens = float(sum(max(mu - r.num_generated, 1.0) for r in reqs))
-            service = service_of(g.model, out_tokens, float(g.prompt_tokens))
-            if not service:
-                continue
             slack_ms = int((g.deadline_at - now) * 1000)
-            # TTFT deadline: the group must *start* by then; it may end one service later.
-            deadline_ms = slack_ms + min(service.values())
-            cw = self._class_weight.get(g.slo_class, 1.0)
-            prev = g.instance_id if g.instance_id != UNPLACED else None
-            pgroups.append(PlanGroup(str(g.id), g.model, g.size, group_weight(g, cw),
-                                     deadline_ms, service, prev))
+            if slack_ms >= min_ms and self.aggregate_min_slack_s > 0:
+                key = (g.model, g.slo_class, g.instance_id, int(math.log(slack_ms) / log_step))
+                bucket = agg.setdefault(key, [])
+                if not bucket or bucket[-1][1] >= self.aggregate_max_size:
+                    bucket.append([[], 0, 0.0, 0])  # groups, size, out tokens, prompt tokens
+                b = bucket[-1]
+                b[0].append(g)
+                b[1] += g.size
+                b[2] += out_tokens
+                b[3] += g.prompt_tokens
+                continue
+            self._add_plan_group(pgroups, members, [g], out_tokens, g.prompt_tokens,
+                                 slack_ms, service_of)
+        for bucket in agg.values():
+            for gs, _size, out_tokens, prompt in bucket:
+                slack_ms = int((min(g.deadline_at for g in gs) - now) * 1000)
+                self._add_plan_group(pgroups, members, gs, out_tokens, prompt, slack_ms,
+                                     service_of)
+        self._members = members
         pgroups.extend(self._forecast_groups(now, service_of))
         if not pgroups:
             return None
-        return PlanningInstance(tuple(pgroups), tuple(insts), swap_ms_by_instance=swap_ms,
-                                weights=self.preset.weights)
+        return PlanningInstance(tuple(pgroups), tuple(insts.values()),
+                                swap_ms_by_instance=swap_ms, weights=self.preset.weights)
+
+    def _ensure_swap(self, model: str) -> None:
+        """A model no instance holds: the plan decides whether, where and when it is swapped
+        in, weighing the waiting requests against the forecast demand of the model it would
+        displace (a swap for one urgent request can cost several others). Coverage, an
+        immediate swap outside the plan, only keeps requests from starving: the model's
+        earliest waiting deadline is ``cover_late_s`` past, so they still complete."""
+        rt = self.rt
+        now = rt.now()
+        if rt.ready_instances(model) or any(i.swap_to == model for i in rt.instances):
+            return
+        waiting = [g for g in self.gq.vq(UNPLACED).groups.values() if g.model == model]
+        due = min((g.deadline_at for g in waiting), default=math.inf)
+        if now - due >= self.cover_late_s:
+            super()._ensure_swap(model)
+            return
+        self._request_plan("uncovered_model")
+        if model not in self._cover_check and due < math.inf:
+            self._cover_check.add(model)
+            rt.host.call_at(due + self.cover_late_s, self._recheck_cover, model)
+
+    def _recheck_cover(self, model: str) -> None:
+        self._cover_check.discard(model)
+        if any(g.model == model for g in self.gq.vq(UNPLACED).groups.values()):
+            self._ensure_swap(model)
+
+    def _cover_cost(self):
+        """Coverage swaps take the instance whose model loses least: the lowest arrival rate
+        per instance holding it (the demand forecast the plan uses), then the least load. The
+        least-loaded instance alone is often the only holder of a busy model, which then
+        needs a swap back at its next arrival (ping-pong)."""
+        rt = self.rt
+        rates = self._rates(rt.now())
+        holders: dict[str | None, int] = {}
+        for i in rt.instances:
+            if i.ready:
+                holders[i.model] = holders.get(i.model, 0) + 1
+
+        def cost(i: Instance) -> tuple:
+            load = i.engine.load() + self.gq.vq(i.id).num_requests
+            return (rates.get(i.model, 0.0) / holders.get(i.model, 1), load, i.id)
+
+        return cost
 
     def _predicts_miss(self, g, inst: Instance) -> bool:
         """RWT: is the group's head more likely than not to miss its deadline on ``inst``?"""
@@ -237,10 +363,12 @@ class QLMPolicy(QLMRWTPolicy):
         instances back and forth as momentary backlogs move."""
         rt = self.rt
         rates = self._rates(now)
+        if not self.swap_gating:
+            return set(queued_models) | set(rates), {i.id for i in rt.instances}
         mu_cache: dict[str, float] = {}
         cap: dict[str, list[tuple[int, float]]] = {}
         for inst in rt.instances:
-            m = inst.model if inst.state != 2 else (inst.swap_to or inst.model)
+            m = inst.model if inst.ready else (inst.swap_to or inst.model)
             if m is None:
                 continue
             if m not in mu_cache:
@@ -287,13 +415,17 @@ class QLMPolicy(QLMRWTPolicy):
             service = service_of(model, size * mu, size * self.est.prompt_mean)
             if not service:
                 continue
-            ttft = self._ttft.get(cls, 1.0)
+            ttft_ms = int(1000 * self._ttft.get(cls, 1.0))
             cw = self._class_weight.get(cls, 1.0) * self.forecast_weight
+            chunk_ms = int(1000 * H / self.forecast_chunks)
             for k in range(self.forecast_chunks):
-                mid_ms = int(1000 * (k + 0.5) * H / self.forecast_chunks)
-                deadline_ms = mid_ms + int(1000 * ttft) + min(service.values())
+                # expected to arrive over [k, k+1) chunks: released at the chunk's start,
+                # due to start by its middle arrival's TTFT deadline
+                start_by = k * chunk_ms + chunk_ms // 2 + ttft_ms
                 out.append(PlanGroup(f"f:{model}:{cls}:{k}", model, size,
-                                     max(1, int(round(size * cw * 10))), deadline_ms, service))
+                                     max(1, int(round(size * cw * REQUEST_WEIGHT))),
+                                     start_by + min(service.values()), service,
+                                     release_ms=k * chunk_ms, start_deadline_ms=start_by))
         return out
 
     def _replan(self, reason: str) -> None:
@@ -307,6 +439,7 @@ class QLMPolicy(QLMRWTPolicy):
         pi = self.snapshot(now)
         if pi is None:
             return
+        members = self._members
         self.num_epochs += 1
         self.epoch_triggers[reason] += 1
         offload = getattr(rt.host, "offload", None)
@@ -317,19 +450,23 @@ class QLMPolicy(QLMRWTPolicy):
                 return
             self._solving = True
             offload(solve, (pi, self.preset, self.last_plan),
-                    lambda plan: self._apply(plan, pi, reason))
+                    lambda plan: self._apply(plan, pi, reason, members))
             return
-        self._apply(solve(pi, self.preset, hint=self.last_plan), pi, reason)
+        self._apply(solve(pi, self.preset, hint=self.last_plan), pi, reason, members)
 
-    def _apply(self, plan: Plan, pi: PlanningInstance, reason: str) -> None:
-        """Execute a plan: LSOs through the executor, then place and pull."""
+    def _apply(self, plan: Plan, pi: PlanningInstance, reason: str,
+               members: dict | None = None) -> None:
+        """Execute a plan: LSOs through the executor, then place and pull. ``members`` maps
+        planning groups to the queue groups they stand for (see ``snapshot``)."""
         self._solving = False
         rt = self.rt
         now = rt.now()
         self.last_plan = plan
         self.solve_ms.append(plan.solve_ms + plan.build_ms)
         self.statuses[str(plan.status)] += 1
-        counts = self.executor.apply(plan, pi, now)
+        if plan.fallback_cause is not None:
+            self.fallback_causes[plan.fallback_cause] += 1
+        counts = self.executor.apply(plan, pi, now, members)
         for r in self.executor.requeued:
             g, new = self.gq.requeue(r, now)
         # Groups still unplaced (their instance swaps away) go where the RWT says.
@@ -367,16 +504,18 @@ class QLMPolicy(QLMRWTPolicy):
             "solve_ms_p50": float(np.percentile(ms, 50)),
             "solve_ms_p95": float(np.percentile(ms, 95)),
             "status_counts": dict(self.statuses),
+            "fallback_causes": dict(self.fallback_causes),
             "epoch_triggers": dict(self.epoch_triggers),
             "lso_counts": dict(self.executor.totals),
         }
         return base
 
 
-class ClairvoyantPolicy(QLMPolicy):
-    """The ``qlm`` planner given true output lengths (what-if runs only): an upper reference."""
+class TrueLengthsPolicy(QLMPolicy):
+    """The ``qlm`` planner given true output lengths (what-if runs only): a reference policy,
+    not a bound (it can score below ``qlm``)."""
 
-    name = "clairvoyant"
+    name = "qlm-true-lengths"
 
     def __init__(self, **kw) -> None:
         kw["clairvoyant"] = True

@@ -17,8 +17,10 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import socket
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,8 +36,15 @@ ADMIN_KEY = "sk-test-admin-0004"
 MODEL = "llama-3.1-8b"
 
 
+# Where the Batch API of servers built by `settings_for` keeps its store and files: a
+# temporary folder, never the working directory.
+_BATCH_DIR = Path(tempfile.mkdtemp(prefix="qlm-e2e-batch-"))
+
+
 def settings_for(speedup: float, **over) -> ServerSettings:
     d = {
+        "batch": {"sqlite_path": str(_BATCH_DIR / "batch.sqlite3"),
+                  "files_dir": str(_BATCH_DIR / "files")},
         "server": {"stream_interval_ms": 5, "log_level": "warning"},
         "backend": {"kind": "sim", "policy": "priority",
                     "sim": {"speedup": speedup, "output_lengths": "max_tokens"}},

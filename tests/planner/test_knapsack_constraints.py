@@ -57,14 +57,35 @@ def test_swap_time_joins_busy_until():
     assert km2.y == []  # cannot be on time at all: no variable
 
 
-def test_one_model_per_instance():
+def test_one_final_model_per_instance():
+    # Instance 0 holds "a"; "b" and "c" cannot both be on time on it: it ends on one model.
     pre = preset(formulation="knapsack")
-    pi = planning([group("g0", "a", {0: 10}, 100), group("g1", "b", {0: 10}, 100)], [inst(0, "a")])
+    pi = planning([group("g0", "b", {0: 10}, 100), group("g1", "c", {0: 10}, 100)],
+                  [inst(0, "a")], swap_ms=5)
     km = KnapsackModel(pi, pre)
     km.model.add(_y(km, 0, 0) == 1)
     assert _status(km) in FEASIBLE
     km.model.add(_y(km, 1, 0) == 1)
     assert _status(km) == cp_model.INFEASIBLE
+
+
+def test_serve_current_model_then_swap():
+    # "a" is loaded: its group runs first (0-10), then the swap (10-15), then "b" (15-25).
+    pre = preset(formulation="knapsack")
+    fits = planning([group("g0", "a", {0: 10}, 100), group("g1", "b", {0: 10}, 25)],
+                    [inst(0, "a")], swap_ms=5)
+    km = KnapsackModel(fits, pre)
+    km.model.add(_y(km, 0, 0) == 1)
+    km.model.add(_y(km, 1, 0) == 1)
+    assert _status(km) in FEASIBLE
+    # b due at 24: alone it fits after the swap (5 + 10), behind a's group it does not
+    tight = planning([group("g0", "a", {0: 10}, 100), group("g1", "b", {0: 10}, 24)],
+                     [inst(0, "a")], swap_ms=5)
+    km2 = KnapsackModel(tight, pre)
+    km2.model.add(_y(km2, 1, 0) == 1)
+    assert _status(km2) in FEASIBLE
+    km2.model.add(_y(km2, 0, 0) == 1)
+    assert _status(km2) == cp_model.INFEASIBLE
 
 
 def test_on_time_at_most_once():

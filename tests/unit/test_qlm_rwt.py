@@ -15,8 +15,8 @@ def test_qlm_rwt_completes_and_beats_fcfs():
     wl.data.duration_s = 60.0
     rep = run_whatif(["fcfs", "qlm-rwt"], fl, wl)
     q, f = rep["policies"]["qlm-rwt"], rep["policies"]["fcfs"]
-    assert q["num_completed"] + q["num_dropped"] == q["num_requests"]
-    assert q["num_dropped"] == 0
+    # every request completed: the completed count equals the requests that arrived
+    assert q["num_completed"] == q["num_requests"] > 0
     assert q["slo_attainment"] > f["slo_attainment"]
     assert "coverage_90" in q["rwt"] and "interactive" in q["rwt"]["per_class"]
 

@@ -1,0 +1,260 @@
+"""The executor: each LSO from a hand-made plan, and the fleet state after it.
+
+A real runtime over simulated engines, a real global queue, no policy: the tests play the
+policy's part (place groups, hand the executor a plan) and check what the fleet does.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qlm_opt.config import Fleet
+from qlm_opt.domain import Request
+from qlm_opt.executor import Executor, ExecutorConfig
+from qlm_opt.planner import PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner.instance import ObjectiveWeights
+from qlm_opt.planner.plan import PlanStatus, plan_from_sequences
+from qlm_opt.queue import UNPLACED, GlobalQueue
+from qlm_opt.runtime import InstanceState, Runtime
+from qlm_opt.sim.simulator import Simulator
+
+WEIGHTS = ObjectiveWeights(on_time=1000, swap_penalty=50_000, completion_penalty=1)
+
+
+class _NoPolicy:
+    """The runtime needs a policy to forward engine events to; these tests drive by hand."""
+
+    name = "none"
+
+    def bind(self, rt):
+        self.rt = rt
+
+    def on_arrival(self, req): ...
+    def on_finished(self, req): ...
+    def on_requeue(self, req): ...
+    def on_instance_ready(self, inst): ...
+
+
+@pytest.fixture()
+def fleet_rt():
+    fleet = Fleet.from_dict({
+        "name": "exec-test",
+        "warm_swaps": True,
+        "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 2048},
+        "instances": [
+            {"gpu": "A100-80GB", "model": "llama-3.1-8b", "count": 2},
+            {"gpu": "A100-80GB", "model": "mistral-7b", "count": 1},
+        ],
+    })
+    sim = Simulator()
+    rt = Runtime(fleet, sim)
+    for inst in rt.instances:
+        inst.engine.set_waker(sim.engine_waker)
+    rt.bind(_NoPolicy())
+    return rt, sim
+
+
+def _req(i: int, model: str, deadline_at: float, prompt: int = 100, priority: int = 0,
+         arrived_at: float = 0.0, output: int = 50) -> Request:
+    return Request(id=i, model=model, slo_class="interactive" if priority == 0 else "batch",
+                   prompt_tokens=prompt, output_tokens=output, arrived_at=arrived_at,
+                   deadline_at=deadline_at, tpot_s=None, priority=priority)
+
+
+def _queue(rt, reqs, where: int):
+    gq = GlobalQueue()
+    groups = []
+    for r in reqs:
+        rt.accept(r)
+        g, new = gq.add(r, 0.0)
+        if new:
+            gq.place(g, where)
+            groups.append(g)
+    return gq, groups
+
+
+def _pi(groups, service, rt, deadline_ms=10_000, start_deadline=False):
+    """A planning instance for queue groups: the same service time on every instance."""
+    pgs = tuple(
+        PlanGroup(str(g.id), g.model, g.size, 10 * g.size, deadline_ms,
+                  {i.id: service for i in rt.instances
+                   if rt.fleet.can_serve(i.spec, g.model)},
+                  start_deadline_ms=deadline_ms - service if start_deadline else None)
+        for g in groups
+    )
+    insts = tuple(PlanInstance(i.id, i.spec.gpu, i.model, 0, True, None)
+                  for i in rt.instances)
+    return PlanningInstance(pgs, insts, default_swap_ms=1000, weights=WEIGHTS)
+
+
+def _plan(pi, seqs):
+    return plan_from_sequences(pi, seqs, PlanStatus.OPTIMAL, "test")
+
+
+def test_swap_when_the_plan_gains_more_than_its_cost(fleet_rt):
+    rt, _ = fleet_rt
+    # 8 requests of mistral queued on the mistral instance; the plan moves instance 1
+    # (llama) to mistral for them: gain 8 requests > 5 requests of swap penalty.
+    reqs = [_req(i, "mistral-7b", 60.0) for i in range(8)]
+    gq, groups = _queue(rt, reqs, 2)
+    ex = Executor(rt, gq, ExecutorConfig())
+    pi = _pi(groups, 500, rt)
+    plan = _plan(pi, {1: [str(groups[0].id)]})
+    counts = ex.apply(plan, pi, 0.0)
+    inst = rt.instances[1]
+    assert counts["swap"] == 1
+    assert inst.state in (InstanceState.DRAINING, InstanceState.SWAPPING)
+    assert inst.swap_to == "mistral-7b"
+    assert rt.lso_counts["swap"] == 1
+
+
+def test_no_swap_when_the_gain_is_below_the_penalty(fleet_rt):
+    rt, _ = fleet_rt
+    reqs = [_req(i, "mistral-7b", 60.0) for i in range(4)]  # 4 requests < 5 of penalty
+    gq, groups = _queue(rt, reqs, 2)
+    ex = Executor(rt, gq, ExecutorConfig())
+    pi = _pi(groups, 500, rt)
+    plan = _plan(pi, {1: [str(groups[0].id)]})
+    counts = ex.apply(plan, pi, 0.0)
+    assert counts["swap"] == 0
+    assert rt.instances[1].state == InstanceState.READY
+    assert rt.instances[1].model == "llama-3.1-8b"
+    # the group is not moved onto an instance that does not hold its model
+    assert groups[0].instance_id == 2
+
+
+def test_serve_these_then_swap(fleet_rt):
+    rt, sim = fleet_rt
+    llama = [_req(i, "llama-3.1-8b", 60.0) for i in range(2)]
+    mistral = [_req(10 + i, "mistral-7b", 60.0, arrived_at=0.0) for i in range(8)]
+    gq, groups = _queue(rt, llama + mistral, 1)
+    g_llama = next(g for g in groups if g.model == "llama-3.1-8b")
+    g_mistral = next(g for g in groups if g.model == "mistral-7b")
+    gq.place(g_mistral, UNPLACED)
+    ex = Executor(rt, gq, ExecutorConfig())
+    pi = _pi(groups, 500, rt)
+    # instance 1: its llama group first, then swap to mistral for the mistral group
+    plan = _plan(pi, {1: [str(g_llama.id), str(g_mistral.id)]})
+    assert plan.instances[1].final_model == "mistral-7b"
+    counts = ex.apply(plan, pi, 0.0)
+    inst = rt.instances[1]
+    assert counts["swap_after"] == 1 and counts["swap"] == 0
+    assert inst.state == InstanceState.READY and inst.model == "llama-3.1-8b"
+    assert g_llama.instance_id == 1  # kept, to be served before the swap
+    ex.pull(inst)  # serves the llama group; its queue is then empty: the swap starts
+    assert all(r.instance_id == 1 for r in llama)
+    ex.pull(inst)
+    assert inst.swap_to == "mistral-7b"
+    assert inst.state in (InstanceState.DRAINING, InstanceState.SWAPPING)
+
+
+def test_rebalance_only_when_the_estimator_predicts_a_miss(fleet_rt):
+    rt, _ = fleet_rt
+    reqs = [_req(i, "llama-3.1-8b", 5.0) for i in range(3)]
+    gq, groups = _queue(rt, reqs, 0)
+    g = groups[0]
+    ex = Executor(rt, gq, ExecutorConfig())
+    pi = _pi(groups, 500, rt)
+    plan = _plan(pi, {1: [str(g.id)]})
+    ex.predicts_miss = lambda grp, inst: False  # on time where it is: stays
+    assert ex.apply(plan, pi, 0.0)["rebalance"] == 0
+    assert g.instance_id == 0
+    ex.predicts_miss = lambda grp, inst: True  # late everywhere: moving gains nothing
+    assert ex.apply(plan, pi, 0.0)["rebalance"] == 0
+    assert g.instance_id == 0
+    ex.predicts_miss = lambda grp, inst: inst.id == 0  # late here, on time there: moves
+    assert ex.apply(plan, pi, 0.0)["rebalance"] == 3
+    assert g.instance_id == 1
+    assert rt.lso_counts["rebalance"] == 3
+
+
+def test_plan_late_groups_go_behind_on_time_ones(fleet_rt):
+    rt, _ = fleet_rt
+    urgent = [_req(i, "llama-3.1-8b", 1.0) for i in range(2)]  # earliest deadline
+    later = [_req(10 + i, "llama-3.1-8b", 4.0, priority=0, arrived_at=0.5)
+             for i in range(2)]
+    gq = GlobalQueue()
+    for r in urgent:
+        rt.accept(r)
+        g1, _ = gq.add(r, 0.0)
+    for r in later:
+        rt.accept(r)
+        g2, _ = gq.add(r, 2.0)  # a new group (older than max_group_age_s)
+    gq.place(g1, 0)
+    gq.place(g2, 0)
+    assert gq.vq(0).head() is g1  # EDF
+    ex = Executor(rt, gq, ExecutorConfig())
+    pi = _pi([g1, g2], 2000, rt, deadline_ms=3000)
+    # g1 cannot make it behind g2 and g2 can: the plan serves g2 first, g1 late
+    plan = _plan(pi, {0: [str(g2.id), str(g1.id)]})
+    assert not plan.timings[str(g1.id)].on_time and plan.timings[str(g2.id)].on_time
+    ex.apply(plan, pi, 0.0)
+    assert (g1.tier, g2.tier) == (1, 0)
+    assert gq.vq(0).head() is g2
+    assert [g.id for g in gq.vq(0).ordered()] == [g2.id, g1.id]
+
+
+def test_pull_keeps_at_most_engine_slack_waiting_and_lanes_past_hope(fleet_rt):
+    rt, _ = fleet_rt
+    hopeless = _req(0, "llama-3.1-8b", 0.0001, prompt=4000)
+    fine = [_req(i, "llama-3.1-8b", 100.0) for i in range(1, 30)]
+    gq, _ = _queue(rt, [hopeless] + fine, 0)
+    late = []
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=2),
+                  basics=lambda inst: (8.0, 0.02, 1e-4), on_late=late.append)
+    inst = rt.instances[0]
+    ex.pull(inst)
+    st = inst.engine.stats()
+    assert late == [hopeless] and ex.num_late_queued == 1
+    assert st.num_waiting <= 2
+    assert st.num_running + st.num_waiting <= st.max_num_seqs
+    assert hopeless.instance_id is None
+    # the late lane is served once nothing on time waits
+    assert ex.remove_late(hopeless) and ex.num_late_queued == 0
+
+
+def test_evict_takes_only_cheap_lower_priority_victims(fleet_rt):
+    rt, sim = fleet_rt
+    inst = rt.instances[0]
+    batch_cheap = [_req(i, "llama-3.1-8b", 600.0, prompt=50, priority=1, output=5000)
+                   for i in range(3)]
+    batch_dear = [_req(10 + i, "llama-3.1-8b", 600.0, prompt=3000, priority=1, output=5000)
+                  for i in range(3)]
+    for r in batch_cheap + batch_dear:
+        rt.accept(r)
+        rt.dispatch(r, inst, (r.deadline_at, r.id))
+    sim.run([], lambda r: None, until_at=2.0)  # everyone has a first token
+    assert all(r.first_token_at is not None for r in batch_cheap + batch_dear)
+    urgent = [_req(100 + i, "llama-3.1-8b", 1.0) for i in range(2)]
+    gq, groups = _queue(rt, urgent, 0)
+    ex = Executor(rt, gq, ExecutorConfig(evict_max_recompute_tokens=256))
+    n = ex.evict_for(inst, groups[0], sim.now())
+    assert n == 2  # one per urgent request, and only the cheap ones
+    running = {r.id for r in inst.engine.running_requests()}
+    assert {r.id for r in batch_dear} <= running
+    evicted = [r for r in batch_cheap if r.id not in running]
+    assert len(evicted) == 2 and all(r in gq for r in evicted)
+    assert all(r.num_generated > 0 for r in evicted)  # they keep their tokens
+
+
+def test_batch_waiting_in_an_engine_does_not_hold_urgent_work_back(fleet_rt):
+    rt, _ = fleet_rt
+    inst = rt.instances[0]
+    batch = [_req(i, "llama-3.1-8b", 600.0, prompt=4000, priority=1) for i in range(6)]
+    urgent = [_req(10 + i, "llama-3.1-8b", 2.0 + i * 0.01, arrived_at=0.0) for i in range(5)]
+    gq, _ = _queue(rt, batch, 0)
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=2))
+    ex.pull(inst)
+    assert inst.engine.stats().num_waiting == 2  # the slack is full of batch work
+    assert sum(1 for r in batch if r in gq) >= 1  # and more batch work waits outside
+    for r in urgent:
+        rt.accept(r)
+        g, new = gq.add(r, 0.0)
+        if new:
+            gq.place(g, 0)
+    ex.pull(inst)
+    waiting = inst.engine.waiting_requests()
+    # urgent work enters ahead of the batch requests, but at most `engine_slack` of it:
+    # the rest stays in the global queue, where the executor still decides its fate
+    assert sum(1 for r in waiting if r.priority == 0) == 2
+    assert sum(1 for r in urgent if r in gq) == 3
