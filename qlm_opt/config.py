@@ -28,6 +28,7 @@ class EngineSection(_Strict):
     block_size: int = Field(16, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     max_model_len: int | None = Field(None, gt=0)
+    enable_prefix_caching: bool = True  # vLLM's automatic prefix caching (its default)
 
 
 class PerfSection(_Strict):
@@ -39,6 +40,19 @@ class PerfSection(_Strict):
     warm_wake_s: float = Field(0.5, ge=0)
     calibration: str | None = None  # a file written by `qlm-opt profile`
     noise_seed: int = Field(0, ge=0)  # which sample of the calibration's measured noise
+
+
+class EstimatorSection(_Strict):
+    """What the scheduler's RWT estimator (and planner) assumes about engine speed before it
+    has calibrated online from engine stats. ``prior = "engine"``: the fleet's own engine
+    model (``[perf]``, with its calibration); in what-if runs that hands the estimator the
+    simulator's truth. ``"datasheet"``: the roofline with default efficiencies (mfu 0.5, mbu
+    0.8, 4 ms overhead), overridden by any of ``mfu``/``mbu``/``overhead_ms`` given here."""
+
+    prior: Literal["engine", "datasheet"] = "engine"
+    mfu: float | None = Field(None, gt=0, le=1)
+    mbu: float | None = Field(None, gt=0, le=1)
+    overhead_ms: float | None = Field(None, ge=0)
 
 
 class InstanceGroup(_Strict):
@@ -55,6 +69,7 @@ class FleetFile(_Strict):
     warm_swaps: bool = True  # sleep-mode swaps: weights kept in host memory
     engine: EngineSection = EngineSection()
     perf: PerfSection = PerfSection()
+    estimator: EstimatorSection = EstimatorSection()
     instances: list[InstanceGroup] = Field(min_length=1)
 
 
@@ -71,6 +86,7 @@ class Fleet:
             max_num_batched_tokens=e.max_num_batched_tokens,
             block_size=e.block_size,
             max_model_len=e.max_model_len,
+            enable_prefix_caching=e.enable_prefix_caching,
         )
         p = data.perf
         self.perf = PerfParams(
@@ -92,6 +108,21 @@ class Fleet:
             if not cal_path.is_absolute() and source not in ("<fleet>", ""):
                 cal_path = Path(source).parent / cal_path
             self.perf = replace(self.perf, calibration=Calibration.load(cal_path))
+        # the scheduler's prior on engine speed (None: the engines' own model)
+        es = data.estimator
+        self.prior = es.prior
+        self.prior_perf: PerfParams | None = None
+        if es.prior == "datasheet":
+            d = PerfParams()
+            self.prior_perf = PerfParams(
+                mfu=es.mfu if es.mfu is not None else d.mfu,
+                mbu=es.mbu if es.mbu is not None else d.mbu,
+                overhead_s=es.overhead_ms / 1000.0 if es.overhead_ms is not None
+                else d.overhead_s,
+                tp_efficiency=self.perf.tp_efficiency,
+                engine_start_s=self.perf.engine_start_s,
+                warm_wake_s=self.perf.warm_wake_s,
+            )
         self.catalog = Catalog(
             catalog.models,
             catalog.gpus,
@@ -179,6 +210,47 @@ class ClassSection(_Strict):
     priority: int = 0
 
 
+class PrefixSection(_Strict):
+    """Shared-prefix traffic for the synthetic generator (see
+    ``qlm_opt.sim.workload.synthetic_prefix_trace``)."""
+
+    num_system_prompts: int = Field(8, gt=0)
+    system_prompt_tokens: int = Field(1500, gt=0)
+    system_prompt_zipf: float = Field(1.0, ge=0)
+    turns_mean: float = Field(3.0, ge=1)
+    think_time_s: float = Field(20.0, ge=0)
+    block_tokens: int = Field(512, gt=0)
+
+
+_WINDOW_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def window_s(window: str) -> float:
+    """Seconds of a completion window such as ``24h``, ``1h``, ``30m`` or ``90s``."""
+    w = window.strip().lower()
+    if len(w) < 2 or w[-1] not in _WINDOW_UNITS_S or not w[:-1].isdigit() or int(w[:-1]) <= 0:
+        raise ValueError(f"window '{window}' is not a duration like 24h, 30m or 90s")
+    return float(int(w[:-1]) * _WINDOW_UNITS_S[w[-1]])
+
+
+class BatchJobSection(_Strict):
+    """One Batch API job in a what-if run (``qlm_opt.sim.batch_jobs``): ``num_lines`` requests
+    submitted together at ``submit_at_s``, each due by the end of the job's ``window``."""
+
+    name: str | None = None  # default: batch-job-<index>
+    submit_at_s: float = Field(0.0, ge=0)
+    num_lines: int = Field(gt=0)
+    window: str = "24h"
+    model: str
+    slo_class: str = "batch"  # a class of [classes]; the deadline is the window's end
+    lengths: LengthsSection = LengthsSection()
+
+    @model_validator(mode="after")
+    def _window(self) -> BatchJobSection:
+        window_s(self.window)
+        return self
+
+
 class WorkloadFile(_Strict):
     name: str = "workload"
     seed: int = 0
@@ -187,8 +259,17 @@ class WorkloadFile(_Strict):
     rate_scale: float = Field(1.0, gt=0)  # arrival rate multiplier (trace time compression)
     arrivals: ArrivalsSection = ArrivalsSection()
     lengths: LengthsSection = LengthsSection()
+    prefixes: PrefixSection | None = None  # set: synthetic traffic with shared prefixes
     classes: dict[str, ClassSection] = Field(min_length=1)
     models: dict[str, float] = Field(min_length=1)  # model name -> share
+    batch_jobs: list[BatchJobSection] = []  # Batch API jobs on top of the traffic
+
+    @model_validator(mode="after")
+    def _batch_job_classes(self) -> WorkloadFile:
+        for i, j in enumerate(self.batch_jobs):
+            if j.slo_class not in self.classes:
+                raise ValueError(f"batch_jobs.{i}.slo_class: unknown class '{j.slo_class}'")
+        return self
 
     @model_validator(mode="after")
     def _shares(self) -> WorkloadFile:
@@ -218,6 +299,12 @@ class Workload:
             if m not in catalog.models:
                 raise ConfigError(
                     f"{self.source}: field 'models.{m}': unknown model "
+                    f"(known: {', '.join(sorted(catalog.models))})"
+                )
+        for i, j in enumerate(self.data.batch_jobs):
+            if j.model not in catalog.models:
+                raise ConfigError(
+                    f"{self.source}: field 'batch_jobs.{i}.model': unknown model '{j.model}' "
                     f"(known: {', '.join(sorted(catalog.models))})"
                 )
 

@@ -36,7 +36,7 @@ class Request:
 
     ``output_tokens`` is the request's length cap (``max_tokens``). In a what-if run it is the
     trace's true output length, which the engine uses to decide when the request ends; policies
-    must not read it (only the clairvoyant policy does), and use the estimator's statistics.
+    must not read it (only the qlm-true-lengths policy does), and use the estimator's statistics.
     Generated tokens survive eviction: a resumed request recomputes prompt + generated.
     """
 
@@ -51,6 +51,11 @@ class Request:
         "tpot_s",
         "priority",
         "tenant",
+        # prefix identity: one hash per ``hash_block_tokens`` tokens of the prompt (e.g. the
+        # Mooncake trace's ``hash_ids``); two requests sharing a leading run of hashes share
+        # that prefix. None: no prefix information (the engine never caches it)
+        "prefix_hashes",
+        "hash_block_tokens",
         # progress
         "state",
         "num_generated",
@@ -81,6 +86,8 @@ class Request:
         tpot_s: float | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        prefix_hashes: tuple[int, ...] | None = None,
+        hash_block_tokens: int = 0,
     ) -> None:
         self.id = id
         self.model = model
@@ -92,6 +99,8 @@ class Request:
         self.tpot_s = tpot_s
         self.priority = priority
         self.tenant = tenant
+        self.prefix_hashes = prefix_hashes
+        self.hash_block_tokens = hash_block_tokens
         self.state = RequestState.QUEUED
         self.num_generated = 0
         self.first_token_at: float | None = None
@@ -178,4 +187,12 @@ class EngineStats:
     waiting_prompt_tokens: int = 0
     busy_until_at: float = 0.0
     model: str | None = None
+    # prefix cache: KV tokens held by cached blocks no running request uses (evictable,
+    # LRU), and cumulative prompt tokens looked up / found in the cache at admission
+    kv_cached_tokens: int = 0
+    # requests decoding (past their prefill), the batch ``decode_tokens_per_s`` is for;
+    # -1: not reported (num_running is used)
+    num_decoding: int = -1
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
     extra: dict = field(default_factory=dict)

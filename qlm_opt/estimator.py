@@ -23,10 +23,14 @@ own waiting queue and the virtual queue ahead) starts at the (j + 1 - free)-th c
 * Start of position j: the x where Starts(x) = j + 1. Its variance is Var C / C'(x)^2, with
   Var C = sum_i P_i(1 - P_i) (running, Bernoulli) + completions-of-new-starts * cv^2
   (renewal), and n sigma^2 / S^2 per request in the asymptotic part (CLT).
-* Seconds: iterations times the decode iteration time at batch S (roofline prior times an
-  online ratio calibrated from ``stats().decode_tokens_per_s``), plus the prefill of prompt
+* Seconds: iterations times the decode iteration time at batch S, plus the prefill of prompt
   tokens ahead and of the request's own prompt at the prefill throughput, plus the remaining
-  model-swap time, plus one iteration for the first token.
+  model-swap time, plus one iteration for the first token. The iteration model is a *prior*
+  (``iter_model_of``: in what-if runs the fleet's ``[estimator] prior``, which need not be
+  the model the engines run) calibrated online from engine stats alone (``engine_model``):
+  the decode terms by measured/modelled decode throughput, the per-token prefill cost by
+  measured/modelled prefill throughput. Prompt tokens count at ``1 - hit_frac``, the share
+  the engine's prefix cache did not serve lately (its hit counters).
 * Requests that will cut ahead later (EDF: later arrivals of tighter classes) are added as
   ``cut_in_per_s * min(W, horizon)`` extra positions (a fixed point, two rounds; the horizon
   is when later arrivals' deadlines stop coming first).
@@ -41,12 +45,14 @@ own waiting queue and the virtual queue ahead) starts at the (j + 1 - free)-th c
   factor; callers that pass ``key`` get the calibrated estimate.
 
 Online calibration: output length mean and variance per (model, bucket) by Welford, with the
-workload spec's lognormal as a prior worth ``prior_weight`` pseudo-observations; the
-decode-throughput ratio and the per-sequence KV footprint by EWMA.
+workload spec's lognormal as a prior worth ``prior_weight`` pseudo-observations; the speed
+ratios (a running mean, then EWMA), the per-sequence KV footprint and the prefix-cache hit
+fraction from ``stats()`` samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -140,6 +146,119 @@ class LengthStats:
         return math.log(m) - s2 / 2.0, math.sqrt(s2)
 
 
+class _LogFit:
+    """Least squares of log(output) on log(prompt + 1), from running sums."""
+
+    __slots__ = ("n", "sx", "sy", "sxx", "sxy", "syy")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sx = self.sy = self.sxx = self.sxy = self.syy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        self.n += 1
+        self.sx += x
+        self.sy += y
+        self.sxx += x * x
+        self.sxy += x * y
+        self.syy += y * y
+
+    def predict(self, x: float, ridge: float) -> tuple[float, float]:
+        """(log-mean, log-std) at ``x``; the slope is shrunk to 0 by ``ridge`` (per row)."""
+        n = self.n
+        mx, my = self.sx / n, self.sy / n
+        vxx = self.sxx / n - mx * mx
+        vxy = self.sxy / n - mx * my
+        vyy = max(self.syy / n - my * my, 0.0)
+        b = vxy / (vxx + ridge)
+        res = max(vyy - 2 * b * vxy + b * b * vxx, 1e-4)
+        # the fit's own uncertainty: the intercept's and the slope's at x
+        var = res * (1.0 + 1.0 / n + (x - mx) ** 2 / max(n * (vxx + ridge), 1e-9))
+        return my + b * (x - mx), math.sqrt(var)
+
+
+class OutputLengthModel:
+    """Output-length prediction learned online, per (model, class, tenant), falling back to
+    (model, class), then (model), then the workload prior.
+
+    Each cell fits log(output) = a + b log(prompt + 1) + noise by least squares (a slope
+    shrunk towards 0, so a feature that carries no information costs nothing) and predicts a
+    lognormal: its log-mean and log-std, fitted in log space rather than matched to the
+    moments, which the heavy right tail of chat outputs distorts. A cell is used once it has
+    ``min_n`` completions. ``max_tokens`` is not used: in what-if runs the request's cap is
+    its true length.
+
+    Its own error is scored prequentially: at each completion, the prediction the model made
+    just before (and, beside it, the prompt-length bucket's) against the observed length:
+    the mean log score (log density of log(output) under the predicted lognormal: the
+    proper score of a predicted distribution, which is what the estimator uses), the
+    coverage of the 90% interval, and the median absolute % error of the predicted median
+    (a point score, which favours predicting low)."""
+
+    def __init__(self, prior_log_mu: float, prior_log_sigma: float, min_n: int = 30,
+                 ridge: float = 0.05) -> None:
+        self.prior = (prior_log_mu, prior_log_sigma)
+        self.min_n = min_n
+        self.ridge = ridge
+        self.cells: dict[tuple, _LogFit] = {}
+        self.errors: list[tuple[float, float, float, float, float]] = []
+        # (observed, log-mean, log-std, bucket log-mean, bucket log-std)
+
+    def _keys(self, req: Request) -> tuple[tuple, ...]:
+        if req.tenant is not None:
+            return ((req.model, req.slo_class, req.tenant), (req.model, req.slo_class),
+                    (req.model,))
+        return ((req.model, req.slo_class), (req.model,))
+
+    def predict(self, req: Request) -> tuple[float, float]:
+        """(log-mean, log-std) of ``req``'s output tokens."""
+        x = math.log1p(req.prompt_tokens)
+        for k in self._keys(req):
+            c = self.cells.get(k)
+            if c is not None and c.n >= self.min_n:
+                return c.predict(x, self.ridge)
+        return self.prior
+
+    def observe(self, req: Request, n_out: float,
+                baseline: tuple[float, float] | None = None) -> None:
+        """``req`` finished with ``n_out`` tokens; ``baseline`` is the bucket's (log-mean,
+        log-std) before this completion, scored beside."""
+        m, sd = self.predict(req)
+        bm, bs = baseline if baseline is not None else (math.nan, math.nan)
+        self.errors.append((max(n_out, 1.0), m, sd, bm, bs))
+        x, y = math.log1p(req.prompt_tokens), math.log(max(n_out, 1.0))
+        for k in self._keys(req):
+            c = self.cells.get(k)
+            if c is None:
+                c = self.cells[k] = _LogFit()
+            c.add(x, y)
+
+    def report(self) -> dict:
+        """``log_score`` (mean log density of log(output), higher is better), ``coverage_90``
+        and ``median_abs_pct_error`` of this model and of the prompt-length buckets
+        (``bucket_*``) over every completion seen."""
+        if not self.errors:
+            return {"num": 0}
+        a = np.asarray(self.errors, dtype=float)
+        y = np.log(a[:, 0])
+
+        def score(m, sd):
+            ok = ~np.isnan(m)
+            if not ok.any():
+                return None, None, None
+            m, sd, yy = m[ok], np.maximum(sd[ok], 1e-6), y[ok]
+            ls = -np.log(sd) - 0.5 * math.log(2 * math.pi) - 0.5 * ((yy - m) / sd) ** 2
+            cov = (np.abs(yy - m) <= Z90 * sd).mean()
+            ape = np.abs(np.exp(m) - np.exp(yy)) / np.exp(yy) * 100.0
+            return float(ls.mean()), float(cov), float(np.median(ape))
+
+        s_, c_, e_ = score(a[:, 1], a[:, 2])
+        bs_, bc_, be_ = score(a[:, 3], a[:, 4])
+        return {"num": len(a), "log_score": s_, "coverage_90": c_, "median_abs_pct_error": e_,
+                "bucket_log_score": bs_, "bucket_coverage_90": bc_,
+                "bucket_median_abs_pct_error": be_}
+
+
 @dataclass(frozen=True, slots=True)
 class EstimatorConfig:
     prior_weight: float = 50.0  # pseudo-observations behind the workload's length prior
@@ -148,6 +267,9 @@ class EstimatorConfig:
     refresh_s: float = 1.0  # an instance profile is reused this long (clock seconds)
     rel_err: float = 0.08  # relative model error added to every std
     min_std_s: float = 0.01
+    # running requests' remaining output: "learned" (OutputLengthModel, per model and class)
+    # or "bucket" (prompt-length buckets, moment-matched lognormal)
+    output_lengths: str = "learned"
 
 
 @dataclass(slots=True)
@@ -170,8 +292,28 @@ class _Profile:
 
 @dataclass(slots=True)
 class _InstCal:
-    ratio: float = 1.0  # measured / modelled decode throughput
+    """What the estimator learned about one instance's engine from its ``stats()``.
+
+    ``ratio`` scales the prior's decode iteration time (modelled / measured decode
+    throughput), ``prefill_ratio`` its seconds per prefill token (measured / modelled);
+    both start at 1 (the prior) and follow a running mean over the first ``1 / alpha``
+    samples, an EWMA after, so a wrong prior is forgotten within tens of samples.
+    ``hit_frac`` is the fraction of prompt tokens the engine's prefix cache served, from its
+    cumulative counters (decayed sums)."""
+
+    ratio: float = 1.0
     footprint_tokens: float = 0.0  # KV tokens per running sequence (0: unknown)
+    prefill_ratio: float = 1.0
+    num_decode: int = 0  # samples behind ``ratio``
+    num_prefill: int = 0  # samples behind ``prefill_ratio``
+    hit_frac: float = 0.0
+    last_query: int = -1  # engine counters at the last sample (-1: none yet)
+    last_hit: int = 0
+    query_sum: float = 0.0
+    hit_sum: float = 0.0
+    im_src: object = None  # the prior model the calibrated one was derived from
+    im_cal: object = None  # the prior with the ratios applied
+    im_key: tuple = ()
 
 
 class EngineView:
@@ -346,6 +488,9 @@ class RWTEstimator:
         self.batch_budget = 8192  # max_num_batched_tokens (vLLM's default; set from config)
         self.calib = WaitCalibrator()
         self.num_profiles = 0
+        s2 = math.log1p(max(prior_var, 1e-9) / max(prior_mean, 1.0) ** 2)
+        self.out_model = OutputLengthModel(math.log(max(prior_mean, 1.0)) - s2 / 2.0,
+                                           math.sqrt(s2))
 
     @classmethod
     def from_workload(cls, workload, fleet=None, runtime=None, **kw) -> RWTEstimator:
@@ -379,11 +524,15 @@ class RWTEstimator:
     def observe_completion(self, req: Request, bucket: int) -> None:
         """A request finished: its generated tokens are an observed output length."""
         n = float(req.num_generated)
-        self.stats_for(req.model, bucket).update(n)
+        st = self.stats_for(req.model, bucket)
+        self.out_model.observe(req, n, st.lognormal())
+        st.update(n)
         self.model_stats(req.model).update(n)
 
     def observe_engine(self, inst) -> None:
-        """Fold a ``stats()`` sample into the throughput ratio and the KV footprint."""
+        """Fold a ``stats()`` sample into the decode and prefill speed ratios (the engine's
+        measured throughput against the prior ``iter_model_of``), the KV footprint and the
+        prefix-cache hit fraction."""
         st = inst.engine.stats()
         cal = self._cal.setdefault(inst.id, _InstCal())
         a = self.config.ewma_alpha
@@ -392,10 +541,52 @@ class RWTEstimator:
             cal.footprint_tokens = fp if cal.footprint_tokens <= 0 else (
                 (1 - a) * cal.footprint_tokens + a * fp)
         im = self.iter_model_of(inst) if self.iter_model_of else None
-        if im is not None and st.num_running > 0 and st.decode_tokens_per_s > 0:
-            model_tps = im.decode_tokens_per_s(st.num_running, st.kv_used_tokens)
+        batch = st.num_decoding if st.num_decoding >= 0 else st.num_running
+        if im is not None and batch > 0 and st.decode_tokens_per_s > 0:
+            model_tps = im.decode_tokens_per_s(batch, st.kv_used_tokens)
             if model_tps > 0:
-                cal.ratio = (1 - a) * cal.ratio + a * (st.decode_tokens_per_s / model_tps)
+                cal.num_decode += 1
+                w = max(a, 1.0 / cal.num_decode)
+                cal.ratio = (1 - w) * cal.ratio + w * (model_tps / st.decode_tokens_per_s)
+        if im is not None and st.prefill_tokens_per_s > 0 and im.c_tok > 0:
+            cal.num_prefill += 1
+            w = max(a, 1.0 / cal.num_prefill)
+            obs = 1.0 / (st.prefill_tokens_per_s * im.c_tok)
+            cal.prefill_ratio = (1 - w) * cal.prefill_ratio + w * obs
+        q, h = st.prefix_query_tokens, st.prefix_hit_tokens
+        if cal.last_query >= 0 and q > cal.last_query:
+            # decayed sums: about the last 1 / alpha samples' worth of admissions
+            cal.query_sum = (1 - a) * cal.query_sum + (q - cal.last_query)
+            cal.hit_sum = (1 - a) * cal.hit_sum + max(0, h - cal.last_hit)
+            cal.hit_frac = min(0.99, cal.hit_sum / cal.query_sum)
+        if q < cal.last_query:  # the engine restarted (a swap): counters start over
+            cal.hit_frac = cal.query_sum = cal.hit_sum = 0.0
+        cal.last_query, cal.last_hit = q, h
+
+    def engine_model(self, inst):
+        """The instance's iteration model as calibrated: the prior (``iter_model_of``)
+        with its memory/overhead terms scaled by the decode ratio and its per-token compute
+        by the prefill ratio. The prior itself until a ratio moves off 1; None without one."""
+        im = self.iter_model_of(inst) if self.iter_model_of else None
+        if im is None:
+            return None
+        cal = self._cal.setdefault(inst.id, _InstCal())
+        dr, pr = cal.ratio, cal.prefill_ratio
+        if abs(dr - 1.0) < 1e-9 and abs(pr - 1.0) < 1e-9:
+            return im
+        key = (dr, pr)
+        if cal.im_src is not im or cal.im_key != key:
+            cal.im_src, cal.im_key = im, key
+            cal.im_cal = dataclasses.replace(
+                im, c_tok=im.c_tok * pr, m0=im.m0 * dr, m_kv=im.m_kv * dr,
+                overhead_s=im.overhead_s * dr, s_seq=im.s_seq * dr)
+        return cal.im_cal
+
+    def prefill_fraction(self, inst) -> float:
+        """Expected fraction of prompt tokens the instance must prefill (1 - expected
+        prefix-cache hits)."""
+        cal = self._cal.get(inst.id)
+        return 1.0 - cal.hit_frac if cal is not None else 1.0
 
     def invalidate(self, inst_id: int | None = None) -> None:
         if inst_id is None:
@@ -418,12 +609,13 @@ class RWTEstimator:
         seats = float(st.max_num_seqs or 256)
         if st.kv_capacity_tokens > 0:
             seats = max(1.0, min(seats, st.kv_capacity_tokens / max(fp, 1.0)))
-        im = self.iter_model_of(inst) if self.iter_model_of else None
+        im = self.engine_model(inst)
+        keep = 1.0 - cal.hit_frac  # expected prefill per prompt token (prefix-cache hits)
         if im is not None:
-            return seats, im.iteration_s(int(seats), int(seats * fp)) * cal.ratio, im.c_tok
+            return seats, im.iteration_s(int(seats), int(seats * fp)), im.c_tok * keep
         tps = st.decode_tokens_per_s or 1.0
         c_tok = 1.0 / st.prefill_tokens_per_s if st.prefill_tokens_per_s else 0.0
-        return seats, max(st.num_running, 1) / tps, c_tok
+        return seats, max(st.num_running, 1) / tps, c_tok * keep
 
     def profile(self, inst, now_at: float, bucket_of) -> _Profile:
         """The instance's start-time curve (cached for ``refresh_s``)."""
@@ -462,7 +654,11 @@ class RWTEstimator:
             cache: dict[int, tuple[float, float]] = {}
             lm = np.empty(nr)
             ls = np.empty(nr)
+            learned = cfg.output_lengths == "learned"
             for k, r in enumerate(running):
+                if learned:
+                    lm[k], ls[k] = self.out_model.predict(r)
+                    continue
                 b = getattr(r._sched, "bucket", None)
                 if b is None:
                     b = bucket_of(r)
@@ -600,7 +796,7 @@ class RWTEstimator:
         inst = v.inst
         im = v._im
         if im is v:
-            im = v._im = self.iter_model_of(inst) if self.iter_model_of else None
+            im = v._im = self.engine_model(inst)
         cal = v._cal
         if cal is None:
             cal = v._cal = self._cal.setdefault(inst.id, _InstCal())
@@ -620,23 +816,29 @@ class RWTEstimator:
             # (b, pend, kv, budget, busy, full, residual with pending, without)
             pp = v._pp = [b, pend, kv, budget, busy, full, None, None]
         b, pend, kv, budget, busy, full = pp[:6]
-        ratio = cal.ratio
+        keep = 1.0 - cal.hit_frac  # expected prefix-cache hits are not prefilled
         resid_m = resid_v = 0.0
-        q = tokens_ahead + own
+        q = (tokens_ahead + own) * keep if keep != 1.0 else tokens_ahead + own
         if busy:
             slot = 6 if include_pending else 7
             r = pp[slot]
             if r is None:
                 flight = min(float(pend), budget) if include_pending else 0.0
-                d = im.iteration_s(int(b + flight), int(kv)) * ratio
+                d = im.iteration_s(int(b + flight), int(kv))
                 r = pp[slot] = (0.5 * d, d * d / 12.0)
             resid_m, resid_v = r
             if include_pending:
-                q += max(0.0, pend - budget)
+                q += max(0.0, pend * keep - budget)
         n = max(1, int(math.ceil(q / budget - 1e-9)))
         last = q - (n - 1) * budget
         t = (n - 1) * full + im.iteration_s(int(b + last), int(kv))
-        return resid_m + t * ratio, resid_v
+        h = cal.hit_frac
+        if h > 0.0:
+            # whether its own prompt hits the cache is a coin with odds h, not a fraction:
+            # its prefill varies by about sqrt(h (1 - h)) of the whole
+            own_s = own * im.c_tok
+            resid_v += own_s * own_s * h * (1.0 - h)
+        return resid_m + t, resid_v
 
     def wait(
         self,
@@ -713,57 +915,93 @@ class AccuracyRecord:
 class RWTAccuracy:
     """Predicted vs observed waiting time of requests.
 
-    Definition: a prediction is made when a request is *placed*: put in an instance's virtual
-    queue by a global-queue policy (the policy supplies it, on ``Request._sched``), or, for
-    policies without their own predictions, dispatched into an engine's queue (made by the
-    observer). The latest placement before the request's first token counts. Observed wait =
-    first_token_at - placed_at. Requests placed after their first token (evicted and resumed)
-    do not count again.
+    Definition: the scored prediction of a request is its *admission* prediction, the first
+    one made for it: by a global-queue policy when it first places the request in an
+    instance's virtual queue (reported through ``Runtime.predict_hooks``), or, for policies
+    without their own predictions, by the observer when the request is first dispatched into
+    an engine's queue. Observed wait = first_token_at - admission time. It stays the scored
+    one whatever happens afterwards: re-placement, late lane, eviction, swap, engine failure
+    and re-queue. The *dispatch* prediction (the latest one in force when the request last
+    entered an engine before its first token, measured from that moment) is reported beside
+    it (``dispatch_*``), for the same requests.
     """
 
-    records: dict[int, AccuracyRecord] = field(default_factory=dict)  # req id -> prediction
+    records: dict[int, AccuracyRecord] = field(default_factory=dict)  # admission, by req id
+    dispatch: dict[int, AccuracyRecord] = field(default_factory=dict)  # latest dispatch
     pairs: list[tuple[str, float, float, float]] = field(default_factory=list)
-    # (class, predicted mean s, predicted std s, observed s)
+    # (class, predicted mean s, predicted std s, observed s): admission predictions
+    dispatch_pairs: list[tuple[str, float, float, float]] = field(default_factory=list)
+    # the same requests' dispatch predictions (one per entry of ``pairs``, same order)
 
     def predict(self, req: Request, placed_at: float, est: WaitEstimate,
                 raw: WaitEstimate | None = None, calib: WaitCalibrator | None = None,
                 key=None) -> None:
-        if req.first_token_at is not None:
+        """An admission prediction: kept only when it is the request's first."""
+        if req.first_token_at is not None or req.id in self.records:
             return
         self.records[req.id] = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s,
                                               raw, calib, key)
 
+    def predict_dispatch(self, req: Request, placed_at: float, est: WaitEstimate,
+                         raw: WaitEstimate | None = None, calib: WaitCalibrator | None = None,
+                         key=None) -> None:
+        """The prediction in force when ``req`` entered an engine (replaces earlier ones);
+        also the admission prediction when none was made before."""
+        if req.first_token_at is not None:
+            return
+        rec = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s, raw, calib, key)
+        self.dispatch[req.id] = rec
+        if req.id not in self.records:
+            self.records[req.id] = rec
+
     def observe_first_token(self, req: Request) -> None:
         rec = self.records.pop(req.id, None)
+        disp = self.dispatch.pop(req.id, None)
         if rec is None or req.first_token_at is None:
             return
         obs = req.first_token_at - rec.placed_at
         self.pairs.append((rec.slo_class, rec.mean_s, rec.std_s, obs))
-        if rec.calib is not None and rec.raw is not None:
-            rec.calib.observe(rec.key, rec.raw.mean_s, rec.raw.std_s, obs)
+        d = disp if disp is not None else rec
+        self.dispatch_pairs.append((d.slo_class, d.mean_s, d.std_s,
+                                    req.first_token_at - d.placed_at))
+        # each calibrator learns from the prediction it adjusted
+        for r in (rec, disp) if disp is not rec else (rec,):
+            if r is not None and r.calib is not None and r.raw is not None:
+                r.calib.observe(r.key, r.raw.mean_s, r.raw.std_s,
+                                req.first_token_at - r.placed_at)
+
+    @staticmethod
+    def _stats(rows) -> dict:
+        if not rows:
+            return {"median_abs_pct_error": None, "coverage_90": None, "num": 0}
+        a = np.array([(m, s, o) for _, m, s, o in rows], dtype=float)
+        m, s, o = a[:, 0], a[:, 1], a[:, 2]
+        ape = np.abs(m - o) / np.maximum(o, 1e-3) * 100.0
+        inside = (o >= m - Z90 * s) & (o <= m + Z90 * s)
+        return {
+            "median_abs_pct_error": float(np.median(ape)),
+            "coverage_90": float(inside.mean()),
+            "num": len(rows),
+            "observed_p50_s": float(np.median(o)),
+            "predicted_p50_s": float(np.median(m)),
+        }
 
     def summary(self) -> dict:
         """``median_abs_pct_error`` (%), ``coverage_90`` (fraction of observed waits inside
-        mean +- 1.645 std), ``num``; overall and ``per_class``."""
+        mean +- 1.645 std), ``num``, of admission predictions; ``dispatch_*`` the same for
+        dispatch predictions; overall and ``per_class``."""
 
-        def stats(rows) -> dict:
-            if not rows:
-                return {"median_abs_pct_error": None, "coverage_90": None, "num": 0}
-            a = np.array([(m, s, o) for _, m, s, o in rows], dtype=float)
-            m, s, o = a[:, 0], a[:, 1], a[:, 2]
-            ape = np.abs(m - o) / np.maximum(o, 1e-3) * 100.0
-            inside = (o >= m - Z90 * s) & (o <= m + Z90 * s)
-            return {
-                "median_abs_pct_error": float(np.median(ape)),
-                "coverage_90": float(inside.mean()),
-                "num": len(rows),
-                "observed_p50_s": float(np.median(o)),
-                "predicted_p50_s": float(np.median(m)),
-            }
+        def both(idx) -> dict:
+            out = self._stats([self.pairs[i] for i in idx])
+            d = self._stats([self.dispatch_pairs[i] for i in idx])
+            out["dispatch_median_abs_pct_error"] = d["median_abs_pct_error"]
+            out["dispatch_coverage_90"] = d["coverage_90"]
+            return out
 
-        out = stats(self.pairs)
+        out = both(range(len(self.pairs)))
         classes = sorted({c for c, *_ in self.pairs})
-        out["per_class"] = {c: stats([r for r in self.pairs if r[0] == c]) for c in classes}
+        out["per_class"] = {c: both([i for i, r in enumerate(self.pairs) if r[0] == c])
+                            for c in classes}
         return out
 
 
@@ -783,16 +1021,31 @@ class RWTTracker:
         self.iter_model_of = im_of
         self.est = estimator or RWTEstimator.from_workload(workload, iter_model_of=im_of)
         self.acc = RWTAccuracy()
+        # Policies' admission predictions, recalibrated online (split-conformal, per class
+        # and band) from earlier admission predictions and their outcomes: a policy's own
+        # calibration learns from its latest placement, not from admission.
+        self.admission_calib = WaitCalibrator()
         self.bucket_of = lambda r: length_bucket(r.prompt_tokens)
         # instance id -> sorted [(priority, req id, req)] believed waiting in the engine
         self._mirror: dict[int, list[tuple]] = {}
         self._mirror_prompt: dict[int, int] = {}
         rt.submit_hooks.append(self.on_submit)
+        if hasattr(rt, "predict_hooks"):
+            rt.predict_hooks.append(self.on_predict)
         rt.first_token_hooks.append(self.acc.observe_first_token)
         rt.finish_hooks.append(self.on_finish)
 
     def on_finish(self, req: Request) -> None:
         self.est.observe_completion(req, self.bucket_of(req))
+
+    def on_predict(self, req: Request, at: float, est: WaitEstimate) -> None:
+        """A policy predicted ``req``'s wait (placement): the first one is the admission
+        prediction, reported as recalibrated now by ``admission_calib``."""
+        if req.first_token_at is not None or req.id in self.acc.records:
+            return
+        key = req.slo_class
+        self.acc.predict(req, at, self.admission_calib.adjust(key, est), est,
+                         self.admission_calib, key)
 
     def on_submit(self, req: Request, inst, priority: tuple) -> None:
         import bisect
@@ -801,7 +1054,8 @@ class RWTTracker:
         info = req._sched
         pm = getattr(info, "pred_mean_s", None)
         if pm is not None and getattr(info, "placed_at", None) is not None:
-            self.acc.predict(req, info.placed_at, WaitEstimate(pm, info.pred_std_s or 0.0))
+            self.acc.predict_dispatch(req, info.placed_at,
+                                      WaitEstimate(pm, info.pred_std_s or 0.0))
             return
         if req.first_token_at is not None:
             return
@@ -825,11 +1079,13 @@ class RWTTracker:
                                 self.bucket_of)
         key = req.slo_class
         est = self.est.calib.adjust(key, raw)
-        self.acc.predict(req, now, est, raw, self.est.calib, key)
+        self.acc.predict_dispatch(req, now, est, raw, self.est.calib, key)
         if req.state == 1:
             mirror.insert(k, entry)
             prompt += req.prompt_tokens
         self._mirror_prompt[inst.id] = prompt
 
     def report(self) -> dict:
-        return self.acc.summary()
+        out = self.acc.summary()
+        out["output_length"] = self.est.out_model.report()
+        return out

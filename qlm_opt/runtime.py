@@ -40,6 +40,7 @@ class InstanceState(enum.IntEnum):
     READY = 0
     DRAINING = 1  # finishing running requests before a swap; takes no new work
     SWAPPING = 2
+    DOWN = 3  # a live engine died (or fails its health checks); takes no work until it is back
 
 
 class Instance:
@@ -89,6 +90,8 @@ class Runtime:
         self.dispatch_hooks: list[Callable[[Request, Instance], None]] = []
         # After the engine took the request: (request, instance, engine priority tuple).
         self.submit_hooks: list[Callable[[Request, Instance, tuple], None]] = []
+        # A policy predicted a request's wait: (request, clock time, WaitEstimate).
+        self.predict_hooks: list[Callable] = []
         self.drop_hooks: list[Callable[[Request], None]] = []
         self._iter_models: dict[tuple[str, str, int], object] = {}  # (model, gpu, tp) ->
         if engines is None:
@@ -103,25 +106,32 @@ class Runtime:
         im, cap, mml = self._engine_params(spec, model) if model else (None, 0, None)
         return SimEngine(spec.id, model, im, cap, self.fleet.engine, self, self.host.now, mml)
 
-    def iteration_model(self, inst: Instance | InstanceSpec, model: str | None = None):
+    def iteration_model(self, inst: Instance | InstanceSpec, model: str | None = None,
+                        engine: bool = False):
         """The roofline (or calibrated) iteration model of ``model`` (default: the model the
-        instance holds) on the instance's GPUs; None when it holds none. Cached."""
+        instance holds) on the instance's GPUs; None when it holds none. Cached. It is the
+        scheduler's prior (the fleet's ``[estimator]``, default the engines' own model);
+        ``engine=True`` gives the model the simulated engines run."""
         spec = inst.spec if isinstance(inst, Instance) else inst
         if model is None:
             model = inst.model if isinstance(inst, Instance) else spec.initial_model
             if model is None:
                 return None
-        k = (model, spec.gpu, spec.tp)
+        perf = self.fleet.perf
+        prior = getattr(self.fleet, "prior_perf", None)
+        if prior is not None and not engine:
+            perf = prior
+        k = (model, spec.gpu, spec.tp, perf is not self.fleet.perf)
         im = self._iter_models.get(k)
         if im is None:
             im = self._iter_models[k] = iteration_model(
-                self.catalog, model, spec.gpu, spec.tp, self.fleet.perf
+                self.catalog, model, spec.gpu, spec.tp, perf
             )
         return im
 
     def _engine_params(self, spec: InstanceSpec, model: str):
         cat = self.catalog
-        im = self.iteration_model(spec, model)
+        im = self.iteration_model(spec, model, engine=True)
         cap = cat.kv_capacity_tokens(model, spec.gpu, spec.tp)
         return im, cap, cat.model(model).max_context
 
@@ -218,14 +228,15 @@ class Runtime:
     def on_swap_done(self, engine, at: float) -> None:
         """Engine listener: a live engine finished loading its new model at ``at``."""
         inst = self.instances[engine.instance_id]
-        if inst.state == InstanceState.SWAPPING:
+        if inst.state in (InstanceState.SWAPPING, InstanceState.DOWN):
             self.host.call_at(at, self._swap_done, inst)
 
     def on_engine_down(self, engine, at: float) -> None:
         """Engine listener: a live engine died (its requests fail next, with on_failed). The
-        instance takes no work until the engine reports ``on_swap_done`` after a restart."""
+        instance is DOWN and takes no work until the engine reports ``on_swap_done`` after a
+        restart (or when its health checks pass again)."""
         inst = self.instances[engine.instance_id]
-        inst.state = InstanceState.SWAPPING
+        inst.state = InstanceState.DOWN
         inst.swap_to = engine.model
         self._reindex()
 

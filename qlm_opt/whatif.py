@@ -106,6 +106,9 @@ def run_policy(
     metrics["num_swaps"] = rt.lso_counts["swap"]
     metrics["num_evictions"] = rt.lso_counts["evict"]
     metrics["num_preemptions"] = sum(i.engine.num_preemptions for i in rt.instances)
+    q = sum(getattr(i.engine, "prefix_query_tokens", 0) for i in rt.instances)
+    metrics["prefix_cache_hit_rate"] = (
+        sum(getattr(i.engine, "prefix_hit_tokens", 0) for i in rt.instances) / q if q else None)
     metrics["lso_counts"] = dict(rt.lso_counts)
     metrics["makespan_s"] = makespan
     metrics["drop_reasons"] = _count(r.drop_reason for r in requests if r.drop_reason)
@@ -143,8 +146,13 @@ def run_whatif(
     seed: int | None = None,
     drain_s: float = 3600.0,
     progress: Callable[[str, int, int], None] | None = None,
+    bound: bool = False,
 ) -> dict:
-    """Run every policy on the identical workload; returns the report dict and the runs."""
+    """Run every policy on the identical workload; returns the report dict and the runs.
+
+    ``bound``: also compute the upper bound U on attainment (``qlm_opt.bound``) for the same
+    request list; the report gains ``bound`` and each policy ``gap_to_bound`` (U minus its
+    attainment, as a fraction)."""
     t0 = time.perf_counter()
     workload.check_models(fleet.catalog)
     make = prepare_requests(trace, workload, seed)
@@ -183,6 +191,15 @@ def run_whatif(
             for name, run in runs.items()
         },
     }
+    if bound:
+        from qlm_opt.bound import compute_bound
+
+        bcb = (lambda stage, i, tot: progress(f"bound {stage}", i, tot)) if progress else None
+        res = compute_bound(make(), workload, fleet, drain_s=drain_s, progress=bcb)
+        report["bound"] = res.to_dict()
+        for m in report["policies"].values():
+            att = m.get("slo_attainment")
+            m["gap_to_bound"] = None if att is None else res.slo_attainment - att
     return report
 
 

@@ -18,6 +18,18 @@ iteration that *starts* at or before ``t``; its events carry the iteration's end
 KV blocks: a request holds ceil(tokens / block_size) blocks. Under a decode jump the engine
 uses the bound  sum ceil(x_r / bs) <= floor(sum x_r / bs) + num_requests, which is exact to
 within one block per request and never over-commits.
+
+Prefix cache (vLLM's automatic prefix caching, on by default like vLLM's): a request that
+carries ``prefix_hashes`` (one hash per ``hash_block_tokens`` tokens of its prompt, e.g. the
+Mooncake trace's ``hash_ids``) names its full prompt units by chained hashes, so a unit matches
+only when every unit before it does too. At admission the leading run of units found in the
+cache is a hit: those tokens are neither prefilled nor charged against the token budget (at
+least one prompt token is always computed, as in vLLM). When its prefill ends the request's
+full prompt units enter the cache. Units are reference-counted: a unit in use by running
+requests counts once in the KV cache (``_kv_shared``); when no running request uses it, it
+stays cached on a free list and is evicted least-recently-freed first (tail units of a prompt
+first, as vLLM frees blocks in reverse) whenever the blocks are needed. Requests without
+hashes never touch the cache, so an engine serving only them behaves exactly as without one.
 """
 
 from __future__ import annotations
@@ -39,12 +51,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     block_size: int = 16
     max_model_len: int | None = None  # None: min(model max context, KV capacity)
+    enable_prefix_caching: bool = True  # vLLM's default
 
 
 class _EngState:
     """Per-request engine bookkeeping, stored on ``Request._eng``."""
 
-    __slots__ = ("key", "seq", "prefill_left", "computed", "out_cap", "g0", "s_iter", "token")
+    __slots__ = ("key", "seq", "prefill_left", "computed", "out_cap", "g0", "s_iter", "token",
+                 "units", "unit_tokens", "held", "peek")
 
     def __init__(self, key: tuple, seq: int, out_cap: int) -> None:
         self.key = key
@@ -55,6 +69,10 @@ class _EngState:
         self.g0 = 0  # generated tokens when it became a decoder
         self.s_iter = -1  # engine iteration count when it became a decoder (-1: not decoding)
         self.token = 0  # bumped on every state change; invalidates stale heap entries
+        self.units: list[int] | None = None  # chained cache keys of its full prompt units
+        self.unit_tokens = 0  # tokens per unit
+        self.held = 0  # leading units it holds a reference to (hits, then its own)
+        self.peek = (-1, -1, 0)  # (cache version, prefill_left, hits) of the last lookup
 
 
 class SimEngine:
@@ -96,6 +114,16 @@ class SimEngine:
         self.busy_s = 0.0  # time spent running iterations (utilisation)
         self.num_preemptions = 0
         self.generated_tokens = 0
+        # prefix cache: key -> [references by running requests, tokens]; the free list holds
+        # keys with no reference, oldest first (evicted first)
+        self._pc: dict[int, list[int]] = {}
+        self._pc_free: dict[int, None] = {}
+        self._pc_free_blocks = 0
+        self._kv_shared = 0  # KV tokens of cached units in use (counted once)
+        self._pc_version = 0  # bumped when a key enters or leaves the cache
+        self.prefix_query_tokens = 0  # prompt tokens of requests with hashes, at admission
+        self.prefix_hit_tokens = 0  # of those, found in the cache
+        self.num_prefix_evictions = 0  # units evicted
         self._wake_at: float | None = None
         self.wake_version = 0  # host bookkeeping for stale wake events
 
@@ -143,6 +171,18 @@ class SimEngine:
         self._seq += 1
         st = _EngState(priority, self._seq, out_cap)
         st.prefill_left = need
+        hashes = req.prefix_hashes
+        if hashes and req.hash_block_tokens > 0 and self.config.enable_prefix_caching:
+            ut = req.hash_block_tokens
+            n_full = min(len(hashes), req.prompt_tokens // ut)
+            if n_full:
+                h = ut  # the unit size seeds the chain: other sizes never match
+                keys = []
+                for x in hashes[:n_full]:
+                    h = hash((h, x))
+                    keys.append(h)
+                st.units = keys
+                st.unit_tokens = ut
         req._eng = st
         req.state = RequestState.WAITING
         req.instance_id = self.instance_id
@@ -199,6 +239,10 @@ class SimEngine:
             num_waiting=self._num_waiting,
             kv_used_tokens=kv,
             kv_capacity_tokens=self.kv_capacity_tokens,
+            kv_cached_tokens=self._pc_free_blocks * self.config.block_size,
+            num_decoding=b,
+            prefix_query_tokens=self.prefix_query_tokens,
+            prefix_hit_tokens=self.prefix_hit_tokens,
             max_num_seqs=self.config.max_num_seqs,
             decode_tokens_per_s=dec_tps,
             prefill_tokens_per_s=pre_tps,
@@ -224,6 +268,11 @@ class SimEngine:
         self.clock_at = self.swap_until_at
         self._kv_static = 0
         self._dec_kv_base = 0
+        self._pc.clear()  # a new model's KV cache starts empty
+        self._pc_version += 1
+        self._pc_free.clear()
+        self._pc_free_blocks = 0
+        self._kv_shared = 0
         self._rewake()
         return duration_s
 
@@ -245,7 +294,73 @@ class SimEngine:
 
     # -- internals ---------------------------------------------------------------------------
     def _kv_used(self) -> int:
-        return self._kv_static + self._dec_kv_base + self._num_dec * self.iters
+        return self._kv_static + self._dec_kv_base + self._num_dec * self.iters + self._kv_shared
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def _pc_hits(self, st: _EngState) -> int:
+        """Leading units of ``st`` found in the cache, leaving at least one token of its
+        prefill (``prefill_left``) to compute. Memoised until the cache's keys change."""
+        v, left, n = st.peek
+        if v == self._pc_version and left == st.prefill_left:
+            return n
+        pc = self._pc
+        n = 0
+        for k in st.units:
+            if k not in pc:
+                break
+            n += 1
+        if n and n * st.unit_tokens >= st.prefill_left:
+            n = (st.prefill_left - 1) // st.unit_tokens
+        st.peek = (self._pc_version, st.prefill_left, n)
+        return n
+
+    def _pc_ref(self, key: int, tokens: int) -> int:
+        """Take a reference to ``key`` (inserting it when absent); returns the KV tokens that
+        became in use (the unit's tokens when it was free or new, else 0)."""
+        e = self._pc.get(key)
+        if e is None:
+            self._pc[key] = [1, tokens]
+            self._kv_shared += tokens
+            self._pc_version += 1
+            return tokens
+        e[0] += 1
+        if e[0] == 1:
+            del self._pc_free[key]
+            self._pc_free_blocks -= -(-e[1] // self.config.block_size)
+            self._kv_shared += e[1]
+            return e[1]
+        return 0
+
+    def _pc_release(self, st: _EngState) -> None:
+        """Drop the request's references; units nobody uses go to the free list, its tail
+        first so that tails are evicted before heads."""
+        pc = self._pc
+        bs = self.config.block_size
+        for k in reversed(st.units[: st.held]):
+            e = pc.get(k)
+            if e is None:
+                continue
+            e[0] -= 1
+            if e[0] == 0:
+                self._kv_shared -= e[1]
+                self._pc_free[k] = None
+                self._pc_free_blocks += -(-e[1] // bs)
+        st.held = 0
+
+    def _pc_evict(self) -> None:
+        """Evict free units, least recently freed first, until cached + used blocks fit."""
+        room = self.num_blocks - (self._kv_used() // self.config.block_size + len(self._running))
+        if self._pc_free_blocks <= room:
+            return
+        free = self._pc_free
+        pc = self._pc
+        bs = self.config.block_size
+        while self._pc_free_blocks > room and free:
+            k = next(iter(free))
+            del free[k]
+            self._pc_free_blocks -= -(-pc.pop(k)[1] // bs)
+            self.num_prefix_evictions += 1
+            self._pc_version += 1
 
     def _rewake(self) -> None:
         at = self._next_wake()
@@ -280,7 +395,11 @@ class SimEngine:
             # Admission is possible unless the KV cache cannot take the head's first chunk;
             # that only gets worse as decodes grow, so a jump stays valid.
             head = self._waiting[0][2]
-            chunk = min(head._eng.prefill_left, cfg.max_num_batched_tokens - b)
+            hst = head._eng
+            left = hst.prefill_left
+            if hst.units is not None:
+                left -= self._pc_hits(hst) * hst.unit_tokens
+            chunk = min(left, cfg.max_num_batched_tokens - b)
             if (kv + chunk + b) // bs + nrun + 1 <= self.num_blocks:
                 return 0
         cap = (self.num_blocks - nrun) * bs
@@ -311,6 +430,8 @@ class SimEngine:
                 self.iters += m
                 self.generated_tokens += b * m
                 self._pop_done(self.clock_at)
+                if self._pc_free_blocks:
+                    self._pc_evict()
             else:
                 self._step_one()
         self._rewake()
@@ -358,6 +479,8 @@ class SimEngine:
         else:
             self._prefilling.remove(req)
             self._kv_static -= st.computed
+        if st.held:
+            self._pc_release(st)
         st.token += 1
 
     def _preempt_one(self) -> Request | None:
@@ -400,9 +523,28 @@ class SimEngine:
         while waiting and budget > 0 and len(self._running) < cfg.max_num_seqs:
             head = waiting[0][2]
             st = head._eng
-            c = min(st.prefill_left, budget)
-            if (kv + new_tokens + c + b) // bs + len(self._running) + 1 > nb:
+            hit = 0
+            react = 0
+            if st.units is not None:
+                hit = self._pc_hits(st)
+                pc = self._pc
+                for k in st.units[:hit]:
+                    e = pc[k]
+                    if e[0] == 0:
+                        react += e[1]  # a free unit becomes in use
+            left = st.prefill_left - hit * st.unit_tokens
+            c = min(left, budget)
+            if (kv + react + new_tokens + c + b) // bs + len(self._running) + 1 > nb:
                 break
+            if st.units is not None:
+                self.prefix_query_tokens += st.prefill_left
+                self.prefix_hit_tokens += hit * st.unit_tokens
+                ut = st.unit_tokens
+                for k in st.units[:hit]:
+                    self._pc_ref(k, ut)
+                st.held = hit
+                st.prefill_left = left
+                kv += react
             heapq.heappop(waiting)
             self._num_waiting -= 1
             head.state = RequestState.RUNNING
@@ -445,6 +587,14 @@ class SimEngine:
                 # The last prefill chunk samples the next token.
                 self._prefilling.remove(r)
                 self._kv_static -= st.computed
+                if st.units is not None and st.held < len(st.units):
+                    # its full prompt units enter the cache (a unit another request cached
+                    # meanwhile is shared, and this request's copy freed)
+                    ut = st.unit_tokens
+                    for k in st.units[st.held:]:
+                        self._pc_ref(k, ut)
+                        st.computed -= ut
+                    st.held = len(st.units)
                 r.num_generated += 1
                 self.generated_tokens += 1
                 if r.first_token_at is None:
@@ -468,3 +618,5 @@ class SimEngine:
                 )
         self.clock_at = end
         self._pop_done(end)
+        if self._pc_free_blocks:
+            self._pc_evict()

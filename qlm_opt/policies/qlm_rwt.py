@@ -1,21 +1,19 @@
 """``qlm-rwt``: QLM-style global queue with RWT-based placement (no solver).
 
+The policy decides with the RWT estimator; the ``Executor`` issues every LSO (pull, evict,
+rebalance, swap), the same executor that carries out ``qlm``'s plans.
 - Every request joins a request group in the global queue (``queue.py``); a new group is
   placed on the instance holding its model where the RWT estimator predicts the lowest
   probability of missing the group's deadline (ties: lower mean wait).
-- Engines get work only when they have a seat (Pull): at most ``engine_slack`` requests wait
-  inside an engine, so the global queue keeps the order (EDF over groups) and can still move
-  work.
-- Requests that can no longer make their deadline when they reach the head go to a per-model
-  *late lane*, served when an instance has nothing on time to do: under overload this keeps
-  the queue from making every request late (EDF's domino effect). They still complete.
+- Pull: engines get work only when they have a seat (``Executor.pull``); requests past hope
+  go to their model's late lane, served when an instance has nothing on time to do: under
+  overload this keeps the queue from making every request late (EDF's domino effect).
 - Evict: when the head of an instance's queue is an urgent request predicted to miss and no
-  seat is free, running lower-priority requests that already have their first token (their
-  TTFT is met) are evicted; they keep their tokens and go back to their group.
+  seat is free, ``Executor.evict_for`` frees seats.
 - Rebalance: an instance with free seats and an empty virtual queue takes the head group of
-  the most loaded instance of the same model.
-- Swap: groups for a model no instance holds stay unplaced; the least-loaded instance that is
-  not the last holder of its model is drained and swapped (like ``SwapOnDemand``).
+  the most loaded instance of the same model (``Executor.steal``).
+- Swap: groups for a model no instance holds stay unplaced; ``Executor.cover`` drains and
+  swaps the least-loaded instance that is not the last holder of its model.
 
 Every placement leaves its prediction on ``Request._sched`` (placed_at, pred_mean_s,
 pred_std_s) for the accuracy report (``estimator.RWTAccuracy``).
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request
 from qlm_opt.estimator import RWTEstimator, WaitEstimate
+from qlm_opt.executor import Executor, ExecutorConfig
 from qlm_opt.policies.base import Policy
 from qlm_opt.queue import UNPLACED, GlobalQueue, QueueConfig, RequestGroup, length_bucket
 
@@ -49,19 +48,23 @@ class QLMRWTPolicy(Policy):
         self,
         workload=None,
         queue_config: QueueConfig | None = None,
-        engine_slack: int = 4,
-        evict_max_recompute_tokens: int = 256,
+        engine_slack: int | None = None,
+        evict_max_recompute_tokens: int | None = None,
         rate_window_s: float = 30.0,
         clairvoyant: bool = False,
+        executor: ExecutorConfig | dict | None = None,
     ) -> None:
         self.workload = workload
         self.gq = GlobalQueue(queue_config)
-        self.engine_slack = engine_slack
-        self.evict_max_recompute_tokens = evict_max_recompute_tokens
+        if isinstance(executor, dict):
+            executor = ExecutorConfig(**executor)
+        self.executor_config = executor or ExecutorConfig()
+        if engine_slack is not None:
+            self.executor_config.engine_slack = engine_slack
+        if evict_max_recompute_tokens is not None:
+            self.executor_config.evict_max_recompute_tokens = evict_max_recompute_tokens
         self.rate_window_s = rate_window_s
         self.clairvoyant = clairvoyant
-        self.late: dict[str, deque[Request]] = {}  # model -> requests past hope, FIFO
-        self._num_late = 0
         self._arrivals: dict[tuple[str, str], deque[float]] = {}  # (model, class) -> times
         self._ttft: dict[str, float] = {}  # class -> TTFT target, s
         # (model, class) -> times requests of that class went to the late lane: they do not
@@ -70,8 +73,6 @@ class QLMRWTPolicy(Policy):
         # req id -> model estimate (before calibration): fed to the estimator's online calibration when
         # the first token comes
         self._raw_pred: dict[int, WaitEstimate] = {}
-        self.num_rebalanced = 0
-        self.num_late = 0
         self._servable: dict[str, bool] = {}  # model -> can some instance ever serve it
 
     @classmethod
@@ -94,6 +95,18 @@ class QLMRWTPolicy(Policy):
         rt.finish_hooks.append(self._calibrate)
         rt.first_token_hooks.append(self._observe_wait)
         self.gq.on_place = self._on_place
+        self.executor = Executor(
+            rt, self.gq, self.executor_config,
+            basics=lambda inst: self.est.basics(inst, inst.engine.stats()),
+            on_late=self._went_late,
+        )
+
+    def _went_late(self, req: Request) -> None:
+        """A request went to the late lane: its wait is measured from its dispatch, and it
+        no longer cuts in ahead of anyone."""
+        req._sched.pred_mean_s = None
+        self._raw_pred.pop(req.id, None)
+        self._late_at.setdefault((req.model, req.slo_class), deque()).append(self.rt.now())
 
     def _bucket(self, req: Request) -> int:
         return length_bucket(req.prompt_tokens, self.gq.config.prompt_bucket_edges)
@@ -153,7 +166,7 @@ class QLMRWTPolicy(Policy):
         view = self.est.view(inst, now)
         st = view.st
         n, p = ahead if ahead is not None else self.gq.vq(inst.id).requests_ahead(
-            g.deadline_at, g.seq)
+            g.deadline_at, g.seq, g.tier)
         cut = self._cut_in_per_s(g.model, g.slo_class, now)
         horizon = math.inf
         if cut > 0:
@@ -187,6 +200,8 @@ class QLMRWTPolicy(Policy):
         info.pred_mean_s = est.mean_s
         info.pred_std_s = est.std_s
         self._raw_pred[req.id] = raw
+        for fn in self.rt.predict_hooks:  # the accuracy tracker scores the first one
+            fn(req, now, est)
 
     def _predict(self, req: Request, g: RequestGroup, inst: Instance, now: float) -> None:
         members = g.members
@@ -294,85 +309,32 @@ class QLMRWTPolicy(Policy):
                 self._ensure_swap(g.model)
 
     def num_queued(self) -> int:
-        return len(self.gq) + self._num_late
+        return len(self.gq) + self.executor.num_late_queued
 
     def remove(self, req: Request) -> bool:
         """Cancel: take ``req`` out of the global queue or its model's late lane."""
         self._raw_pred.pop(req.id, None)
         if self.gq.remove(req):
             return True
-        lane = self.late.get(req.model)
-        if lane and req in lane:
-            lane.remove(req)
-            self._num_late -= 1
-            return True
-        return False
+        return self.executor.remove_late(req)
+
+    @property
+    def late(self) -> dict[str, deque[Request]]:
+        """model -> requests past hope (the executor's late lanes)."""
+        return self.executor.late
 
     def report(self) -> dict:
-        return {"qlm": {"num_rebalanced": self.num_rebalanced, "num_late": self.num_late,
+        return {"qlm": {"num_rebalanced": self.executor.num_rebalanced,
+                        "num_late": self.executor.num_late,
                         "num_profiles": self.est.num_profiles}}
 
-    # -- LSOs --------------------------------------------------------------------------------
+    # -- LSOs (decided here, issued by the executor) -----------------------------------------
     def _has_seat(self, inst: Instance) -> bool:
-        st = inst.engine.stats()
-        return (st.num_waiting < self.engine_slack
-                and st.num_running + st.num_waiting < st.max_num_seqs)
+        return self.executor.has_seat(inst)
 
     def _pump(self, inst: Instance) -> None:
         """Pull: feed ``inst`` from its virtual queue while it has seats."""
-        rt = self.rt
-        if not inst.ready:
-            return
-        now = rt.now()
-        # (seats, iteration s, prefill s per token): read when first needed (most pumps find
-        # no seat). They depend on the engine's model, seat and KV limits and the estimator's
-        # calibration, none of which a dispatch changes (engine events reach the policy later,
-        # through the host's timer), so they are the same as at the pump's start.
-        basics = None
-        while self._has_seat(inst):
-            req = self.gq.pop(inst.id)
-            if req is None and self._steal(inst):
-                req = self.gq.pop(inst.id)
-            if req is None:
-                lane = self.late.get(inst.model)
-                if not lane:
-                    return
-                req = lane.popleft()
-                self._num_late -= 1
-                rt.dispatch(req, inst, (req.deadline_at, req.id))
-                continue
-            if basics is None:
-                basics = self.est.basics(inst, inst.engine.stats())
-            _, iter_s, c_tok = basics
-            if (req.first_token_at is None
-                    and now + req.prompt_tokens * c_tok + iter_s > req.deadline_at):
-                # Past hope: serve it when nothing on time waits (its wait is then measured
-                # from its dispatch, not from its placement).
-                req._sched.pred_mean_s = None
-                self._raw_pred.pop(req.id, None)
-                self._late_at.setdefault((req.model, req.slo_class), deque()).append(now)
-                self.late.setdefault(req.model, deque()).append(req)
-                self._num_late += 1
-                self.num_late += 1
-                continue
-            rt.dispatch(req, inst, (req.deadline_at, req.id))
-
-    def _steal(self, inst: Instance) -> bool:
-        """Rebalance: move the head group of the busiest same-model instance here."""
-        donors = [
-            i for i in self.rt.ready_instances(inst.model)
-            if i is not inst and self.gq.vq(i.id).num_requests > 0
-        ]
-        if not donors:
-            return False
-        donor = max(donors, key=lambda i: self.gq.vq(i.id).num_requests)
-        g = self.gq.vq(donor.id).head()
-        if g is None:
-            return False
-        self.gq.place(g, inst.id)
-        self.num_rebalanced += g.size
-        self.rt.lso_counts["rebalance"] += g.size
-        return True
+        self.executor.pull(inst)
 
     def _maybe_evict(self, inst: Instance) -> None:
         """Evict running requests whose TTFT is met to seat an urgent head that would miss."""
@@ -380,55 +342,29 @@ class QLMRWTPolicy(Policy):
         if g is None or self._has_seat(inst):
             return
         now = self.rt.now()
+        slack = g.deadline_at - now
+        # the estimate (a profile of the instance) costs more than finding out that no
+        # running request may be evicted, which is the usual case on long prompts
+        if slack <= 0 or not self.executor.victims_for(inst, g):
+            return
         head = g.members[0][2]
         est = self._wait(inst, g, 0, head.prompt_tokens, now)
-        slack = g.deadline_at - now
-        if slack <= 0 or est.mean_s <= slack:
+        if est.mean_s <= slack:
             return
-        pr = head.priority
-        # An evicted request recomputes prompt + generated tokens when it resumes, on what is
-        # usually a saturated instance: only cheap victims are worth it (measured on the conv
-        # trace: a 256-token cap keeps the attainment of evicting and the throughput of not).
-        gen = getattr(inst.engine, "num_generated", lambda r: r.num_generated)
-        cap = self.evict_max_recompute_tokens
-        victims = sorted(
-            (r for r in inst.engine.running_requests()
-             if r.priority > pr and r.first_token_at is not None and r.tpot_s is None
-             and r.prompt_tokens + gen(r) <= cap),
-            key=lambda r: (-r.priority, r.prompt_tokens + gen(r)),
-        )[: min(g.size, 8)]
-        for v in victims:
-            got = self.rt.evict(inst, v.id)
-            if got is not None:
-                gg, _ = self.gq.requeue(got, now)
-                if gg.instance_id == UNPLACED:
-                    self.gq.place(gg, inst.id)
-        if victims:
+        if self.executor.evict_for(inst, g, now):
             self.est.invalidate(inst.id)
             self._pump(inst)
+
+    def _cover_cost(self):
+        """How the coverage swap picks its victim (None: the least-loaded instance)."""
+        return None
 
     def _ensure_swap(self, model: str) -> None:
         """Swap some instance to ``model`` when none holds it and none is on the way."""
         rt = self.rt
-        if rt.ready_instances(model) or any(i.swap_to == model for i in rt.instances):
+        back = self.executor.cover(model, self._cover_cost())
+        if back is None:
             return
-        cands = [i for i in rt.instances if i.ready and rt.fleet.can_serve(i.spec, model)]
-        if not cands:
-            return
-        held: dict[str | None, int] = {}
-        for i in rt.instances:
-            if i.ready:
-                held[i.model] = held.get(i.model, 0) + 1
-
-        def cost(i: Instance) -> tuple:
-            load = i.engine.load() + self.gq.vq(i.id).num_requests
-            return (held.get(i.model, 0) <= 1 and load > 0, load, i.id)
-
-        victim = min(cands, key=cost)
-        # Its queued groups go to other holders of its model (or wait unplaced).
-        for g in list(self.gq.vq(victim.id).groups.values()):
-            self.gq.place(g, UNPLACED)
-        back = rt.drain_and_swap(victim, model)
         now = rt.now()
         for r in back:
             self.gq.requeue(r, now)

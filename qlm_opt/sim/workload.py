@@ -1,5 +1,12 @@
-"""Workloads: traces (Azure LLM CSV 2023/2024, JSONL), a synthetic generator, and the mapping
-of trace rows to models and SLO classes.
+"""Workloads: traces (Azure LLM CSV 2023/2024, BurstGPT CSV, Mooncake JSONL, generic JSONL),
+synthetic generators (independent requests; shared prefixes: system prompts and multi-turn
+sessions), and the mapping of trace rows to models and SLO classes.
+
+Every loader names the file and line of a bad row (``path:line: what is wrong``).
+
+Prefix identity: a trace may carry, per request, one hash id per ``hash_block_tokens`` tokens
+of its prompt (the Mooncake convention: 512-token blocks; two requests sharing a leading run
+of ids share that prefix). Requests carry them to the engine's prefix cache.
 
 Synthetic defaults are fitted on the Azure LLM inference trace 2023, conversation service
 (19,366 requests over 3,502 s, 2023-11-16; Patel et al., "Splitwise", ISCA 2024, CC-BY 4.0):
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +41,10 @@ class Trace:
     models: list[str] | None = None  # per-row model, when the trace names it
     classes: list[str] | None = None  # per-row SLO class, when the trace names it
     source: str = "<trace>"
+    # per-row prefix hash ids, one per ``hash_block_tokens`` tokens of the prompt (None: the
+    # trace has no prefix information)
+    hash_ids: list[tuple[int, ...]] | None = None
+    hash_block_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.arrived_at)
@@ -152,11 +164,15 @@ def load_jsonl(path: Path | str) -> Trace:
     )
 
 
-def _make_trace(ts, pr, out, models, classes, source) -> Trace:
+def _make_trace(ts, pr, out, models, classes, source, hash_ids=None,
+                hash_block_tokens: int = 0) -> Trace:
     t = np.asarray(ts, dtype=np.float64)
     order = np.argsort(t, kind="stable")
     t = t[order] - t[order[0]]
-    pick = (lambda xs: [xs[i] for i in order]) if models or classes else None
+
+    def pick(xs):
+        return [xs[i] for i in order]
+
     return Trace(
         arrived_at=t,
         prompt_tokens=np.asarray(pr, dtype=np.int64)[order],
@@ -164,14 +180,138 @@ def _make_trace(ts, pr, out, models, classes, source) -> Trace:
         models=pick(models) if models else None,
         classes=pick(classes) if classes else None,
         source=source,
+        hash_ids=pick(hash_ids) if hash_ids is not None else None,
+        hash_block_tokens=hash_block_tokens if hash_ids is not None else 0,
     )
 
 
+MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake traces
+
+
+def load_mooncake_jsonl(path: Path | str, block_tokens: int = MOONCAKE_BLOCK_TOKENS) -> Trace:
+    """Mooncake (FAST'25) trace: one JSON object per line with ``timestamp`` (milliseconds
+    from the start), ``input_length``, ``output_length`` and ``hash_ids`` (one id per
+    ``block_tokens`` tokens of the prompt, the last block possibly partial)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise WorkloadError(f"{path}: file not found") from None
+    ts: list[float] = []
+    pr: list[int] = []
+    out: list[int] = []
+    hs: list[tuple[int, ...]] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise WorkloadError(f"{where}: invalid JSON: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise WorkloadError(f"{where}: expected a JSON object")
+        for key in ("timestamp", "input_length", "output_length", "hash_ids"):
+            if key not in obj:
+                raise WorkloadError(f"{where}: missing '{key}'")
+        t = obj["timestamp"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+                or t < 0:
+            raise WorkloadError(f"{where}: timestamp must be milliseconds >= 0, got {t!r}")
+        n_in = _positive_int(obj["input_length"], "input_length", where)
+        n_out = _positive_int(obj["output_length"], "output_length", where)
+        ids = obj["hash_ids"]
+        if not isinstance(ids, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in ids):
+            raise WorkloadError(f"{where}: hash_ids must be a list of integers")
+        need = -(-n_in // block_tokens)
+        if len(ids) != need:
+            raise WorkloadError(
+                f"{where}: {len(ids)} hash_ids for input_length {n_in}; expected {need} "
+                f"(one per {block_tokens} tokens)")
+        ts.append(t / 1000.0)
+        pr.append(n_in)
+        out.append(n_out)
+        hs.append(tuple(ids))
+    if not ts:
+        raise WorkloadError(f"{path}: no requests")
+    return _make_trace(ts, pr, out, None, None, str(path), hs, block_tokens)
+
+
+BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
+
+
+def load_burstgpt_csv(path: Path | str) -> Trace:
+    """BurstGPT trace (Wang et al., 2024): ``Timestamp`` (seconds), ``Model``, ``Request
+    tokens``, ``Response tokens``, ``Total tokens``, ``Log Type``. Only the timestamp and the
+    two token counts are used: the ``Model`` column names the service (ChatGPT, GPT-4), not a
+    catalog model, so the workload's model shares apply. Rows with 0 response tokens (failed
+    requests in the original service) are kept with one output token."""
+    path = Path(path)
+    try:
+        f = path.open(newline="")
+    except FileNotFoundError:
+        raise WorkloadError(f"{path}: file not found") from None
+    ts: list[float] = []
+    pr: list[int] = []
+    out: list[int] = []
+    with f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise WorkloadError(f"{path}: empty file")
+        cols = {h.strip(): i for i, h in enumerate(header)}
+        missing = [c for c in BURSTGPT_COLUMNS if c not in cols]
+        if missing:
+            raise WorkloadError(
+                f"{path}:1: missing column(s) {', '.join(missing)}; expected BurstGPT's header "
+                "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type")
+        it, ip, io = (cols[c] for c in BURSTGPT_COLUMNS)
+        width = max(it, ip, io) + 1
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            where = f"{path}:{lineno}"
+            if len(row) < width:
+                raise WorkloadError(f"{where}: expected {len(header)} columns, got {len(row)}")
+            try:
+                t = float(row[it])
+            except ValueError:
+                raise WorkloadError(f"{where}: bad Timestamp {row[it]!r}") from None
+            if not math.isfinite(t) or t < 0:
+                raise WorkloadError(f"{where}: Timestamp must be seconds >= 0, got {row[it]!r}")
+            ts.append(t)
+            pr.append(_positive_int(row[ip], "Request tokens", where))
+            out.append(_positive_int(row[io], "Response tokens", where))
+    if not ts:
+        raise WorkloadError(f"{path}: no requests")
+    return _make_trace(ts, pr, out, None, None, str(path))
+
+
+def _first_record(path: Path) -> str | None:
+    """The first non-empty line of a text file (None when there is none)."""
+    try:
+        with path.open() as f:
+            for line in f:
+                if line.strip():
+                    return line
+    except FileNotFoundError:
+        raise WorkloadError(f"{path}: file not found") from None
+    return None
+
+
 def load_trace(path: Path | str) -> Trace:
-    """By extension: ``.jsonl`` or ``.json`` lines, otherwise Azure CSV."""
+    """By extension and content: ``.jsonl``/``.json`` lines are Mooncake when the first
+    record has ``input_length``, else the generic JSONL; a CSV whose header has ``Request
+    tokens`` is BurstGPT, else Azure."""
     p = Path(path)
+    first = _first_record(p)
     if p.suffix in (".jsonl", ".json"):
+        if first is not None and '"input_length"' in first:
+            return load_mooncake_jsonl(p)
         return load_jsonl(p)
+    if first is not None and "Request tokens" in first:
+        return load_burstgpt_csv(p)
     return load_azure_csv(p)
 
 
@@ -179,17 +319,14 @@ def synthetic_trace(workload: Workload, seed: int | None = None) -> Trace:
     """Arrivals (Poisson or gamma) and lognormal lengths from the workload spec."""
     d = workload.data
     rng = np.random.default_rng(d.seed if seed is None else seed)
+    if d.prefixes is not None:
+        return synthetic_prefix_trace(workload, seed)
     rate = d.arrivals.rate_per_s * d.rate_scale
     if d.max_requests is not None:
         n = d.max_requests
     else:
         n = int(d.duration_s * rate * 1.2) + 16
-    if d.arrivals.process == "poisson":
-        gaps = rng.exponential(1.0 / rate, size=n)
-    else:
-        shape = 1.0 / (d.arrivals.cv**2)
-        gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
-    t = np.cumsum(gaps) - gaps[0]
+    t = _arrivals(d, rng, rate, n)
     if d.duration_s is not None:
         t = t[t < d.duration_s]
         n = len(t)
@@ -201,6 +338,98 @@ def synthetic_trace(workload: Workload, seed: int | None = None) -> Trace:
         np.rint(rng.lognormal(L.output_log_mu, L.output_log_sigma, n)), L.output_min, L.output_max
     ).astype(np.int64)
     return Trace(t, pr, out, source="synthetic")
+
+
+def _arrivals(d, rng, rate: float, n: int) -> np.ndarray:
+    """``n`` arrival times (from 0) of the workload's process at ``rate`` per second."""
+    if d.arrivals.process == "poisson":
+        gaps = rng.exponential(1.0 / rate, size=n)
+    else:
+        shape = 1.0 / (d.arrivals.cv**2)
+        gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
+    return np.cumsum(gaps) - gaps[0]
+
+
+def synthetic_prefix_trace(workload: Workload, seed: int | None = None) -> Trace:
+    """Conversation traffic with shared prefixes, and its hash ids (``[prefixes]`` section).
+
+    Sessions start by the workload's arrival process at ``rate / turns_mean``, so requests
+    arrive at about the workload's rate. A session opens with one of ``num_system_prompts``
+    system prompts (Zipf popularity ``system_prompt_zipf``) of about
+    ``system_prompt_tokens`` tokens, then has a geometric number of turns (mean
+    ``turns_mean``; 1 means single-turn) separated by exponential think times (mean
+    ``think_time_s``). A turn's prompt is the whole conversation so far (previous prompt,
+    previous answer) plus a new user message drawn from ``[lengths]``'s prompt distribution;
+    its output from ``[lengths]``'s output distribution. Hash ids follow Mooncake: one per
+    ``block_tokens`` tokens, equal between two prompts exactly on their common full blocks
+    (a system prompt's, an earlier turn's); answers are not hashed (the engine caches
+    prompt blocks only)."""
+    d = workload.data
+    P = d.prefixes
+    rng = np.random.default_rng(d.seed if seed is None else seed)
+    rate = d.arrivals.rate_per_s * d.rate_scale
+    L = d.lengths
+    B = P.block_tokens
+    if d.max_requests is not None:
+        n_sessions = d.max_requests
+    else:
+        n_sessions = int(d.duration_s * rate / P.turns_mean * 1.2) + 16
+    starts = _arrivals(d, rng, rate / P.turns_mean, n_sessions)
+    next_id = 0
+
+    def fresh(k: int) -> list[int]:
+        nonlocal next_id
+        ids = list(range(next_id, next_id + k))
+        next_id += k
+        return ids
+
+    sys_len = np.clip(np.rint(rng.normal(P.system_prompt_tokens,
+                                         0.1 * P.system_prompt_tokens, P.num_system_prompts)),
+                      1, None).astype(np.int64)
+    sys_ids = [fresh(-(-int(n) // B)) for n in sys_len]
+    pop = 1.0 / np.arange(1, P.num_system_prompts + 1) ** P.system_prompt_zipf
+    pop /= pop.sum()
+    rows: list[tuple[float, int, int, tuple[int, ...]]] = []
+    max_prompt = L.prompt_max
+    for s_at in starts:
+        if d.duration_s is not None and s_at >= d.duration_s:
+            break
+        k = int(rng.choice(P.num_system_prompts, p=pop))
+        turns = int(rng.geometric(1.0 / P.turns_mean))
+        at = float(s_at)
+        ctx_len = int(sys_len[k])
+        ctx_ids = sys_ids[k]
+        for _ in range(turns):
+            user = int(np.clip(np.rint(rng.lognormal(L.prompt_log_mu, L.prompt_log_sigma)),
+                               L.prompt_min, L.prompt_max))
+            out = int(np.clip(np.rint(rng.lognormal(L.output_log_mu, L.output_log_sigma)),
+                              L.output_min, L.output_max))
+            prompt = ctx_len + user
+            if prompt > max_prompt:
+                break  # the conversation outgrew the context: the session ends
+            keep = min(ctx_len // B, len(ctx_ids))  # the context's known full blocks
+            ids = ctx_ids[:keep] + fresh(-(-prompt // B) - keep)
+            rows.append((at, prompt, out, tuple(ids)))
+            # the next turn's context: this prompt and its answer (the answer's blocks and
+            # this prompt's partial last block are new content there)
+            ctx_len = prompt + out
+            ctx_ids = ids[: prompt // B]
+            at += float(rng.exponential(P.think_time_s))
+    rows.sort(key=lambda r: r[0])
+    if d.duration_s is not None:
+        rows = [r for r in rows if r[0] < d.duration_s]
+    if d.max_requests is not None:
+        rows = rows[: d.max_requests]
+    if not rows:
+        raise WorkloadError("synthetic prefix workload produced no requests")
+    return Trace(
+        arrived_at=np.array([r[0] for r in rows], dtype=np.float64),
+        prompt_tokens=np.array([r[1] for r in rows], dtype=np.int64),
+        output_tokens=np.array([r[2] for r in rows], dtype=np.int64),
+        source="synthetic",
+        hash_ids=[r[3] for r in rows],
+        hash_block_tokens=B,
+    )
 
 
 def build_requests(trace: Trace, workload: Workload, seed: int | None = None) -> list[Request]:
@@ -246,6 +475,12 @@ def build_requests(trace: Trace, workload: Workload, seed: int | None = None) ->
                 deadline_at=at + cls.ttft_s,
                 tpot_s=cls.tpot_s,
                 priority=cls.priority,
+                prefix_hashes=trace.hash_ids[k] if trace.hash_ids is not None else None,
+                hash_block_tokens=trace.hash_block_tokens,
             )
         )
+    if d.batch_jobs:  # Batch API jobs ([[batch_jobs]]) on top of the traffic
+        from qlm_opt.sim.batch_jobs import add_batch_jobs
+
+        reqs = add_batch_jobs(reqs, workload, d.seed if seed is None else seed)
     return reqs
