@@ -63,6 +63,9 @@ def whatif(
         float | None, typer.Option(help="Override the workload's rate_scale.")
     ] = None,
     drain: Annotated[float, typer.Option(help="Seconds to run after the last arrival.")] = 3600,
+    bound: Annotated[bool, typer.Option(
+        "--bound", help="Also compute the upper bound U on attainment and each policy's gap "
+                        "to it (see `qlm-opt bound`).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Replay a workload against a fleet under several policies and compare them."""
@@ -110,7 +113,8 @@ def whatif(
                     tasks[name] = prog.add_task(name, total=total)
                 prog.update(tasks[name], completed=i)
 
-            report = run_whatif(names, fl, wl, tr, seed=seed, drain_s=drain, progress=progress)
+            report = run_whatif(names, fl, wl, tr, seed=seed, drain_s=drain, progress=progress,
+                                bound=bound)
         files = write_report(report, out)
     except QLMError as e:
         _fail(str(e))

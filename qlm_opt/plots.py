@@ -22,6 +22,11 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         xs = [x for x, y in zip(att["bin_start_s"], att["overall"]) if y is not None]
         ys = [100 * y for y in att["overall"] if y is not None]
         ax.plot(xs, ys, label=name, linewidth=1.5)
+    bound = report.get("bound")
+    if bound and bound.get("slo_attainment") is not None:
+        # U bounds the whole run's attainment (not each bin's): drawn for scale
+        ax.axhline(100 * bound["slo_attainment"], color="black", linestyle="--", linewidth=1.2,
+                   label=f"bound U (whole run) {100 * bound['slo_attainment']:.1f}%")
     ax.set_xlabel("arrival time (s)")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(-2, 102)

@@ -27,8 +27,11 @@ def render_table(report: dict) -> Table:
         title=f"what-if: {sim['num_requests']} requests, workload {sim['workload']}, "
         f"fleet {sim['fleet']} ({sim['num_instances']} instances)"
     )
+    bound = report.get("bound")
     t.add_column("policy")
     t.add_column("SLO att.", justify="right")
+    if bound:
+        t.add_column("gap to U", justify="right")
     for c in classes:
         t.add_column(c, justify="right")
     for col in ("TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "tok/s", "GPU util",
@@ -40,6 +43,9 @@ def render_table(report: dict) -> Table:
         t.add_column("RWT cov90", justify="right")
     for name, m in pols.items():
         row = [name, _pct(m["slo_attainment"])]
+        if bound:
+            g = m.get("gap_to_bound")
+            row.append("-" if g is None else f"{100 * g:.1f} pt")
         row += [_pct(m["per_class"].get(c, {}).get("slo_attainment")) for c in classes]
         row += [
             _s(m["ttft_s"]["p50"]), _s(m["ttft_s"]["p99"]),
@@ -53,4 +59,10 @@ def render_table(report: dict) -> Table:
             e = r.get("median_abs_pct_error")
             row += ["-" if e is None else f"{e:.1f}%", _pct(r.get("coverage_90"))]
         t.add_row(*row)
+    if bound:
+        # U: no policy can attain more (qlm_opt/bound.py); the other columns do not apply
+        row = ["bound U", _pct(bound["slo_attainment"]), "-"]
+        row += [_pct((bound["per_class"].get(c) or {}).get("slo_attainment")) for c in classes]
+        row += ["-"] * (len(t.columns) - len(row))
+        t.add_row(*row, end_section=False)
     return t

@@ -1,0 +1,857 @@
+"""An upper bound U on SLO attainment: no policy can do better under the simulator's engine model.
+
+``compute_bound(requests, workload, fleet)`` returns U overall and per SLO class for one
+request list (the one a what-if run replays). It is the optimum of a linear program (GLOP),
+certified from the LP's dual so that solver tolerances cannot make it too low, then rounded
+down to a whole number of requests. Every constraint of the LP is a *necessary* condition of
+any run of the simulator (``engines/sim.py`` with the iteration model of ``engines/perf.py``),
+so the set of on-time requests of any policy is a feasible LP point, and U is at least the
+attainment of every policy. The argument follows.
+
+What the simulator fixes (and the bound uses)
+---------------------------------------------
+* A request attains its SLO when it finishes, its first token comes at or before
+  ``deadline_at`` (arrival + class TTFT target) and, where the class sets one, its mean TPOT
+  is at or under target (``Request.attained``). Dropped or unfinished requests miss. A run
+  ends ``drain_s`` after the last arrival; a request still unfinished then is dropped.
+* An engine runs iterations one after another. An iteration of ``T`` tokens over ``n``
+  sequences reading ``kv`` KV tokens lasts
+  ``f · (overhead + s_seq·n + max(c_tok·T, m0 + m_kv·kv))``, where ``f`` is the machine's
+  speed factor of its window (1 on a roofline engine; on a calibrated one at least
+  ``f_min``, the smallest of ``slowdown_q``). ``T`` is at most ``max_num_batched_tokens``
+  (B), ``n`` at most ``max_num_seqs`` (S).
+* A request's first token is the end of the iteration holding its last prefill chunk, plus
+  its per-request overhead (``request_overhead_for(id)``, exact per request). Its prefill
+  runs in iterations that start at or after it reached the engine, so at or after its
+  arrival; a prompt of P tokens needs at least ``n_P = max(1, ceil(P / B))`` iterations.
+  After the first token it needs ``out_cap - 1`` more iterations, one token each.
+* A prompt with ``P + 1 > max_model_len`` is dropped by the engine.
+* An instance serves only the model it holds. Swapping to model m takes ``swap_s(m)``
+  (warm or cold, as the fleet says), during which it runs no iteration; an instance holds
+  its ``initial_model`` at time 0.
+
+The relaxation (each step can only raise attainment)
+----------------------------------------------------
+1. **Requests on time in isolation.** On a candidate instance type, a request can be on time
+   only if ``earliest + ttft_min + overhead_r <= deadline`` where ``earliest`` is its arrival
+   (or ``swap_s`` when no instance of that type starts with its model: a swap cannot start
+   before time 0), ``ttft_min = f_min · (n_P·(overhead + s_seq) + max(c_tok·P, n_P·m0))``
+   (each prefill iteration at least that long, since ``Σ max(a,b) >= max(Σa, Σb)`` and the
+   KV read is at least 0), its prompt fits ``max_model_len``, and, when its class sets a
+   TPOT target, ``f_min·(overhead + s_seq + max(c_tok, m0 + m_kv·P))`` (a decode iteration
+   that reads at least its own prompt's KV) is at most the target. A request that passes on
+   no instance type misses under every policy; the LP drops it. The test is exact
+   arithmetic on the simulator's own formulas, loosened only in the direction of "faster".
+2. **Fluid work instead of iterations.** Each iteration's duration is at least the sum of
+   linear per-request charges: with ``T <= B`` and ``n <= S``,
+   ``overhead >= overhead·T/B`` and ``overhead + m0 >= (overhead + m0)·n/S``, so
+     - *compute charge*: ``f_min·((c_tok + overhead/B)·tokens + s_seq·(iterations it is in))``;
+     - *memory charge*: ``f_min·(((overhead + m0)/S + s_seq)·(iterations it is in)
+       + m_kv·(KV tokens it reads))``,
+   and an iteration lasts at least the sum of either charge over its requests. A request's
+   prefill charges lie in the time span of its prefill iterations, inside
+   ``[earliest, deadline - overhead_r]`` when it is on time; its decode charges lie before
+   the run's end (``last arrival + drain_s``, plus one longest iteration that may start at
+   the end). The LP lets this work be split freely in time (preemptively, fluidly) and,
+   inside a pool of identical instance types, across instances: both only enlarge the set
+   of feasible schedules. Charges are computed with the smallest prompt and output of the
+   requests in a bucket (bucketing never raises work).
+3. **Time in slots, windows widened.** Time is cut into slots of ``slot_s`` (the last slot
+   reaches the end of the run). A window becomes the slots it touches; long windows are
+   widened further to a few aligned dyadic blocks. Wider windows only allow more.
+4. **Capacity as necessary conditions.** For a family of time intervals I (the blocks of a
+   binary segment tree over the slots, and every suffix ``[k·K slots, end]``), the work of
+   on-time requests whose window lies inside I fits in the time the pool holds their
+   model during I (Horn's necessary condition; for the laminar segment-tree family, with the
+   LP free to split each window into its canonical blocks, it is the exact fluid
+   transportation problem). Only a subset of all intervals is checked: fewer constraints,
+   a larger feasible set. Prefill work counts in the tree; decode work only in the suffix
+   constraints (the compute charge and, separately, the memory charge each fit).
+5. **Model placement as a fraction.** ``w[g,m,t]`` is the average number of instances of
+   pool g holding model m during slot t (any real run defines it), ``Σ_m w + swapping <=
+   count``. Swaps are paid per *epoch* (a run of consecutive slots): every rise of the epoch
+   average of ``w`` is paid with swap time before it. The total positive variation of the
+   epoch averages of an on/off signal, up to epoch e, is at most the number of its rising
+   edges by the end of epoch e, and each rising edge of m is preceded by ``swap_s(m)`` of
+   swapping on that instance (no iteration runs meanwhile), so the swap time up to the end of
+   epoch e is at least ``Σ_m swap_s(m) · Σ_{e'<=e} (avg_e'(w) - avg_e'-1(w))^+`` (with the
+   initial placement before epoch 0). Fractions allow time-sharing a GPU between models, and
+   switching inside an epoch is free: again only a relaxation.
+6. **Rounding and certification.** The LP optimum over the on-time count is certified by
+   weak duality from GLOP's dual values (any dual vector bounds the maximum, since every
+   variable has a finite box), so solver tolerances or a time-out cannot make U too low;
+   then it is floored: a run's on-time count is an integer. Per class, the LP is re-solved
+   with only that class's requests in the objective, so ``U_class`` bounds that class under
+   any policy, including ones that sacrifice the other classes. Two shortcuts are exact:
+   the LP with the placement pinned to the initial one is a restriction (its optimum is at
+   most the full LP's), and when it, or the full LP, already puts on time every request that
+   passes step 1, U equals that count and the per-class bounds are the classes' step-1
+   counts (no policy can do better than all of them at once).
+7. **Prefix caching.** When the engine caches prefixes, a request carrying
+   ``prefix_hashes`` is charged only the prompt tokens no cache hit could skip (all its full
+   units may hit, leaving at least one token to compute), as if another request had just
+   computed its prefix.
+
+What it does not model (and therefore never counts against a policy): KV capacity and
+seats as limits on concurrency, preemption and recompute, the in-flight iteration an arrival
+waits for, the order of chunks within an iteration, and any TPOT interaction beyond the
+per-request test. These are where U is loose, most of all under overload.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qlm_opt.config import Fleet, Workload
+from qlm_opt.domain import Request
+from qlm_opt.engines.perf import IterationModel, iteration_model, swap_s
+from qlm_opt.errors import QLMError
+
+log = logging.getLogger(__name__)
+
+#: Progress callback: (stage, done, total).
+Progress = Callable[[str, int, int], None]
+
+_EPS = 1e-9  # Request.attained's tolerance on the TTFT and TPOT targets
+_MAX_PIECES = 6  # dyadic blocks per window before it is widened
+_PROMPT_RATIO = 1.15  # prompt-length classes of a bucket (geometric)
+_OUTPUT_RATIO = 1.3  # output-length classes of a bucket (geometric)
+
+
+class BoundError(QLMError):
+    """Bad input to the bound (the CLI prints it as one line, exit code 2)."""
+
+
+@dataclass(slots=True)
+class BoundResult:
+    """U overall and per class, with how it was obtained.
+
+    ``slo_attainment`` and ``per_class[c]`` are fractions in [0, 1] (per_class is None for a
+    class with no request). ``isolation`` is the weaker bound of step 1 alone (requests that
+    could be on time on an empty fleet). ``status`` is ``"optimal"`` when every LP solved,
+    else ``"isolation"`` (U fell back to the isolation bound, still valid). Times in
+    seconds; ``lp`` gives the LP's size.
+    """
+
+    slo_attainment: float
+    per_class: dict[str, float | None]
+    num_requests: int
+    num_on_time_max: int  # U · num_requests
+    per_class_requests: dict[str, int]
+    isolation: float
+    isolation_per_class: dict[str, float | None]
+    status: str
+    slot_s: float
+    num_slots: int
+    build_s: float
+    solve_s: float
+    wall_s: float
+    lp: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The ``bound`` section of a what-if report."""
+        return {
+            "slo_attainment": self.slo_attainment,
+            "per_class": {c: {"slo_attainment": v, "num_requests": self.per_class_requests[c]}
+                          for c, v in self.per_class.items()},
+            "num_requests": self.num_requests,
+            "num_on_time_max": self.num_on_time_max,
+            "isolation": {"slo_attainment": self.isolation,
+                          "per_class": dict(self.isolation_per_class)},
+            "status": self.status,
+            "slot_s": self.slot_s,
+            "num_slots": self.num_slots,
+            "build_s": self.build_s,
+            "solve_s": self.solve_s,
+            "wall_s": self.wall_s,
+            "lp": dict(self.lp),
+        }
+
+
+# -- the engine model, per pool of identical instances ------------------------------------------
+@dataclass(slots=True)
+class _ModelOnPool:
+    """One model on one pool's GPU type: the constants the bound needs."""
+
+    im: IterationModel
+    max_model_len: int
+    swap_s: float
+    f_min: float  # smallest speed factor (1 on a steady machine)
+    max_iter_s: float  # longest possible iteration (end-of-run slack)
+
+
+@dataclass(slots=True)
+class _Pool:
+    gpu: str
+    tp: int
+    count: int
+    init: dict[str, int]  # model -> instances holding it at time 0
+    models: dict[str, _ModelOnPool]  # models it may serve
+
+
+def _pools(fleet: Fleet, wanted: set[str]) -> list[_Pool]:
+    """Group instances with the same GPU type, degree and servable models."""
+    by: dict[tuple, _Pool] = {}
+    cache: dict[tuple, _ModelOnPool] = {}
+    for spec in fleet.instances:
+        serv = tuple(sorted(m for m in wanted if fleet.can_serve(spec, m)))
+        key = (spec.gpu, spec.tp, serv)
+        pool = by.get(key)
+        if pool is None:
+            models = {}
+            for m in serv:
+                k = (m, spec.gpu, spec.tp)
+                if k not in cache:
+                    cache[k] = _model_on(fleet, m, spec.gpu, spec.tp)
+                models[m] = cache[k]
+            pool = by[key] = _Pool(spec.gpu, spec.tp, 0, {}, models)
+        pool.count += 1
+        if spec.initial_model is not None:
+            pool.init[spec.initial_model] = pool.init.get(spec.initial_model, 0) + 1
+    return list(by.values())
+
+
+def _model_on(fleet: Fleet, model: str, gpu: str, tp: int) -> _ModelOnPool:
+    cat = fleet.catalog
+    eng = fleet.engine
+    im = iteration_model(cat, model, gpu, tp, fleet.perf)
+    kv_cap = cat.kv_capacity_tokens(model, gpu, tp)
+    bs = eng.block_size
+    # SimEngine._set_model, with the runtime's max_model_len (the model's context)
+    mml = cat.model(model).max_context or kv_cap
+    if eng.max_model_len:
+        mml = min(mml, eng.max_model_len)
+    mml = min(mml, (kv_cap // bs) * bs - bs)
+    q = im.slowdown_q
+    f_min = min(q) if q else 1.0
+    f_max = max(q) if q else 1.0
+    longest = im.iteration_s(eng.max_num_batched_tokens, kv_cap, eng.max_num_seqs)
+    return _ModelOnPool(
+        im=im,
+        max_model_len=mml,
+        swap_s=swap_s(cat, model, gpu, tp, fleet.warm_swaps, fleet.perf),
+        f_min=max(0.0, f_min),
+        max_iter_s=longest * max(1.0, f_max) + im.overhead_s,
+    )
+
+
+# -- per-request quantities ---------------------------------------------------------------------
+@dataclass(slots=True)
+class _Need:
+    """What one request needs on one pool, when it can be on time there."""
+
+    start_at: float  # earliest start of its prefill
+    end_at: float  # its prefill must end by then
+    prefill_work_s: float  # compute charge of its prefill
+    compute_work_s: float  # compute charge, prefill + decode
+    memory_work_s: float  # memory charge, prefill + decode
+
+
+def _min_prefill_tokens(r: Request, caching: bool) -> int:
+    """Prompt tokens the engine must compute at least: with prefix caching, every full unit
+    of its ``prefix_hashes`` may be a cache hit (as if another request had just computed it),
+    except that at least one token is always computed (``SimEngine._pc_hits``)."""
+    p = r.prompt_tokens
+    hashes = getattr(r, "prefix_hashes", None)
+    ut = getattr(r, "hash_block_tokens", 0)
+    if not (caching and hashes and ut > 0 and p > 0):
+        return p
+    hits = min(len(hashes), p // ut, (p - 1) // ut)
+    return p - hits * ut
+
+
+def _need(r: Request, mp: _ModelOnPool, holds_at_start: bool, fleet: Fleet,
+          horizon_at: float) -> _Need | None:
+    """Step 1 of the argument: None when ``r`` cannot be on time on this pool at all."""
+    im = mp.im
+    eng = fleet.engine
+    p = r.prompt_tokens
+    if p + r.num_generated + 1 > mp.max_model_len:
+        return None  # the engine drops it (prompt_too_long)
+    big_b = eng.max_num_batched_tokens
+    pre_tok = _min_prefill_tokens(r, eng.enable_prefix_caching)
+    n_pre = max(1, -(-pre_tok // big_b))
+    f = mp.f_min
+    egress = im.request_overhead_for(r.id)
+    start = r.arrived_at if holds_at_start else max(r.arrived_at, mp.swap_s)
+    ttft_min = f * (n_pre * (im.overhead_s + im.s_seq)
+                    + max(im.c_tok * pre_tok, n_pre * im.m0)) + egress
+    if start + ttft_min > r.deadline_at + _EPS:
+        return None
+    out_cap = max(1, min(r.output_tokens, mp.max_model_len - p))
+    n_dec = out_cap - 1
+    if r.tpot_s is not None and n_dec >= 1:
+        tpot_min = f * (im.overhead_s + im.s_seq + max(im.c_tok, im.m0 + im.m_kv * p))
+        if tpot_min > r.tpot_s + _EPS:
+            return None
+    end = min(r.deadline_at + _EPS - egress, horizon_at)
+    if end < start:
+        return None
+    per_tok = im.c_tok + im.overhead_s / big_b
+    pre = f * (per_tok * pre_tok + im.s_seq * n_pre)
+    dec = f * (per_tok + im.s_seq) * n_dec
+    per_seq_mem = (im.overhead_s + im.m0) / eng.max_num_seqs + im.s_seq
+    mem = f * (per_seq_mem * (n_pre + n_dec)
+               + im.m_kv * (n_dec * p + n_dec * (n_dec - 1) / 2.0))
+    return _Need(start, end, pre, pre + dec, mem)
+
+
+# -- a small sparse LP builder ------------------------------------------------------------------
+class _LP:
+    """Variables with finite boxes and rows lo <= a·x <= hi, kept as flat lists."""
+
+    def __init__(self) -> None:
+        self.lb: list[float] = []
+        self.ub: list[float] = []
+        self.row_lo: list[float] = []
+        self.row_hi: list[float] = []
+        self.r_idx: list[int] = []
+        self.c_idx: list[int] = []
+        self.coef: list[float] = []
+
+    def var(self, ub: float, lb: float = 0.0) -> int:
+        self.lb.append(lb)
+        self.ub.append(ub)
+        return len(self.lb) - 1
+
+    def row(self, idx: Sequence[int], coef: Sequence[float], lo: float = -math.inf,
+            hi: float = math.inf) -> int:
+        if len(set(idx)) != len(idx):  # a variable twice: one term (solvers reject both)
+            merged: dict[int, float] = {}
+            for i, c in zip(idx, coef):
+                merged[i] = merged.get(i, 0.0) + c
+            idx, coef = list(merged), list(merged.values())
+        k = len(self.row_lo)
+        self.row_lo.append(lo)
+        self.row_hi.append(hi)
+        self.r_idx.extend([k] * len(idx))
+        self.c_idx.extend(idx)
+        self.coef.extend(coef)
+        return k
+
+    @property
+    def num_vars(self) -> int:
+        return len(self.lb)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lo)
+
+
+def _solve_lp(lp: _LP, obj: np.ndarray, time_limit_s: float | None,
+              primal: bool = False) -> tuple[float | None, str]:
+    """Maximize ``obj·x`` with GLOP (dual simplex). Returns (value, status): with ``primal``
+    the optimal objective; otherwise a weak-duality bound on the optimum computed from the
+    solver's row duals, valid whatever they are (also after a time-out); None when the
+    solver gave nothing to work with."""
+    from ortools.linear_solver.python import model_builder_helper as mbh
+
+    h = mbh.ModelBuilderHelper()
+    n = lp.num_vars
+    lb = np.asarray(lp.lb, dtype=float)
+    ub = np.asarray(lp.ub, dtype=float)
+    h.add_var_array_with_bounds(lb, ub, np.zeros(n, dtype=bool), "x")
+    nz = np.flatnonzero(obj)
+    h.set_objective_coefficients(nz.tolist(), obj[nz].tolist())
+    h.set_maximize(True)
+    r_idx = np.asarray(lp.r_idx, dtype=np.int64)
+    c_idx = np.asarray(lp.c_idx, dtype=np.int64)
+    coef = np.asarray(lp.coef, dtype=float)
+    order = np.argsort(r_idx, kind="stable")
+    starts = np.searchsorted(r_idx[order], np.arange(lp.num_rows + 1))
+    cs, vs = c_idx[order].tolist(), coef[order].tolist()
+    add_row, set_lo, set_hi = h.add_linear_constraint, h.set_constraint_lower_bound, \
+        h.set_constraint_upper_bound
+    add_term = h.add_term_to_constraint
+    for k in range(lp.num_rows):
+        ct = add_row()
+        set_lo(ct, lp.row_lo[k])
+        set_hi(ct, lp.row_hi[k])
+        for j in range(starts[k], starts[k + 1]):
+            add_term(ct, cs[j], vs[j])
+    s = mbh.ModelSolverHelper("glop")
+    s.set_solver_specific_parameters("use_dual_simplex: true")
+    if time_limit_s is not None:
+        s.set_time_limit_in_seconds(max(0.1, time_limit_s))
+    s.solve(h)
+    status = s.status()
+    st = str(status).rsplit(".", 1)[-1].lower()
+    optimal = status == mbh.SolveStatus.OPTIMAL and s.has_solution()
+    if primal:
+        return (s.objective_value() if optimal else None), st
+    try:
+        y = np.asarray(s.dual_values(), dtype=float)
+    except Exception:  # noqa: BLE001 - no response to read duals from
+        y = np.zeros(0)
+    if len(y) != lp.num_rows or not np.all(np.isfinite(y)):
+        return None, st
+    # Weak duality: for any row multipliers y, max obj·x over the LP is at most
+    # Σ_k max over the row's range of y_k·(a_k·x) + Σ_j max over the box of (obj - Aᵀy)_j·x_j.
+    lo = np.asarray(lp.row_lo, dtype=float)
+    hi = np.asarray(lp.row_hi, dtype=float)
+    y = np.where((y > 0) & ~np.isfinite(hi), 0.0, y)
+    y = np.where((y < 0) & ~np.isfinite(lo), 0.0, y)
+    rows_part = float(np.sum(np.where(y > 0, y * np.where(np.isfinite(hi), hi, 0.0),
+                                      y * np.where(np.isfinite(lo), lo, 0.0))))
+    aty = np.zeros(n)
+    np.add.at(aty, c_idx, coef * y[r_idx])
+    red = obj - aty
+    cols_part = float(np.sum(np.maximum(red * lb, red * ub)))
+    certified = rows_part + cols_part
+    if optimal:
+        primal_v = s.objective_value()
+        if not math.isfinite(certified) or certified < primal_v - 1e-6 * max(1.0, abs(primal_v)):
+            log.warning("bound: dual certificate %.6g below the primal %.6g; using the primal",
+                        certified, primal_v)
+            certified = primal_v + 1e-6 * max(1.0, abs(primal_v))
+    if not math.isfinite(certified):
+        return None, st
+    return certified, ("optimal" if optimal else st)
+
+
+def _primal_of_fixed(lp: _LP, y_vars: list[int],
+                     time_limit_s: float | None) -> tuple[float | None, float]:
+    """The fast path's LP value (a primal value: only used to show that every request passing
+    step 1 fits; None when it did not solve) and the seconds it took."""
+    t0 = time.perf_counter()
+    obj = np.zeros(lp.num_vars)
+    obj[np.asarray(y_vars, dtype=np.int64)] = 1.0
+    val, st = _solve_lp(lp, obj, time_limit_s, primal=True)
+    return (val if st == "optimal" else None), time.perf_counter() - t0
+
+
+# -- the segment tree over slots ----------------------------------------------------------------
+def _pieces(s: int, e: int, size: int) -> list[int]:
+    """Canonical segment-tree nodes (heap ids, leaves at ``size + i``) covering [s, e]."""
+    out = []
+    lo, hi = s + size, e + size + 1
+    while lo < hi:
+        if lo & 1:
+            out.append(lo)
+            lo += 1
+        if hi & 1:
+            hi -= 1
+            out.append(hi)
+        lo >>= 1
+        hi >>= 1
+    return out
+
+
+def _widen(s: int, e: int, size: int, n_slots: int) -> tuple[int, int]:
+    """Widen [s, e] to aligned blocks until it is at most ``_MAX_PIECES`` tree nodes, then
+    clip it to the last slot (still a superset of [s, e])."""
+    k = 0
+    while len(_pieces(s, e, size)) > _MAX_PIECES:
+        k += 1
+        s = (s >> k) << k
+        e = (((e >> k) + 1) << k) - 1
+    return s, min(e, n_slots - 1)
+
+
+def _node_range(x: int, size: int) -> tuple[int, int]:
+    depth = x.bit_length() - 1
+    span = size >> depth
+    first = (x - (1 << depth)) * span
+    return first, first + span - 1
+
+
+# -- the bound ----------------------------------------------------------------------------------
+def compute_bound(
+    requests: Sequence[Request],
+    workload: Workload,
+    fleet: Fleet,
+    *,
+    drain_s: float = 3600.0,
+    slot_s: float | None = None,
+    max_slots: int = 4096,
+    epoch_slots: int = 16,
+    per_class: bool = True,
+    time_limit_s: float | None = 20.0,
+    progress: Progress | None = None,
+) -> BoundResult:
+    """U for ``requests`` (as ``build_requests`` makes them, not yet simulated) on ``fleet``.
+
+    ``drain_s`` must match the what-if run's (the run ends that long after the last arrival).
+    ``slot_s`` is the LP's time step (default: half the tightest TTFT target, coarser when
+    the run would need more than ``max_slots`` slots). ``per_class`` solves one more LP per
+    class for the per-class bounds (otherwise per-class values are the isolation bounds).
+    ``time_limit_s`` caps each LP solve (None: no cap); after a time-out U comes from the
+    dual values reached so far (still a valid bound, maybe a weaker one), or else from the
+    isolation bound.
+    ``progress(stage, done, total)`` is called while building and solving.
+    """
+    t_start = time.perf_counter()
+    _check(requests, workload, fleet, drain_s, slot_s, max_slots)
+    if epoch_slots < 1:
+        raise BoundError(f"epoch_slots must be >= 1, got {epoch_slots}")
+    classes = list(workload.classes)
+    n_req = len(requests)
+    cls_count = {c: 0 for c in classes}
+    for r in requests:
+        cls_count[r.slo_class] = cls_count.get(r.slo_class, 0) + 1
+    if n_req == 0:
+        return BoundResult(0.0, {c: None for c in classes}, 0, 0, cls_count, 0.0,
+                           {c: None for c in classes}, "optimal", 0.0, 0, 0.0, 0.0, 0.0)
+
+    wanted = {r.model for r in requests}
+    pools = _pools(fleet, wanted)
+    last_arrival = max(r.arrived_at for r in requests)
+    slack = max((mp.max_iter_s for p in pools for mp in p.models.values()), default=0.0)
+    horizon_at = last_arrival + drain_s + slack
+
+    # Step 1: what each request needs on each pool, or None.
+    needs: list[list[_Need | None]] = []
+    step = max(1, n_req // 50)
+    for k, r in enumerate(requests):
+        row = []
+        for p in pools:
+            mp = p.models.get(r.model)
+            row.append(None if mp is None else
+                       _need(r, mp, p.init.get(r.model, 0) > 0, fleet, horizon_at))
+        needs.append(row)
+        if progress and k % step == 0:
+            progress("isolation", k, n_req)
+    if progress:
+        progress("isolation", n_req, n_req)
+    feasible = [any(x is not None for x in row) for row in needs]
+    iso_cls = {c: 0 for c in cls_count}
+    for r, ok in zip(requests, feasible):
+        if ok:
+            iso_cls[r.slo_class] += 1
+    iso_total = sum(iso_cls.values())
+    iso_frac = {c: (iso_cls[c] / cls_count[c] if cls_count[c] else None) for c in cls_count}
+
+    # Slots: uniform up to the last prefill end, then one tail slot to the run's end.
+    if slot_s is None:
+        tight = min(workload.classes[c].ttft_s for c in cls_count if cls_count[c])
+        slot_s = tight / 2.0
+    last_end = max((x.end_at for row in needs for x in row if x is not None), default=0.0)
+    uniform_end = min(horizon_at, max(last_end, slot_s))
+    slot_s = max(slot_s, uniform_end / max_slots)
+    n_uni = max(1, math.ceil(uniform_end / slot_s - 1e-9))
+    has_tail = horizon_at > n_uni * slot_s + 1e-9
+    n_slots = n_uni + (1 if has_tail else 0)
+    slot_len = np.full(n_slots, slot_s)
+    if has_tail:
+        slot_len[-1] = horizon_at - n_uni * slot_s
+
+    def slot_of(t: float) -> int:
+        if t >= n_uni * slot_s:
+            return n_slots - 1
+        return max(0, int(t // slot_s))
+
+    size = 1 << max(0, (n_slots - 1).bit_length())
+    ck_every = max(1, n_slots // 128)
+    # Placement epochs: swaps are paid per epoch of ``epoch_slots`` slots.
+    ep_first = list(range(0, n_slots, epoch_slots)) + [n_slots]
+    n_ep = len(ep_first) - 1
+    ep_len = [float(slot_len[ep_first[e]:ep_first[e + 1]].sum()) for e in range(n_ep)]
+
+    # Buckets: requests alike in class, model, windows on every pool and length class.
+    t_build = time.perf_counter()
+    buckets: dict[tuple, list[int]] = {}
+    for k, (r, row) in enumerate(zip(requests, needs)):
+        if not feasible[k]:
+            continue
+        win = tuple(
+            None if x is None else _widen(slot_of(x.start_at), slot_of(x.end_at), size, n_slots)
+            for x in row
+        )
+        key = (r.slo_class, r.model, win,
+               int(math.log(r.prompt_tokens + 1) / math.log(_PROMPT_RATIO)),
+               int(math.log(r.output_tokens + 1) / math.log(_OUTPUT_RATIO)))
+        buckets.setdefault(key, []).append(k)
+        if progress and k % step == 0:
+            progress("buckets", k, n_req)
+
+    def build(fixed: bool) -> tuple[_LP, list[int], list[str]]:
+        """The LP; ``fixed`` pins the placement to the initial one (no swaps)."""
+        lp = _LP()
+        y_class: list[str] = []  # class of each y variable, by position in y_vars
+        y_vars: list[int] = []
+        # per (pool, model): own work per tree node, suffix work per checkpoint
+        own: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
+        suff_c: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
+        suff_m: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
+        nb = len(buckets)
+        for bi, ((cls, model, win, _, _), members) in enumerate(buckets.items()):
+            ys = []
+            for g, w in enumerate(win):
+                if w is None:
+                    continue
+                ns = [needs[k][g] for k in members]
+                pre = min(x.prefill_work_s for x in ns)
+                comp = min(x.compute_work_s for x in ns)
+                mem = min(x.memory_work_s for x in ns)
+                y = lp.var(ub=float(len(members)))
+                ys.append(y)
+                y_vars.append(y)
+                y_class.append(cls)
+                key = (g, model)
+                pieces = _pieces(w[0], w[1], size)
+                node_own = own.setdefault(key, {})
+                if len(pieces) == 1:
+                    vi, vc = node_own.setdefault(pieces[0], ([], []))
+                    vi.append(y)
+                    vc.append(pre)
+                else:
+                    idx, cf = [y], [-pre]
+                    for nd in pieces:
+                        v = lp.var(ub=pre * len(members))
+                        vi, vc = node_own.setdefault(nd, ([], []))
+                        vi.append(v)
+                        vc.append(1.0)
+                        idx.append(v)
+                        cf.append(1.0)
+                    lp.row(idx, cf, lo=0.0, hi=0.0)
+                blk = w[0] // ck_every
+                for table, amount in ((suff_c, comp), (suff_m, mem)):
+                    ti, tc = table.setdefault(key, {}).setdefault(blk, ([], []))
+                    ti.append(y)
+                    tc.append(amount)
+            if ys:
+                lp.row(ys, [1.0] * len(ys), hi=float(len(members)))
+            if progress and bi % max(1, nb // 50) == 0:
+                progress("build LP", bi, nb + len(pools))
+
+        # Model placement, swap credit, held time per pool and model.
+        for g, p in enumerate(pools):
+            cnt = float(p.count)
+            models = sorted(set(p.models) | set(p.init))
+            held: dict[str, list[int]] = {}  # prefix of held seconds per slot
+            incs: dict[str, list[int]] = {}  # rise of the epoch average, per epoch
+            ws: dict[str, list[int]] = {}
+            for m in models:
+                if fixed:
+                    k0 = float(p.init.get(m, 0))
+                    ws[m] = [lp.var(ub=k0, lb=k0) for _ in range(n_slots)]
+                else:
+                    ws[m] = [lp.var(ub=cnt) for _ in range(n_slots)]
+                held[m] = [lp.var(ub=cnt * horizon_at) for _ in range(n_slots)]
+                incs[m] = [lp.var(ub=cnt) for _ in range(n_ep)]
+                prev_h = None
+                for t in range(n_slots):
+                    idx = [held[m][t], ws[m][t]] + ([prev_h] if prev_h is not None else [])
+                    cf = [1.0, -float(slot_len[t])] + ([-1.0] if prev_h is not None else [])
+                    lp.row(idx, cf, lo=0.0, hi=0.0)
+                    prev_h = held[m][t]
+                # inc[e] >= avg[e] - avg[e-1], the epoch averages of the instances holding m
+                for e in range(n_ep):
+                    idx, cf = [incs[m][e]], [-1.0]
+                    for ee, sign in ((e, 1.0), (e - 1, -1.0)):
+                        if ee < 0:
+                            continue
+                        t0, t1 = ep_first[ee], ep_first[ee + 1] - 1
+                        scale = sign / ep_len[ee]
+                        idx.append(held[m][t1])
+                        cf.append(scale)
+                        if t0 > 0:
+                            idx.append(held[m][t0 - 1])
+                            cf.append(-scale)
+                    lp.row(idx, cf, hi=float(p.init.get(m, 0)) if e == 0 else 0.0)
+            uss = []
+            for t in range(n_slots):
+                us = lp.var(ub=cnt * float(slot_len[t]))
+                uss.append(us)
+                idx = [ws[m][t] for m in models] + [us]
+                cf = [float(slot_len[t])] * len(models) + [1.0]
+                lp.row(idx, cf, hi=cnt * float(slot_len[t]))
+            # Swap credit: swapping time up to the end of epoch e pays for every rise so far.
+            prev_cr = None
+            for e in range(n_ep):
+                cr = lp.var(ub=cnt * horizon_at)
+                idx = [cr] + uss[ep_first[e]:ep_first[e + 1]]
+                cf = [1.0] + [-1.0] * (ep_first[e + 1] - ep_first[e])
+                idx += [incs[m][e] for m in models if m in p.models]
+                cf += [p.models[m].swap_s for m in models if m in p.models]
+                if prev_cr is not None:
+                    idx.append(prev_cr)
+                    cf.append(-1.0)
+                lp.row(idx, cf, hi=0.0)
+                prev_cr = cr
+
+            def held_terms(m: str, s: int, e: int) -> tuple[list[int], list[float]]:
+                hs = held[m]
+                if s <= 0:
+                    return [hs[e]], [1.0]
+                return [hs[e], hs[s - 1]], [1.0, -1.0]
+
+            # Segment-tree capacity (prefill windows).
+            for m in p.models:
+                node_own = own.get((g, m))
+                if not node_own:
+                    continue
+                active = set()
+                for nd in node_own:
+                    while nd >= 1 and nd not in active:
+                        active.add(nd)
+                        nd >>= 1
+                sub: dict[int, int] = {}
+                for nd in sorted(active, reverse=True):
+                    kids = [sub[c] for c in (2 * nd, 2 * nd + 1) if c in sub]
+                    mine = node_own.get(nd)
+                    if mine is None and len(kids) == 1:
+                        sub[nd] = kids[0]
+                        continue
+                    s, e = _node_range(nd, size)
+                    e = min(e, n_slots - 1)
+                    wv = lp.var(ub=cnt * horizon_at)
+                    idx = list(mine[0]) if mine else []
+                    cf = list(mine[1]) if mine else []
+                    lp.row(idx + kids + [wv], cf + [1.0] * len(kids) + [-1.0], hi=0.0)
+                    hi_idx, hi_cf = held_terms(m, s, e)
+                    lp.row([wv] + hi_idx, [1.0] + [-c for c in hi_cf], hi=0.0)
+                    sub[nd] = wv
+                # Suffix capacity (all work of requests released from a checkpoint on).
+                for table in (suff_c, suff_m):
+                    blocks = table.get((g, m))
+                    if not blocks:
+                        continue
+                    nxt = None
+                    for blk in range(max(blocks), -1, -1):
+                        rv = lp.var(ub=cnt * horizon_at * 10.0)
+                        bi_, bc_ = blocks.get(blk, ([], []))
+                        idx = list(bi_) + ([nxt] if nxt is not None else []) + [rv]
+                        cf = list(bc_) + ([1.0] if nxt is not None else []) + [-1.0]
+                        lp.row(idx, cf, hi=0.0)
+                        hi_idx, hi_cf = held_terms(m, blk * ck_every, n_slots - 1)
+                        lp.row([rv] + hi_idx, [1.0] + [-c for c in hi_cf], hi=0.0)
+                        nxt = rv
+            if progress:
+                progress("build LP", nb + g + 1, nb + len(pools))
+        return lp, y_vars, y_class
+
+    todo = [None] + ([c for c in classes if cls_count.get(c)] if per_class else [])
+    results: dict[str | None, float | None] = {}
+    status = "optimal"
+    solve_s = 0.0
+
+    def solve(lp: _LP, y_vars: list[int], y_class: list[str], c: str | None) -> float | None:
+        nonlocal solve_s
+        t0 = time.perf_counter()
+        yv = np.asarray(y_vars, dtype=np.int64)
+        sel = yv if c is None else yv[np.asarray(y_class, dtype=object) == c]
+        if len(sel) == 0:
+            return 0.0
+        obj = np.zeros(lp.num_vars)
+        obj[sel] = 1.0
+        nonlocal status
+        val, st = _solve_lp(lp, obj, time_limit_s)
+        solve_s += time.perf_counter() - t0
+        if st != "optimal" and val is not None and status == "optimal":
+            status = "dual"  # a time-out: the bound comes from the duals reached so far
+        if st != "optimal":
+            log.warning("bound: LP for %s ended %s; its dual still bounds it: %s",
+                        c or "all classes", st, val)
+        return val
+
+    # Fast path: with the placement pinned to the initial one the LP can only be lower; when
+    # it already puts every request that passes step 1 on time, so does the full LP.
+    lp, y_vars, y_class = build(True)
+    build_s = time.perf_counter() - t_build
+    if progress:
+        progress("solve LP", 0, len(todo) + 1)
+    lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
+               "buckets": len(buckets), "pools": len(pools), "placement": "initial"}
+    fixed_val, fixed_s = _primal_of_fixed(lp, y_vars, time_limit_s)
+    solve_s += fixed_s
+    if fixed_val is not None and fixed_val >= iso_total - 1e-6:
+        results = {c: float(iso_total if c is None else iso_cls[c]) for c in todo}
+    else:
+        t_b = time.perf_counter()
+        lp, y_vars, y_class = build(False)
+        build_s += time.perf_counter() - t_b
+        lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
+                   "buckets": len(buckets), "pools": len(pools), "placement": "free"}
+        log.info("bound LP: %d vars, %d rows, %d nonzeros, %d buckets, %d slots of %.3f s",
+                 lp.num_vars, lp.num_rows, len(lp.coef), len(buckets), n_slots, slot_s)
+        for i, c in enumerate(todo):
+            if progress:
+                progress("solve LP", i + 1, len(todo) + 1)
+            results[c] = solve(lp, y_vars, y_class, c)
+            if results[c] is None:
+                status = "isolation"
+            if c is None and results[c] is not None and results[c] >= iso_total - 1e-6:
+                # every request passing step 1 fits at once: each class's bound is its own
+                results.update({k: float(iso_cls[k]) for k in todo if k is not None})
+                break
+    if progress:
+        progress("solve LP", len(todo) + 1, len(todo) + 1)
+
+    def whole(v: float | None, cap: int) -> int:
+        # A run's on-time count is an integer: floor, with room for LP round-off.
+        if v is None:
+            return cap
+        return max(0, min(cap, int(math.floor(v + 1e-3))))
+
+    total = whole(results.get(None), iso_total)
+    pc: dict[str, float | None] = {}
+    for c in cls_count:
+        if not cls_count[c]:
+            pc[c] = None
+        elif per_class and c in results:
+            pc[c] = whole(results[c], iso_cls[c]) / cls_count[c]
+        else:
+            pc[c] = iso_frac[c]
+    return BoundResult(
+        slo_attainment=total / n_req,
+        per_class=pc,
+        num_requests=n_req,
+        num_on_time_max=total,
+        per_class_requests=dict(cls_count),
+        isolation=iso_total / n_req,
+        isolation_per_class=iso_frac,
+        status=status,
+        slot_s=float(slot_s),
+        num_slots=n_slots,
+        build_s=build_s,
+        solve_s=solve_s,
+        wall_s=time.perf_counter() - t_start,
+        lp=lp_size,
+    )
+
+
+def _check(requests, workload: Workload, fleet: Fleet, drain_s: float, slot_s, max_slots) -> None:
+    """One clear message for each input the bound cannot take."""
+    if not (drain_s >= 0 and math.isfinite(drain_s)):
+        raise BoundError(f"drain_s must be a finite number >= 0, got {drain_s}")
+    if slot_s is not None and not (slot_s > 0 and math.isfinite(slot_s)):
+        raise BoundError(f"slot_s must be a finite number > 0, got {slot_s}")
+    if max_slots < 1:
+        raise BoundError(f"max_slots must be >= 1, got {max_slots}")
+    workload.check_models(fleet.catalog)
+    prev = -math.inf
+    for r in requests:
+        if r.slo_class not in workload.classes:
+            raise BoundError(f"request {r.id}: unknown SLO class {r.slo_class!r} "
+                             f"(workload has: {', '.join(workload.classes)})")
+        if r.model not in fleet.catalog.models:
+            raise BoundError(f"request {r.id}: unknown model {r.model!r}")
+        if not (math.isfinite(r.arrived_at) and math.isfinite(r.deadline_at)):
+            raise BoundError(f"request {r.id}: arrival and deadline must be finite")
+        if r.arrived_at < 0:
+            raise BoundError(f"request {r.id}: arrived_at must be >= 0, got {r.arrived_at}")
+        if r.arrived_at < prev:
+            raise BoundError("requests must be sorted by arrival time")
+        if r.prompt_tokens < 0 or r.output_tokens < 1:
+            raise BoundError(f"request {r.id}: needs prompt_tokens >= 0 and output_tokens >= 1")
+        if r.is_done or r.first_token_at is not None:
+            raise BoundError(f"request {r.id} was already simulated; pass fresh requests")
+        prev = r.arrived_at
+
+
+def bound_for_whatif(trace, workload: Workload, fleet: Fleet, seed: int | None = None,
+                     drain_s: float = 3600.0, progress: Progress | None = None,
+                     **kwargs) -> BoundResult:
+    """U for exactly the request list a what-if run replays (same trace, seed and cuts)."""
+    from qlm_opt.whatif import prepare_requests
+
+    workload.check_models(fleet.catalog)
+    reqs = prepare_requests(trace, workload, seed)()
+    return compute_bound(reqs, workload, fleet, drain_s=drain_s, progress=progress, **kwargs)
