@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qlm_opt.errors import ConfigError
 
@@ -37,6 +37,34 @@ class _ModelFile(BaseModel):
     head_dim: int = Field(gt=0)
     dtype_bytes: int = Field(gt=0, le=8)
     max_context: int = Field(gt=0)
+    source: str | None = None  # where the numbers come from (config.json, model card)
+    # Mixture of experts: compute follows active_params, memory follows params (the total).
+    active_params: int | None = Field(None, gt=0)
+    num_experts: int | None = Field(None, gt=0)  # routed experts per MoE layer
+    experts_per_token: int | None = Field(None, gt=0)
+    expert_params: int | None = Field(None, ge=0)  # parameters inside the routed experts
+    moe_intermediate: int | None = Field(None, gt=0)  # one expert's FFN width (TP splits it)
+    # Bytes per stored weight where the checkpoint differs from dtype_bytes (which stays the
+    # KV-cache dtype): FP8 is 1, MXFP4 with its scales 0.53125.
+    weight_dtype_bytes: float | None = Field(None, gt=0, le=8)
+    expert_dtype_bytes: float | None = Field(None, gt=0, le=8)
+    # Multi-head latent attention (DeepSeek-V2/V3): the cached latent per layer and token
+    # (kv_lora_rank + qk_rope_head_dim), which replaces K and V heads.
+    kv_latent_dim: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _moe(self) -> _ModelFile:
+        moe = (self.active_params, self.num_experts, self.experts_per_token, self.expert_params)
+        if any(v is not None for v in moe) and any(v is None for v in moe):
+            raise ValueError("a mixture-of-experts model sets all of active_params, "
+                             "num_experts, experts_per_token and expert_params")
+        if self.active_params is not None and self.active_params > self.params:
+            raise ValueError("active_params must be <= params")
+        if self.expert_params is not None and self.expert_params >= self.params:
+            raise ValueError("expert_params must be < params")
+        if self.num_experts is not None and self.experts_per_token > self.num_experts:
+            raise ValueError("experts_per_token must be <= num_experts")
+        return self
 
 
 class _GPUEntry(BaseModel):
@@ -67,15 +95,46 @@ class ModelSpec:
     dtype_bytes: int
     max_context: int
     hf_id: str | None = None
+    source: str | None = None
+    active_params: int | None = None  # MoE: parameters a token passes through
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    expert_params: int | None = None
+    moe_intermediate: int | None = None
+    weight_dtype_bytes: float | None = None  # default: dtype_bytes
+    expert_dtype_bytes: float | None = None  # default: weight_dtype_bytes
+    kv_latent_dim: int | None = None  # MLA
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def compute_params(self) -> int:
+        """Parameters whose matmuls every token runs: the active ones for MoE."""
+        return self.active_params if self.active_params is not None else self.params
 
     @property
     def weight_bytes(self) -> int:
-        return self.params * self.dtype_bytes
+        """All weights held in GPU memory (every expert, whichever a token routes to)."""
+        wb = self.weight_dtype_bytes if self.weight_dtype_bytes is not None else self.dtype_bytes
+        eb = self.expert_dtype_bytes if self.expert_dtype_bytes is not None else wb
+        experts = self.expert_params or 0
+        return int(round((self.params - experts) * wb + experts * eb))
 
     @property
     def kv_bytes_per_token(self) -> int:
-        # K and V, for every layer and KV head.
-        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+        """KV bytes per token on one GPU holding all of it (tensor-parallel degree 1)."""
+        return self.kv_bytes_per_token_at(1)
+
+    def kv_bytes_per_token_at(self, tp: int) -> int:
+        """KV bytes per token summed over the ``tp`` GPUs of an instance.
+
+        K and V for every layer and KV head; vLLM replicates KV heads when ``tp`` exceeds
+        them, and every rank caches the whole MLA latent, so those copies count too."""
+        if self.kv_latent_dim is not None:
+            return tp * self.layers * self.kv_latent_dim * self.dtype_bytes
+        return 2 * self.layers * max(self.kv_heads, tp) * self.head_dim * self.dtype_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +151,14 @@ class GPUSpec:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """How a model sits on a GPU type: tensor-parallel degree and KV capacity."""
+    """How a model sits on a GPU type: tensor-parallel degree, expert-parallel degree (1, or
+    ``tp`` when a MoE's experts are spread whole over the same GPUs) and KV capacity."""
 
     model: str
     gpu: str
     tp: int
     kv_capacity_tokens: int  # across the tp GPUs
+    ep: int = 1
 
 
 def _load_toml(path: Path) -> dict:
@@ -213,25 +274,60 @@ class Catalog:
             ) from None
 
     # -- derived -----------------------------------------------------------------------------
-    def kv_capacity_tokens(self, model: str, gpu: str, tp: int) -> int:
-        """KV-cache tokens that fit on ``tp`` GPUs of this type after weights (0 if none)."""
-        m, g = self.model(model), self.gpu(gpu)
-        usable = tp * (g.memory_bytes * self.gpu_memory_utilization - self.activation_reserve_bytes)
-        free = usable - m.weight_bytes
-        return max(0, int(free // m.kv_bytes_per_token))
-
-    def placement(self, model: str, gpu: str, tp: int | None = None) -> Placement | None:
-        """The smallest TP degree (or the given one) at which ``model`` fits on ``gpu``.
-
-        Fits means: the weights fit and at least ``min(min_kv_tokens, max_context)`` KV tokens
-        remain. Returns None when no degree in 1, 2, 4, 8 fits.
-        """
-        need = min(self.min_kv_tokens, self.model(model).max_context)
-        for d in (tp,) if tp is not None else TP_DEGREES:
-            cap = self.kv_capacity_tokens(model, gpu, d)
-            if cap >= need:
-                return Placement(model, gpu, d, cap)
+    def layout_error(self, model: str, tp: int, ep: int = 1) -> str | None:
+        """Why ``model`` cannot be split over ``tp`` GPUs with expert-parallel degree ``ep``
+        (None when it can), by vLLM's rules: attention heads divide evenly over the ranks,
+        KV heads divide or are replicated, experts are spread whole (``ep`` = ``tp``, the
+        count divisible by it) or each expert's FFN is split ``tp`` ways."""
+        m = self.model(model)
+        if tp < 1 or m.heads % tp:
+            return f"{m.heads} attention heads do not split over tp={tp}"
+        if m.kv_latent_dim is None and m.kv_heads % tp and tp % m.kv_heads:
+            return f"{m.kv_heads} KV heads neither divide nor are divided by tp={tp}"
+        if ep != 1:
+            if not m.is_moe:
+                return "expert parallelism needs a mixture-of-experts model"
+            if ep != tp:
+                return f"ep={ep} must equal tp={tp} (experts spread over the same GPUs)"
+            if m.num_experts % ep:
+                return f"{m.num_experts} experts do not split over ep={ep}"
+        elif m.is_moe and tp > 1 and m.moe_intermediate and m.moe_intermediate % tp:
+            return f"expert FFN width {m.moe_intermediate} does not split over tp={tp}"
         return None
 
-    def fits(self, model: str, gpu: str, tp: int) -> bool:
-        return self.placement(model, gpu, tp) is not None
+    def kv_capacity_tokens(self, model: str, gpu: str, tp: int, ep: int | None = None) -> int:
+        """KV-cache tokens that fit on ``tp`` GPUs of this type after weights (0 if none, or
+        if the layout is not allowed). Each GPU holds 1/tp of the weights, under expert
+        parallelism too (whole experts instead of slices of every expert). ``ep`` None: the
+        first allowed of ep=tp and ep=1."""
+        m, g = self.model(model), self.gpu(gpu)
+        if ep is None:
+            ep = tp if m.is_moe and tp > 1 and self.layout_error(model, tp, tp) is None else 1
+        if self.layout_error(model, tp, ep) is not None:
+            return 0
+        usable = tp * (g.memory_bytes * self.gpu_memory_utilization - self.activation_reserve_bytes)
+        free = usable - m.weight_bytes
+        return max(0, int(free // m.kv_bytes_per_token_at(tp)))
+
+    def placement(
+        self, model: str, gpu: str, tp: int | None = None, ep: int | None = None
+    ) -> Placement | None:
+        """The smallest TP degree (or the given one) at which ``model`` fits on ``gpu``.
+
+        Fits means: the layout is allowed (``layout_error``), the weights fit and at least
+        ``min(min_kv_tokens, max_context)`` KV tokens remain. A MoE on several GPUs takes
+        expert parallelism where its experts split evenly, else splits every expert.
+        Returns None when no degree in 1, 2, 4, 8 fits.
+        """
+        m = self.model(model)
+        need = min(self.min_kv_tokens, m.max_context)
+        for d in (tp,) if tp is not None else TP_DEGREES:
+            eps = (ep,) if ep is not None else ((d, 1) if m.is_moe and d > 1 else (1,))
+            for e in eps:
+                cap = self.kv_capacity_tokens(model, gpu, d, e)
+                if cap >= need:
+                    return Placement(model, gpu, d, cap, e)
+        return None
+
+    def fits(self, model: str, gpu: str, tp: int, ep: int | None = None) -> bool:
+        return self.placement(model, gpu, tp, ep) is not None

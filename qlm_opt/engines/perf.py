@@ -7,6 +7,11 @@ while reading ``kv_tokens`` tokens of KV cache takes
     compute_s = 2 · params · num_tokens / (tp · peak_flops · mfu)
     memory_s  = (weight_bytes + kv_tokens · kv_bytes_per_token) / (tp · hbm_bps · mbu)
 
+For a mixture-of-experts model, compute follows the active parameters (a token runs only its
+routed experts) and memory follows the total (every expert's weights are read once a batch
+routes tokens to all of them). KV bytes per token count vLLM's replicas of KV heads (and of
+an MLA latent) across the tp ranks.
+
 Prefill is compute-bound, decode is bandwidth-bound. The numbers come from the catalog
 (public specs), or from a calibration file written by ``qlm-opt profile`` against a live
 engine, which overrides the efficiencies and overhead.
@@ -162,9 +167,9 @@ def iteration_model(
     flops = tp * g.flops * perf.mfu * eff
     bw = tp * g.hbm_bps * perf.mbu * eff
     return IterationModel(
-        c_tok=2.0 * m.params / flops,
+        c_tok=2.0 * m.compute_params / flops,
         m0=m.weight_bytes / bw,
-        m_kv=m.kv_bytes_per_token / bw,
+        m_kv=m.kv_bytes_per_token_at(tp) / bw,
         overhead_s=perf.overhead_s,
     )
 
