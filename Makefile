@@ -10,6 +10,9 @@ CUDA_EXTRAS := torchvision torchaudio torchcodec triton
 .PHONY: run test test-fast bench venv venv-cpu clean
 
 $(STAMP_BASE): pyproject.toml
+	# PostgreSQL server binaries: the Batch API tests start a real server from them.
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
@@ -17,7 +20,7 @@ $(STAMP_BASE): pyproject.toml
 
 # vLLM once per environment, never per test.
 $(STAMP_CPU): $(STAMP_BASE)
-	$(BIN)/pip install -q -e '.[dev,cpu]'
+	$(BIN)/pip install -q -e '.[dev,cpu,cluster]'
 	-$(BIN)/pip uninstall -q -y $(CUDA_EXTRAS)
 	touch $@
 
