@@ -3,7 +3,10 @@
 Two servers, each a uvicorn subprocess (httptools + uvloop, one worker, access log off):
 - ``bare``: a minimal raw ASGI app that returns the same JSON body as qlm-opt (no framework, no
   scheduling): the floor of any Python HTTP endpoint on this machine;
-- ``qlm``: ``qlm-opt serve``'s app over the embedded simulated fleet, priority policy.
+- ``qlm``: ``qlm-opt serve``'s app over the embedded simulated fleet, ``qlm`` policy (the
+  server's default; ``--policy`` picks another), measured with its inference fast path
+  (``server.fast_path``, the default) and without it (every request through FastAPI's routes
+  and dependency solving), to show what the fast path buys.
 
 The load generator is a raw asyncio HTTP/1.1 client on keep-alive connections (pre-built
 request bytes), so that it costs the shared CPU as little as possible.
@@ -82,7 +85,8 @@ def _serve(kind: str, port: int, speedup: float) -> None:
         from qlm_opt.server.settings import ServerSettings
 
         settings = ServerSettings.model_validate({
-            "backend": {"kind": "sim", "policy": os.environ.get("QLM_BENCH_POLICY", "priority"),
+            "server": {"fast_path": os.environ.get("QLM_BENCH_FAST_PATH", "1") == "1"},
+            "backend": {"kind": "sim", "policy": os.environ.get("QLM_BENCH_POLICY", "qlm"),
                         "sim": {"speedup": speedup}},
             "auth": {"keys": [{"key": KEY, "tenant": "bench"}]},
             "classes": {"interactive": {"ttft_s": 2.0, "max_queue": 100000}},
@@ -398,7 +402,7 @@ access_log = false
 
 [backend]
 kind = "vllm_remote"
-policy = "priority"
+policy = "{os.environ.get('QLM_BENCH_POLICY', 'qlm')}"
 
 [[backend.vllm_remote.servers]]
 url = "http://127.0.0.1:{vport}"
@@ -476,13 +480,18 @@ def _pct(xs: list[float], q: float) -> float:
 def _sim_part(args) -> None:
     rows = []
     lat = {}
-    for kind, speedup in (("bare", 1.0), ("qlm", args.speedup)):
-        srv = Server(kind, speedup)
+    policy = os.environ.get("QLM_BENCH_POLICY", "qlm")
+    slow_env = {**os.environ, "QLM_BENCH_FAST_PATH": "0"}
+    for kind, speedup, env, label in (
+            ("bare", 1.0, None, "bare ASGI"),
+            ("qlm", args.speedup, None, f"qlm-opt {policy} (sim x{args.speedup:g})"),
+            ("qlm", args.speedup, slow_env,
+             f"qlm-opt {policy} (sim x{args.speedup:g}), fast path off")):
+        srv = Server(kind, speedup, env=env)
         try:
             xs = asyncio.run(_latency(srv.port, args.requests))
-            lat[kind] = xs
+            lat[label] = xs
             rps, errs = asyncio.run(_throughput(srv.port, args.concurrency, args.seconds))
-            label = "bare ASGI" if kind == "bare" else f"qlm-opt (sim x{speedup:g})"
             rows.append((label, _pct(xs, 0.5), _pct(xs, 0.99), rps, errs))
         finally:
             srv.stop()
@@ -492,7 +501,8 @@ def _sim_part(args) -> None:
         # connections are needed to keep the gateway busy.
         conns = args.concurrency * 4
         rps, errs = asyncio.run(_throughput(srv.port, conns, args.seconds))
-        rows.append((f"qlm-opt (sim x1, {conns} connections)", None, None, rps, errs))
+        rows.append((f"qlm-opt {policy} (sim x1, {conns} connections)", None, None, rps,
+                     errs))
     finally:
         srv.stop()
     print(f"cores: {os.cpu_count()}, python {sys.version.split()[0]}, "
@@ -505,11 +515,17 @@ def _sim_part(args) -> None:
         p50s = f"{p50:.2f}" if p50 is not None else "-"
         p99s = f"{p99:.2f}" if p99 is not None else "-"
         print(f"| {label} | {p50s} | {p99s} | {rps:,.0f} | {errs} |")
-    b, q = lat["bare"], lat["qlm"]
+    b = lat["bare ASGI"]
+    bare_rps = rows[0][3]
     print()
-    print(f"added latency: p50 {_pct(q, 0.5) - _pct(b, 0.5):.2f} ms, "
-          f"p99 {_pct(q, 0.99) - _pct(b, 0.99):.2f} ms "
-          f"(mean {1000 * (statistics.mean(q) - statistics.mean(b)):.2f} ms)")
+    for label, xs in lat.items():
+        if label == "bare ASGI":
+            continue
+        print(f"{label}: added latency over bare ASGI p50 {_pct(xs, 0.5) - _pct(b, 0.5):.2f} ms,"
+              f" p99 {_pct(xs, 0.99) - _pct(b, 0.99):.2f} ms "
+              f"(mean {1000 * (statistics.mean(xs) - statistics.mean(b)):.2f} ms)")
+    for label, _p50, _p99, rps, _errs in rows[1:]:
+        print(f"{label}: {rps / bare_rps:.1%} of bare ASGI's req/s")
 
 
 def _vllm_part(args) -> None:
@@ -533,7 +549,8 @@ def main() -> None:
     ap.add_argument("--serve", choices=["bare", "qlm", "proxy", "aproxy"])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--policy", default=None,
-                    help="scheduling policy of the qlm-opt server (default: priority)")
+                    help="scheduling policy of the qlm-opt server (default: qlm, the "
+                    "server's default)")
     ap.add_argument("--speedup", type=float, default=1000.0)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--seconds", type=float, default=10.0)

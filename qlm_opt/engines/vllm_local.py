@@ -259,6 +259,14 @@ class LiveEngine:
         self.max_model_len = config.max_model_len
         self.down = False  # the engine died and is not back yet
         self.restart_on_failure = False
+        self.restarting = False  # a restart after a failure is in progress
+        self.num_restarts = 0  # restarts after failures that brought the engine back
+        self.num_downs = 0  # times the engine was found dead
+        self.last_start_s: float | None = None  # measured duration of the last model load
+        # model -> engine arguments of that model (an instance that may hold several); the
+        # model in ``config`` is the one loaded or loading now
+        self.model_configs: dict[str, VllmEngineConfig] = {}
+        self.closed = False  # shut down: no restart or swap may start an engine after this
 
     def bind(self, runtime) -> None:
         """Report to ``runtime`` (the EngineListener) and read its clock: event times must be
@@ -327,7 +335,7 @@ class LiveEngine:
             waiting_prompt_tokens=sum(
                 r.req.prompt_tokens + r.req.num_generated for r in self._runs.values()
                 if not r.running),
-            busy_until_at=self.swap_until_at if self.swapping else 0.0,
+            busy_until_at=self.swap_until_at if (self.swapping or self.down) else 0.0,
             model=self.model,
             extra={"engine_running": self._eng_running, "engine_waiting": self._eng_waiting},
         )
@@ -432,26 +440,88 @@ class LiveEngine:
     def _swap_finished(self, ok: bool) -> None:
         self.swapping = False
         if not ok:
-            self.model = None
+            # The new model did not load: the instance is down with the model it should
+            # hold, and is restarted with it (now, and by the health loop when that fails).
+            self._engine_down("swap failed")
+            return
         cb = getattr(self.listener, "on_swap_done", None)
         if cb is not None:
             cb(self, self._now())
 
-    def _engine_down(self) -> None:
+    def config_of(self, model: str | None) -> VllmEngineConfig:
+        """The engine arguments of ``model`` on this instance (the instance's own by
+        default)."""
+        return self.model_configs.get(model, self.config) if model else self.config
+
+    def _engine_down(self, reason: str = "engine died") -> None:
         """The engine died: tell the runtime once (before failing the requests, so they are
-        not routed back here), then let the subclass restart it when configured to."""
+        not routed back here), then restart it when configured to."""
         if self.down:
             return
         self.down = True
-        log.warning("instance %d: engine down", self.instance_id)
+        self.num_downs += 1
+        log.warning("instance %d: engine down (%s)", self.instance_id, reason)
+        # until it is back the planner sees it busy for one start-up
+        self.swap_until_at = self._now() + (self.last_start_s or 30.0)
         cb = getattr(self.listener, "on_engine_down", None)
         if cb is not None:
             cb(self, self._now())
         if self.restart_on_failure:
-            self.swapping = True
-            asyncio.get_running_loop().create_task(self._restart())
+            self.restart()
+
+    def mark_down(self, reason: str) -> None:
+        """The health loop found the engine dead: mark it down (the runtime stops routing to
+        it), fail the requests it held (the runtime re-queues them; they resume by recompute
+        elsewhere or after the restart) and restart it when configured to."""
+        if self.down:
+            return
+        self._engine_down(reason)
+        for run in list(self._runs.values()):
+            self._cancel_run(run)
+            self._fail(run, "engine_failed")
+
+    def mark_up(self) -> None:
+        """An engine that was down answers its health checks again (an external server
+        that came back): the instance takes work again."""
+        if not self.down or self.restarting:
+            return
+        self.down = False
+        log.warning("instance %d: engine up again", self.instance_id)
+        self._swap_finished(True)
+
+    def restart(self) -> bool:
+        """Start a restart in the background (once at a time). The engine stays down until
+        it is back; a failed restart leaves it down for the health loop to try again."""
+        if self.restarting:
+            return False
+        self.restarting = True
+        self.swapping = True
+        asyncio.get_running_loop().create_task(self._restart_guarded())
+        return True
+
+    async def _restart_guarded(self) -> None:
+        t0 = self._now()
+        try:
+            await self._restart()
+        except Exception as e:
+            self.restarting = False
+            self.swapping = False
+            log.error("instance %d: restart failed (%r); the health loop tries again",
+                      self.instance_id, e)
+            return
+        self.restarting = False
+        self.down = False
+        self.num_restarts += 1
+        log.warning("instance %d: restarted in %.1f s", self.instance_id, self._now() - t0)
+        self._swap_finished(True)
+
+    async def probe(self, timeout_s: float) -> bool:
+        """One health check: True when the engine answers within ``timeout_s``."""
+        raise NotImplementedError
 
     async def _restart(self) -> None:
+        """Stop what is left of the engine and start it again with ``self.model``; raise on
+        failure."""
         raise NotImplementedError
 
     def _is_dead(self, e: BaseException) -> bool:
@@ -489,17 +559,21 @@ class VllmLocalEngine(LiveEngine):
     """One vLLM ``AsyncLLM`` in this process (its engine core is a child process).
 
     ``model_paths`` maps catalog model names to Hugging Face folders: the models this
-    instance can hold. ``await engine.start()`` loads the initial model.
+    instance can hold; ``model_configs`` the engine arguments of some of them (default:
+    ``config``). ``await engine.start()`` loads the initial model.
     """
 
     def __init__(self, instance_id: int, model: str | None, model_paths: dict[str, str],
                  config: VllmEngineConfig | None = None, listener=None,
-                 now: Callable[[], float] | None = None) -> None:
+                 now: Callable[[], float] | None = None,
+                 model_configs: dict[str, VllmEngineConfig] | None = None) -> None:
         import time
 
         super().__init__(instance_id, model, config or VllmEngineConfig(), listener,
                          now or time.monotonic)
         self.model_paths = {k: str(v) for k, v in model_paths.items()}
+        self.model_configs = {m: self.config for m in self.model_paths}
+        self.model_configs.update(model_configs or {})
         self._llm = None  # AsyncLLM
         self._sleeping: dict[str, object] = {}  # model -> AsyncLLM asleep (sleep mode)
         self._tokenizer = None
@@ -515,21 +589,31 @@ class VllmLocalEngine(LiveEngine):
         path = self.model_paths.get(model)
         if path is None:
             raise KeyError(f"instance {self.instance_id}: no path for model {model!r}")
+        if self.closed:
+            raise RuntimeError(f"instance {self.instance_id}: shut down")
         loop = asyncio.get_running_loop()
-        llm = await loop.run_in_executor(None, self._create_llm, model, path)
+        cfg = self.config_of(model)
+        t0 = self._now()
+        llm = await loop.run_in_executor(None, self._create_llm, model, path, cfg)
+        if self.closed:  # shut down while it was starting
+            await loop.run_in_executor(None, llm.shutdown)
+            raise RuntimeError(f"instance {self.instance_id}: shut down")
+        self.config = cfg
+        self.last_start_s = self._now() - t0
         self._on_loaded(llm)
         return llm
 
-    def _create_llm(self, model: str, path: str):
-        os.environ.update(vllm_env(self.config.cpu_threads_bind))
+    def _create_llm(self, model: str, path: str, cfg: VllmEngineConfig | None = None):
+        cfg = cfg or self.config
+        os.environ.update(vllm_env(cfg.cpu_threads_bind))
         with _START_LOCK:
-            os.environ.update(vllm_env(self.config.cpu_threads_bind))
+            os.environ.update(vllm_env(cfg.cpu_threads_bind))
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            args = AsyncEngineArgs(**self.config.engine_args(path, served_name=model))
+            args = AsyncEngineArgs(**cfg.engine_args(path, served_name=model))
             llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stat_logger_factory()])
-        if self.config.extra.get("enable_logging_iteration_details"):
+        if cfg.extra.get("enable_logging_iteration_details"):
             # the details are for our per-step hook (profiling); vLLM would also log one
             # INFO line per engine step, which costs the output loop time and floods logs
             logging.getLogger("vllm.v1.metrics.loggers").setLevel(logging.WARNING)
@@ -548,6 +632,7 @@ class VllmLocalEngine(LiveEngine):
 
     async def shutdown(self) -> None:
         """Stop every engine this instance holds; requests in flight fail."""
+        self.closed = True
         llms = [self._llm, *self._sleeping.values()]
         self._llm = None
         self._sleeping.clear()
@@ -591,16 +676,25 @@ class VllmLocalEngine(LiveEngine):
 
     async def _restart(self) -> None:
         old, self._llm = self._llm, None
-        ok = True
-        try:
-            if old is not None:
+        if old is not None:
+            try:
                 await asyncio.get_running_loop().run_in_executor(None, old.shutdown)
-            self._llm = await self._start_llm(self.model)
-            self.down = False
+            except Exception as e:  # it is dead already
+                log.debug("instance %d: shutdown of the dead engine: %r", self.instance_id, e)
+        self._llm = await self._start_llm(self.model)
+
+    async def probe(self, timeout_s: float) -> bool:
+        """The engine core answers (``AsyncLLM.check_health``) and has not errored."""
+        llm = self._llm
+        if llm is None:
+            return False
+        if getattr(llm, "errored", False):
+            return False
+        try:
+            await asyncio.wait_for(llm.check_health(), timeout_s)
         except Exception:
-            log.exception("instance %d: restart failed", self.instance_id)
-            ok = False
-        self._swap_finished(ok)
+            return False
+        return True
 
     def _cancel_run(self, run: _Run) -> None:
         if run.task is not None and not run.task.done():
@@ -678,14 +772,17 @@ class VllmLocalEngine(LiveEngine):
         t0 = self._now()
         old, self._llm = self._llm, None
         ok = True
+        sleep_mode = self.config_of(model).enable_sleep_mode and (
+            old_model is None or self.config_of(old_model).enable_sleep_mode)
         try:
-            if self.config.enable_sleep_mode and _sleep_supported():
+            if sleep_mode and _sleep_supported():
                 if old is not None and old_model is not None:
                     await old.sleep(level=1)
                     self._sleeping[old_model] = old
                 llm = self._sleeping.pop(model, None)
                 if llm is not None:
                     await llm.wake_up()
+                    self.config = self.config_of(model)
                     self._on_loaded(llm)
                 else:
                     llm = await self._start_llm(model)

@@ -15,9 +15,13 @@ Two modes:
   vllm.entrypoints.openai.api_server``), waits for ``/health``, restarts it with another
   model to swap, and restarts it when it dies (``restart_on_failure``);
 - **external**: existing server URLs. A swap is possible only where the instance is marked
-  as sharing a GPU with servers of the other models (``sleep_urls``): the current server
-  goes to ``/sleep`` and the target one is woken with ``/wake_up``. Otherwise
+  as sharing a GPU with servers of the other models (``sleep_urls``, servers started with
+  ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``): ``sleep_others`` puts those to
+  sleep at start-up; a swap sends the current server to ``/sleep`` (level 1) and wakes the
+  target with ``/wake_up`` (if that fails, the current one is woken again). Otherwise
   ``can_swap`` is False.
+
+``probe`` is the health loop's check (the process, then ``GET /health``).
 """
 
 from __future__ import annotations
@@ -179,11 +183,15 @@ class VllmRemoteEngine(LiveEngine):
                  model_paths: dict[str, str] | None = None,
                  sleep_urls: dict[str, str] | None = None,
                  metrics_interval_s: float = 0.5, log_dir: Path | None = None,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None,
+                 model_configs: dict[str, VllmEngineConfig] | None = None) -> None:
         super().__init__(instance_id, model, config or VllmEngineConfig(), listener,
                          now or time.monotonic)
         self.url = url
         self.model_paths = {k: str(v) for k, v in (model_paths or {}).items()}
+        self.model_configs = {m: self.config for m in self.model_paths}
+        self.model_configs.update(model_configs or {})
+        self._metrics_failing = False  # the last /metrics poll failed (logged once)
         self.managed = url is None
         self.sleep_urls = dict(sleep_urls or {})  # model -> URL of a server on the same GPU
         self.restart_on_failure = self.managed
@@ -240,19 +248,41 @@ class VllmRemoteEngine(LiveEngine):
         if self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._poll_metrics())
 
+    async def sleep_others(self) -> None:
+        """External servers sharing this one's GPU (``sleep_urls``): put them to sleep (level
+        1) so that only the instance's current model holds the GPU. Errors are logged."""
+        for m, url in self.sleep_urls.items():
+            try:
+                r = await self._client.post(url + "/sleep", params={"level": 1})
+                r.raise_for_status()
+            except Exception as e:
+                log.warning("instance %d: could not put %s (%s) to sleep: %r",
+                            self.instance_id, m, url, e)
+
     async def _launch(self, model: str) -> None:
         path = self.model_paths.get(model)
         if path is None:
             raise KeyError(f"instance {self.instance_id}: no path for model {model!r}")
+        if self.closed:
+            raise RuntimeError(f"instance {self.instance_id}: shut down")
         logp = self.log_dir / f"vllm-server-{self.instance_id}.log" if self.log_dir else None
-        self.server = ManagedServer(path, model, self.config, log_path=logp)
+        cfg = self.config_of(model)
+        t0 = self._now()
+        self.server = ManagedServer(path, model, cfg, log_path=logp)
         self.server.start()
         self.url = self.server.url
         self._prev_gen = self._prev_prompt = self._prev_preempt = None
-        await self.server.wait_ready()
+        try:
+            await self.server.wait_ready()
+        except BaseException:
+            await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+            raise
+        self.config = cfg
+        self.last_start_s = self._now() - t0
 
     async def shutdown(self) -> None:
         self._ready_flag = False
+        self.closed = True  # a restart or swap in flight must not start a server after this
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
@@ -339,16 +369,34 @@ class VllmRemoteEngine(LiveEngine):
         return transport
 
     async def _restart(self) -> None:
-        ok = True
+        if not self.managed:
+            raise RuntimeError("an external server cannot be restarted from here")
+        if self.server is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+        await self._launch(self.model)
+        if self.closed:  # shut down while it was starting
+            await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
+            raise RuntimeError(f"instance {self.instance_id}: shut down")
+        await self._fetch_metrics()
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Managed: the process runs and ``/health`` answers 200 within ``timeout_s``;
+        external: ``/health`` answers."""
+        if self.managed and (self.server is None or not self.server.alive()):
+            return False
+        if self._client is None:
+            return False
         try:
-            if self.server is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
-            await self._launch(self.model)
-            self.down = False
+            r = await self._client.get(self.url + "/health", timeout=timeout_s)
         except Exception:
-            log.exception("instance %d: restart failed", self.instance_id)
-            ok = False
-        self._swap_finished(ok)
+            return False
+        return r.status_code == 200
+
+    def process_alive(self) -> bool | None:
+        """Managed: whether the server process runs; None for an external server."""
+        if not self.managed:
+            return None
+        return self.server is not None and self.server.alive()
 
     # -- metrics -------------------------------------------------------------------------------
     async def _poll_metrics(self) -> None:
@@ -358,8 +406,12 @@ class VllmRemoteEngine(LiveEngine):
                 continue
             try:
                 await self._fetch_metrics()
-            except Exception as e:  # the stream failures decide whether it is dead
-                log.debug("instance %d: /metrics failed: %r", self.instance_id, e)
+            except Exception as e:  # the health loop decides whether it is dead
+                if not self._metrics_failing:
+                    log.warning("instance %d: /metrics failed: %r", self.instance_id, e)
+                self._metrics_failing = True
+            else:
+                self._metrics_failing = False
 
     async def _fetch_metrics(self) -> None:
         r = await self._client.get(self.url + "/metrics", timeout=5.0)
@@ -422,13 +474,17 @@ class VllmRemoteEngine(LiveEngine):
                     await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
                 await self._launch(model)
             else:
-                target = self.sleep_urls.pop(model)
+                target = self.sleep_urls[model]
                 r = await self._client.post(self.url + "/sleep", params={"level": 1})
                 r.raise_for_status()
+                r = await self._client.post(target + "/wake_up")
+                if r.status_code != 200:  # wake the old one again: it keeps serving
+                    await self._client.post(self.url + "/wake_up")
+                    self.model = old_model
+                r.raise_for_status()
+                del self.sleep_urls[model]
                 if old_model is not None:
                     self.sleep_urls[old_model] = self.url
-                r = await self._client.post(target + "/wake_up")
-                r.raise_for_status()
                 self.url = target
                 self._prev_gen = self._prev_prompt = self._prev_preempt = None
             await self._fetch_metrics()

@@ -28,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qlm_opt.errors import QLMError
 from qlm_opt.server.auth import KeyStore, Principal
 from qlm_opt.server.backends import make_backend
+from qlm_opt.server.batch import BatchService, batches_router, files_router
+from qlm_opt.server.batch.routes import patch_openapi as patch_batch_openapi
 from qlm_opt.server.errors import ERROR_TYPES, APIError, error_body, error_bytes
 from qlm_opt.server.gateway import ClientGone, Gateway
 from qlm_opt.server.metrics import ServerMetrics
@@ -288,6 +290,10 @@ async def admin_fleet(gw: GatewayDep) -> dict:
             "swap_to": inst.swap_to,
             "num_swaps": inst.num_swaps,
             "num_evictions": inst.num_evictions,
+            # live engines: health (down, restarts) and measured load times
+            "health": {k: getattr(inst.engine, k) for k in (
+                "down", "num_downs", "num_restarts", "last_start_s", "last_swap_s")
+                if hasattr(inst.engine, k)},
             "stats": _plain(inst.engine.stats()),
         })
     models = {
@@ -316,6 +322,8 @@ async def admin_plan(gw: GatewayDep) -> dict:
     fn = getattr(policy, "current_plan", None)
     if callable(fn):
         out["plan"] = _plain(fn())
+    fn = getattr(policy, "report", None)
+    out["report"] = _plain(fn()) if callable(fn) else None  # what /metrics exports
     out["queues"] = {
         "queued_by_class": dict(gw.queued_by_class),
         "in_flight_by_class": dict(gw.inflight_by_class),
@@ -391,14 +399,20 @@ class BodyLimit:
     """Pure ASGI middleware: 413 for bodies over ``max_bytes`` (by Content-Length, or counted
     when the body is chunked) before anything parses them."""
 
-    def __init__(self, app, max_bytes: int, metrics: ServerMetrics) -> None:
+    def __init__(self, app, max_bytes: int, metrics: ServerMetrics,
+                 path_limits: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.metrics = metrics
+        # path -> a limit of its own (batch input files are larger than requests)
+        self._by_path = {p: BodyLimit(app, n, metrics) for p, n in (path_limits or {}).items()}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
+        inner = self._by_path.get(scope.get("path"))
+        if inner is not None:
+            return await inner(scope, receive, send)
         length = None
         for k, v in scope["headers"]:
             if k == b"content-length":
@@ -481,6 +495,7 @@ def _openapi(app: FastAPI, settings: ServerSettings, models: list[str]) -> dict:
                         sch = prm["schema"] = {**alts[0], **extra}
                 if prm.get("name") == "x-slo-class":
                     sch["enum"] = list(settings.classes)
+    patch_batch_openapi(schema, settings)
     app.openapi_schema = schema
     return schema
 
@@ -502,16 +517,23 @@ def create_app(
     metrics = ServerMetrics()
     backend = make_backend(settings)
     gateway = Gateway(settings, backend, metrics)
+    batch = BatchService(settings, gateway, metrics.registry) if settings.batch.enabled else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await gateway.start()
+        if batch is not None:
+            await batch.start()  # resumes unfinished batch jobs
         log.info("qlm-opt serving %s backend, policy %s, models %s", backend.kind,
                  settings.backend.policy, ", ".join(backend.models()))
         try:
             yield
         finally:
-            await gateway.stop()
+            try:
+                if batch is not None:
+                    await batch.stop()
+            finally:
+                await gateway.stop()
 
     docs = settings.server.expose_docs
     app = FastAPI(
@@ -527,11 +549,22 @@ def create_app(
     app.state.keys = keys
     app.state.metrics = metrics
     app.state.gateway = gateway
+    app.state.batch = batch
     app.state.started_at = int(time.time())
     app.openapi = lambda: _openapi(app, settings, backend.models())
     app.include_router(inference)
     app.include_router(ops)
     app.include_router(admin_router)
+    app.include_router(files_router)
+    app.include_router(batches_router)
     _install_error_handlers(app, metrics)
-    app.add_middleware(BodyLimit, max_bytes=settings.server.max_body_bytes, metrics=metrics)
+    # Batch input files have their own size limit (plus room for the multipart envelope).
+    app.add_middleware(BodyLimit, max_bytes=settings.server.max_body_bytes, metrics=metrics,
+                       path_limits={"/v1/files": settings.batch.max_file_bytes + 65536})
+    # The inference routes' common case without FastAPI's dependency solving (fastpath.py).
+    if settings.server.fast_path:
+        from qlm_opt.server.fastpath import FastInference
+
+        app.add_middleware(FastInference, fastapi_app=app,
+                           max_bytes=settings.server.max_body_bytes)
     return app

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from typing import TYPE_CHECKING, Protocol
 
@@ -244,29 +243,3 @@ def make_backend(settings: ServerSettings) -> Backend:
 
         return make_vllm_backend(settings)
     raise ConfigError(f"field 'backend.kind': unknown backend '{kind}'")
-
-
-def estimate_wait_s(runtime: Runtime, model: str, num_ahead: int, mean_output_tokens: float) -> float:
-    """Rough seconds until a request queued now behind ``num_ahead`` others starts, from
-    engine stats: the queued requests run in waves of ``max_num_seqs`` per instance, each wave
-    taking ``mean_output_tokens`` iterations at the current iteration time. Used for
-    ``Retry-After``; a swap-in is assumed when no instance holds the model. Replace by the RWT
-    estimator once it offers a one-call query."""
-    insts = runtime.ready_instances(model)
-    if not insts:
-        return 30.0
-    seats = 0
-    waiting = num_ahead
-    iter_s = 0.0
-    for inst in insts:
-        st = inst.engine.stats()
-        seats += max(1, st.max_num_seqs)
-        waiting += st.num_waiting
-        if st.decode_tokens_per_s > 0:
-            iter_s = max(iter_s, max(1, st.num_running) / st.decode_tokens_per_s)
-    waves = math.ceil(waiting / seats) if waiting else 0
-    return waves * mean_output_tokens * iter_s
-
-
-def retry_after_s(wait_s: float) -> int:
-    return max(1, min(3600, math.ceil(wait_s)))

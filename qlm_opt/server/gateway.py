@@ -7,7 +7,9 @@ Lifecycle of a request:
   -> the route answers (JSON) or streams (SSE); a client that goes away cancels it.
 
 Class queues are bounded: a class holds at most ``max_queue`` admitted requests without a first
-token; beyond that the gateway answers 429 with a ``Retry-After`` estimated from engine stats.
+token; beyond that the gateway answers 429 with a ``Retry-After`` from the RWT estimator: the
+predicted wait of a request at the back of its class's queue for its model
+(``qlm_opt.server.retry_after``).
 
 Cancellation (client disconnect) frees capacity at once through ``Runtime.cancel``: a request
 in an engine is aborted there, one in the policy's queue is taken out with
@@ -29,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 
 from qlm_opt.domain import Request, RequestState
 from qlm_opt.server.auth import Principal
-from qlm_opt.server.backends import Backend, estimate_wait_s, retry_after_s
+from qlm_opt.server.backends import Backend
 from qlm_opt.server.errors import APIError
 from qlm_opt.server.metrics import ServerMetrics
 from qlm_opt.server.openai_protocol import ChunkWriter
@@ -78,15 +80,14 @@ class Gateway:
         self.jobs: dict[int, Job] = {}  # request id -> job
         self.queued_by_class: dict[str, int] = dict.fromkeys(settings.classes, 0)
         self.inflight_by_class: dict[str, int] = dict.fromkeys(settings.classes, 0)
+        # (class, model) -> admitted requests without a first token (for Retry-After)
+        self.queued_by_class_model: dict[tuple[str, str], int] = {}
         self._ids = itertools.count(1)
         self._streams: set[Job] = set()
         self._pump: asyncio.Task | None = None
         self._interval_s = settings.server.stream_interval_ms / 1000.0
         # priority -> class name, for vLLM's ``priority`` field
         self._by_priority = sorted((c.priority, n) for n, c in settings.classes.items())
-        self._mean_output = math.exp(
-            settings.backend.sim.output_log_mu + settings.backend.sim.output_log_sigma ** 2 / 2
-        )
         metrics.bind(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -214,11 +215,16 @@ class Gateway:
         cls = self.settings.classes[slo_class]
         if self.queued_by_class[slo_class] >= cls.max_queue:
             self.metrics.on_rejected(slo_class)
-            wait = estimate_wait_s(backend.runtime, model, self.queued_by_class[slo_class],
-                                   self._mean_output)
+            from qlm_opt.server.retry_after import retry_after_s
+
+            try:
+                after = retry_after_s(self, model, slo_class, prompt_tokens)
+            except Exception:  # an estimate must never turn a 429 into a 500
+                log.exception("Retry-After estimate failed")
+                after = 1
             raise APIError(
                 429, f"the queue of SLO class '{slo_class}' is full; retry later",
-                code="queue_full", headers={"Retry-After": str(retry_after_s(wait))},
+                code="queue_full", headers={"Retry-After": str(after)},
             )
         cap = ctx - prompt_tokens
         default = self.settings.server.default_max_tokens
@@ -244,6 +250,8 @@ class Gateway:
         job = Job(req, self.loop.create_future(), synthetic and max_tokens is not None)
         self.jobs[req.id] = job
         self.queued_by_class[slo_class] += 1
+        cm = self.queued_by_class_model
+        cm[(slo_class, model)] = cm.get((slo_class, model), 0) + 1
         self.inflight_by_class[slo_class] += 1
         rt.accept(req)
         try:
@@ -259,7 +267,9 @@ class Gateway:
     def _dequeue(self, job: Job) -> None:
         if job.queued:
             job.queued = False
-            self.queued_by_class[job.req.slo_class] -= 1
+            req = job.req
+            self.queued_by_class[req.slo_class] -= 1
+            self.queued_by_class_model[(req.slo_class, req.model)] -= 1
 
     def _end(self, job: Job, cancelled: bool = False) -> None:
         if job.ended:

@@ -2,9 +2,13 @@
 tests, never share series).
 
 Observed on events (cheap): TTFT and E2E histograms per (class, model), request outcomes per
-class. Read at scrape time by a collector (no cost on the request path): queue length per
-class, SLO attainment per class, LSO counts from ``runtime.lso_counts``, per-instance engine
-gauges, and the policy's ``report()`` (solver ms and status, anything numeric) when it has one.
+class, and the RWT estimator's predicted wait against the observed one (placement to first
+token) per class. Read at scrape time by a collector (no cost on the request path): queue
+length per class, SLO attainment per class, LSO counts from ``runtime.lso_counts``,
+per-instance engine gauges (model, state, up, swaps, restarts), the last planning epoch (solve
+ms, status, fallback cause, plan size; each new epoch's solve time into a histogram) and every
+number of the policy's ``report()``, nested sections included
+(``qlm_policy_<section>_<key>``; a map of counts becomes one family with a ``key`` label).
 """
 
 from __future__ import annotations
@@ -46,6 +50,29 @@ class ServerMetrics:
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.http_errors: Counter[int] = Counter()  # status -> count
         self.gateway: Gateway | None = None
+        # The RWT estimator's prediction of a request's wait (placement to first token)
+        # against the wait observed, per class: how far the planner can trust it.
+        self.wait_predicted = Histogram(
+            "qlm_wait_predicted_seconds", "Predicted wait from placement to first token",
+            ["slo_class"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.wait_observed = Histogram(
+            "qlm_wait_observed_seconds", "Observed wait from placement to first token (of "
+            "requests with a prediction)", ["slo_class"], buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.wait_abs_error = Histogram(
+            "qlm_wait_abs_error_seconds", "|observed - predicted| wait",
+            ["slo_class"], buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self._wait_children: dict[str, tuple] = {}
+        # planning epochs already observed into qlm_solver_seconds (index into solve_ms)
+        self.solver_seconds = Histogram(
+            "qlm_solver_seconds", "Planning epoch time (model build + solve), per epoch",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=self.registry,
+        )
+        self._epochs_seen = 0
 
     def bind(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -58,6 +85,21 @@ class ServerMetrics:
         if h is None:
             h = self._ttft_children[key] = self.ttft.labels(*key)
         h.observe(req.first_token_at - req.arrived_at)
+        info = req._sched
+        if info is not None:
+            pred = getattr(info, "pred_mean_s", None)
+            placed = getattr(info, "placed_at", None)
+            if pred is not None and placed is not None:
+                ch = self._wait_children.get(req.slo_class)
+                if ch is None:
+                    c = req.slo_class
+                    ch = self._wait_children[c] = (self.wait_predicted.labels(c),
+                                                   self.wait_observed.labels(c),
+                                                   self.wait_abs_error.labels(c))
+                obs = max(0.0, req.first_token_at - placed)
+                ch[0].observe(max(0.0, pred))
+                ch[1].observe(obs)
+                ch[2].observe(abs(obs - pred))
 
     def on_finished(self, req: Request) -> None:
         key = (req.slo_class, req.model)
@@ -76,7 +118,19 @@ class ServerMetrics:
         self.outcomes[(slo_class, "rejected")] += 1
 
     def render(self) -> bytes:
+        self._observe_epochs()
         return generate_latest(self.registry)
+
+    def _observe_epochs(self) -> None:
+        """Planning epochs since the last scrape into ``qlm_solver_seconds`` (from the
+        policy's ``solve_ms`` list, ms per epoch), before the histogram is written out."""
+        gw = self.gateway
+        policy = getattr(gw.backend, "policy", None) if gw is not None else None
+        hist = getattr(policy, "solve_ms", None)
+        if isinstance(hist, list) and len(hist) > self._epochs_seen:
+            for v in hist[self._epochs_seen:]:
+                self.solver_seconds.observe(float(v) / 1000.0)
+            self._epochs_seen = len(hist)
 
 
 class _LiveCollector:
@@ -152,22 +206,96 @@ class _LiveCollector:
         kv = GaugeMetricFamily(
             "qlm_instance_kv_usage", "KV cache used / capacity", labels=["instance", "model"]
         )
+        info = GaugeMetricFamily(
+            "qlm_instance_info", "1 per instance: the model it holds and its state (READY, "
+            "DRAINING, SWAPPING, DOWN)", labels=["instance", "model", "state", "swap_to"],
+        )
+        up = GaugeMetricFamily("qlm_instance_up", "1 when the instance takes work (READY "
+                               "with a model), 0 when draining, swapping or down",
+                               labels=["instance"])
+        swaps = CounterMetricFamily("qlm_instance_swaps", "Model swaps started per instance",
+                                    labels=["instance"])
+        downs = CounterMetricFamily("qlm_instance_down", "Times the instance's engine was "
+                                    "found dead", labels=["instance"])
+        restarts = CounterMetricFamily("qlm_instance_restarts", "Restarts after failures that "
+                                       "brought the engine back", labels=["instance"])
         for inst in rt.instances:
             st = inst.engine.stats()
-            lbl = [inst.spec.name, str(inst.model)]
+            name = inst.spec.name
+            lbl = [name, str(inst.model)]
             running.add_metric(lbl, st.num_running)
             waiting.add_metric(lbl, st.num_waiting)
             kv.add_metric(lbl, st.kv_used_tokens / st.kv_capacity_tokens
                           if st.kv_capacity_tokens else 0.0)
+            info.add_metric([name, str(inst.model), inst.state.name, str(inst.swap_to or "")],
+                            1)
+            up.add_metric([name], 1 if inst.ready else 0)
+            swaps.add_metric([name], inst.num_swaps)
+            downs.add_metric([name], getattr(inst.engine, "num_downs", 0))
+            restarts.add_metric([name], getattr(inst.engine, "num_restarts", 0))
         yield running
         yield waiting
         yield kv
+        yield info
+        yield up
+        yield swaps
+        yield downs
+        yield restarts
+        yield from _epoch_gauges(backend.policy)
         yield from _policy_gauges(backend.policy)
 
 
+def _metric_name(k: object) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(k))
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v)
+    return None
+
+
+def _epoch_gauges(policy):
+    """The last planning epoch, read from the policy's ``last_plan`` (a ``Plan``): solve time,
+    status, fallback cause and plan size (``ServerMetrics.render`` puts every epoch's time into
+    ``qlm_solver_seconds``)."""
+    plan = getattr(policy, "last_plan", None)
+    ms = GaugeMetricFamily("qlm_solver_ms", "Last planning epoch: model build + solve, ms")
+    status = GaugeMetricFamily(
+        "qlm_solver_status", "Last planning epoch's solver status (1 for the current one)",
+        labels=["status"],
+    )
+    cause = GaugeMetricFamily(
+        "qlm_solver_fallback", "Last planning epoch: why its plan is not the solver's (1 for "
+        "the current cause; 'none' when the solver's plan was used)", labels=["cause"],
+    )
+    size = GaugeMetricFamily("qlm_plan_groups", "Groups placed by the last plan")
+    if plan is None:
+        ms.add_metric([], math.nan)
+        status.add_metric(["none"], 1)
+        cause.add_metric(["none"], 1)
+        size.add_metric([], 0)
+    else:
+        ms.add_metric([], float(getattr(plan, "solve_ms", 0.0) or 0.0)
+                      + float(getattr(plan, "build_ms", 0.0) or 0.0))
+        status.add_metric([str(getattr(plan, "status", "none"))], 1)
+        cause.add_metric([str(getattr(plan, "fallback_cause", None) or "none")], 1)
+        size.add_metric([], sum(len(getattr(ip, "group_ids", ()))
+                                for ip in getattr(plan, "instances", ())))
+    yield ms
+    yield status
+    yield cause
+    yield size
+
+
 def _policy_gauges(policy):
-    """``qlm_solver_ms`` and ``qlm_solver_status`` always (NaN / "none" until a solver policy
-    reports), plus ``qlm_policy_<key>`` for every other numeric item of ``policy.report()``."""
+    """Every number of ``policy.report()``: ``qlm_policy_<key>`` at the top level,
+    ``qlm_policy_<section>_<key>`` in a nested section (the ``qlm`` policy reports
+    ``{"qlm": {...}, "solver": {...}}``), a map of numbers inside a section (status counts,
+    fallback causes) as ``qlm_policy_<section>_<key>{key="..."}``, and a string as
+    ``qlm_policy_<path>_info{value="..."} 1``. A failing report is skipped, never the scrape."""
     rep = {}
     fn = getattr(policy, "report", None)
     if callable(fn):
@@ -175,22 +303,30 @@ def _policy_gauges(policy):
             rep = fn() or {}
         except Exception:  # a scrape must not fail because a policy's report did
             rep = {}
-    ms = GaugeMetricFamily("qlm_solver_ms", "Last solve time of the planner, ms")
-    v = rep.get("solver_ms", rep.get("solve_ms"))
-    ms.add_metric([], float(v) if isinstance(v, int | float) else math.nan)
-    yield ms
-    status = GaugeMetricFamily(
-        "qlm_solver_status", "Last solver status (1 for the current one)", labels=["status"]
-    )
-    s = rep.get("solver_status", rep.get("status"))
-    status.add_metric([str(s) if s is not None else "none"], 1)
-    yield status
-    for k, v in sorted(rep.items()):
-        if k in ("solver_ms", "solve_ms", "solver_status", "status"):
-            continue
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            continue
-        name = "qlm_policy_" + "".join(ch if ch.isalnum() else "_" for ch in k)
-        g = GaugeMetricFamily(name, f"policy.report()['{k}']")
-        g.add_metric([], float(v))
-        yield g
+    if not isinstance(rep, dict):
+        return
+    yield from _report_families("qlm_policy", rep, top=True)
+
+
+def _report_families(prefix: str, d: dict, top: bool):
+    for k, v in sorted(d.items(), key=lambda kv: str(kv[0])):
+        name = f"{prefix}_{_metric_name(k)}"
+        x = _number(v)
+        if x is not None:
+            g = GaugeMetricFamily(name, f"policy.report(): {name[len('qlm_policy_'):]}")
+            g.add_metric([], x)
+            yield g
+        elif isinstance(v, str):
+            g = GaugeMetricFamily(name + "_info", f"policy.report(): {k} = value",
+                                  labels=["value"])
+            g.add_metric([v], 1)
+            yield g
+        elif isinstance(v, dict):
+            nums = {kk: _number(vv) for kk, vv in v.items()}
+            if not top and all(x is not None for x in nums.values()):
+                g = GaugeMetricFamily(name, f"policy.report(): {k} by key", labels=["key"])
+                for kk, x in sorted(nums.items(), key=lambda kv: str(kv[0])):
+                    g.add_metric([str(kk)], x)
+                yield g
+            else:
+                yield from _report_families(name, v, top=False)

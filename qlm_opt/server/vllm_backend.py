@@ -6,7 +6,14 @@
 - ``vllm_remote``: vLLM OpenAI servers (``qlm_opt.engines.vllm_remote.VllmRemoteEngine``),
   either managed (qlm-opt starts them from a model folder) or external (a URL).
 
-Each entry is one instance of the fleet holding one model. Prompts are tokenized here, before
+Each entry is one instance of the fleet. It starts with its model and may hold the others
+listed in its ``models`` (each with its folder or, for external servers sharing a GPU, its URL,
+and engine arguments merged over the entry's): the policy swaps it (``Runtime.drain_and_swap``;
+the engines do the swap their way, see ``qlm_opt.engines``). A health loop
+(``backend.health``) probes every engine and server, marks a dead one down (the runtime stops
+routing to it and re-queues its requests), restarts it, and marks it up when it is back.
+
+Prompts are tokenized here, before
 admission (``prepare_prompt``), so the gateway admits on the exact token count and usage is
 counted from real token ids: text prompts with the model's tokenizer (completions with special
 tokens, as vLLM's server does), chat messages through the tokenizer's chat template, and an
@@ -126,7 +133,9 @@ def model_spec(name: str, folder: str | None, catalog_model: str | None, base) -
 def build_fleet(entries: list[dict]):
     """A ``Fleet`` with one instance per entry (``name``, ``folder``, ``gpu``,
     ``catalog_model``, ``config``; optional ``spec_folder``, the folder the catalog entry is
-    read from, default ``folder``), each holding its model and no other (no swaps)."""
+    read from, default ``folder``), each starting with its model. An entry's ``alts`` (dicts
+    with the same keys) are the other models that instance may hold (swaps); without them it
+    holds its model and no other."""
     from qlm_opt.catalog import Catalog
     from qlm_opt.calibration import device_catalog
     from qlm_opt.config import Fleet
@@ -134,26 +143,28 @@ def build_fleet(entries: list[dict]):
     base = Catalog.default()
     specs: dict[str, ModelSpec] = {}
     for e in entries:
-        if e["name"] not in specs:
-            specs[e["name"]] = model_spec(e["name"], e.get("spec_folder", e["folder"]),
-                                          e["catalog_model"], base)
+        for m in [e, *e.get("alts", ())]:
+            if m["name"] not in specs:
+                specs[m["name"]] = model_spec(m["name"], m.get("spec_folder", m["folder"]),
+                                              m["catalog_model"], base)
     for e in entries:
         if e["gpu"] != "cpu" and e["gpu"] not in base.gpus:
             raise ConfigError(f"model '{e['name']}': unknown GPU type '{e['gpu']}' (known: "
                               f"cpu, {', '.join(sorted(base.gpus))})")
     on_cpu = any(e["gpu"] == "cpu" for e in entries)
     if on_cpu:
-        kv = max((e["config"].kv_cache_memory_bytes or 64 << 20) for e in entries
-                 if e["gpu"] == "cpu")
+        kv = max((m["config"].kv_cache_memory_bytes or 64 << 20) for e in entries
+                 for m in [e, *e.get("alts", ())] if e["gpu"] == "cpu")
         catalog = device_catalog(specs, kv_cache_bytes=kv, base=base)
     else:
         catalog = Catalog({**base.models, **specs}, base.gpus)
     catalog.min_kv_tokens = 1  # the engines size their own KV cache; weights must fit
-    cfgs = [e["config"] for e in entries]
+    cfgs = [m["config"] for e in entries for m in [e, *e.get("alts", ())]]
     util = 1.0 if on_cpu else max((c.gpu_memory_utilization or 0.9) for c in cfgs)
     fleet = Fleet.from_dict({
         "name": "vllm",
-        "warm_swaps": False,
+        # warm swaps: sleep/wake on GPUs with sleep mode; else a swap restarts the engine
+        "warm_swaps": not on_cpu and all(c.enable_sleep_mode for c in cfgs),
         "engine": {
             "max_num_seqs": max(c.max_num_seqs for c in cfgs),
             "max_num_batched_tokens": max(c.max_num_batched_tokens or 8192 for c in cfgs),
@@ -161,7 +172,8 @@ def build_fleet(entries: list[dict]):
             "max_model_len": max(c.max_model_len for c in cfgs),
         },
         "instances": [
-            {"gpu": e["gpu"], "model": e["name"], "models": [e["name"]],
+            {"gpu": e["gpu"], "model": e["name"],
+             "models": list(dict.fromkeys([e["name"], *(m["name"] for m in e.get("alts", ()))])),
              "tp": int(e["config"].extra.get("tensor_parallel_size", 1)),
              "name": e["name"].replace("/", "_")}
             for e in entries
@@ -249,6 +261,7 @@ class VllmBackend(_RuntimeBackend):
                     "catalog_model": e.catalog_model, "restart": e.restart_on_failure,
                     "config": engine_config(e.engine_args, e.gpu), "api_key": None,
                     "tokenizer": folder,
+                    "alts": self._alts(name, e.models, e.engine_args, e.gpu),
                 })
         elif kind == "vllm_remote":
             for s in b.vllm_remote.servers:
@@ -268,17 +281,46 @@ class VllmBackend(_RuntimeBackend):
                     # External: a local tokenizer folder that is the model's folder also
                     # gives its catalog entry (qlm_model.toml or config.json).
                     "spec_folder": tokenizer,
+                    "alts": self._alts(s.model, s.models, s.engine_args, s.gpu),
                 })
         else:
             raise ConfigError(f"field 'backend.kind': unknown vLLM backend '{kind}'")
         self.fleet = build_fleet(self.entries)
-        self._models = list(dict.fromkeys(e["name"] for e in self.entries))
+        self._models = list(dict.fromkeys(
+            m["name"] for e in self.entries for m in [e, *e["alts"]]))
         self._max_ctx: dict[str, int] = {}
         self._tokenizers: dict[str, object] = {}  # model -> HF tokenizer (or None: /tokenize)
         self._vocab: dict[str, int] = {}
         self._urls: dict[str, tuple[str, str | None]] = {}  # model -> (url, api key) for /tokenize
         self._client = None  # httpx.AsyncClient for /tokenize
         self.engines: list = []
+        self._health_task: asyncio.Task | None = None
+        self.health: dict[int, dict] = {}  # instance id -> health loop state (admin, metrics)
+
+    def _alts(self, initial: str, models: list, base_args: dict, gpu: str) -> list[dict]:
+        """Entries of the other models an instance may hold (``models`` of its section)."""
+        out = []
+        seen = {initial}
+        for m in models:
+            folder = self.settings.resolve_path(m.path) if m.path else None
+            name = m.name or _folder_name(folder)
+            if name in seen:
+                continue
+            seen.add(name)
+            key = None
+            if m.api_key_env:
+                key = os.environ.get(m.api_key_env)
+                if not key:
+                    raise ConfigError(f"server {m.url}: ${m.api_key_env} is not set")
+            tokenizer = folder or (self.settings.resolve_path(m.tokenizer)
+                                   if m.tokenizer else None)
+            out.append({
+                "name": name, "folder": folder, "url": m.url, "gpu": gpu,
+                "catalog_model": m.catalog_model, "api_key": key, "tokenizer": tokenizer,
+                "config": engine_config({**base_args, **m.engine_args}, gpu),
+                "spec_folder": tokenizer,
+            })
+        return out
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -296,29 +338,40 @@ class VllmBackend(_RuntimeBackend):
                 log.info("instance %d: %s ready (%s)", eng.instance_id, e["name"],
                          e["url"] or e["folder"])
                 await self._learn_model(eng, e)
+                for alt in e["alts"]:
+                    await self._learn_alt(eng, alt)
+                if e["url"] is not None and e["alts"]:
+                    await eng.sleep_others()
         except BaseException:
             await self._shutdown_engines()
             raise
         self._bind_policy(_server_workload(self.settings, self._models))
+        self._health_task = loop.create_task(self._health_loop())
 
     def _make_engine(self, iid: int, e: dict):
         cfg = e["config"]
         if self.kind == "vllm_local":
             from qlm_opt.engines.vllm_local import VllmLocalEngine
 
-            eng = VllmLocalEngine(iid, e["name"], {e["name"]: e["folder"]}, cfg)
+            paths = {m["name"]: m["folder"] for m in [e, *e["alts"]]}
+            cfgs = {m["name"]: m["config"] for m in [e, *e["alts"]]}
+            eng = VllmLocalEngine(iid, e["name"], paths, cfg, model_configs=cfgs)
             eng.restart_on_failure = e["restart"]
             return eng
         from qlm_opt.engines.vllm_remote import VllmRemoteEngine
 
         if e["url"] is None:
             logs = self.settings.backend.vllm_remote.log_dir
+            paths = {m["name"]: m["folder"] for m in [e, *e["alts"]]}
+            cfgs = {m["name"]: m["config"] for m in [e, *e["alts"]]}
             eng = VllmRemoteEngine.managed_server(
-                iid, e["name"], {e["name"]: e["folder"]}, cfg,
+                iid, e["name"], paths, cfg, model_configs=cfgs,
                 log_dir=Path(self.settings.resolve_path(logs)) if logs else None)
             eng.restart_on_failure = e["restart"]
             return eng
-        return VllmRemoteEngine.external(iid, e["name"], e["url"], cfg, api_key=e["api_key"])
+        return VllmRemoteEngine.external(
+            iid, e["name"], e["url"], cfg, api_key=e["api_key"],
+            sleep_urls={m["name"]: m["url"].rstrip("/") for m in e["alts"]})
 
     @staticmethod
     def _auth(key: str | None) -> dict:
@@ -341,6 +394,94 @@ class VllmBackend(_RuntimeBackend):
         if self._tokenizers[name] is None and name not in self._urls:
             self._urls[name] = (eng.url, e["api_key"])
 
+    async def _learn_alt(self, eng, alt: dict) -> None:
+        """Context length and tokenizer of a model the instance may swap to (not loaded)."""
+        name = alt["name"]
+        if alt["url"] is not None:
+            import httpx
+
+            async with httpx.AsyncClient(timeout=10.0,
+                                         headers=self._auth(alt["api_key"])) as c:
+                r = await c.get(alt["url"].rstrip("/") + "/v1/models")
+                r.raise_for_status()
+                cards = {m.get("id"): m for m in r.json().get("data", [])}
+            card = cards.get(name)
+            if card is None:
+                raise ConfigError(f"server {alt['url']} does not serve '{name}' (it serves: "
+                                  f"{', '.join(map(str, cards))})")
+            ctx = int(card.get("max_model_len") or alt["config"].max_model_len)
+        else:
+            ctx = min(alt["config"].max_model_len,
+                      self.fleet.catalog.model(name).max_context)
+        self._max_ctx[name] = min(self._max_ctx.get(name, ctx), ctx)
+        if name not in self._tokenizers:
+            tok = None
+            if alt["tokenizer"] is not None:
+                loop = asyncio.get_running_loop()
+                tok = await loop.run_in_executor(None, _load_tokenizer, alt["tokenizer"])
+                self._vocab[name] = len(tok)
+            self._tokenizers[name] = tok
+        if self._tokenizers[name] is None and name not in self._urls:
+            self._urls[name] = (alt["url"], alt["api_key"])
+
+    # -- health ---------------------------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        """Probe every engine and server every ``backend.health.interval_s``: one found dead
+        (a managed server's process gone, or ``failures`` probes in a row failed) is marked
+        down (the runtime routes nothing to it, its requests are re-queued) and restarted
+        when configured to; a restart that failed is tried again with back-off; an engine
+        that is down and not restarted from here (an external server) is marked up when its
+        probes pass again."""
+        h = self.settings.backend.health
+        for eng in self.engines:
+            self.health[eng.instance_id] = {"fails": 0, "next_restart_at": 0.0,
+                                            "backoff_s": h.interval_s, "checks": 0,
+                                            "failed_checks": 0}
+        while not self._stopped:
+            await asyncio.sleep(h.interval_s)
+            try:
+                await asyncio.gather(*(self._check(eng, h) for eng in self.engines))
+            except Exception:  # the loop must survive anything one check does
+                log.exception("health loop")
+
+    async def _check(self, eng, h) -> None:
+        st = self.health[eng.instance_id]
+        now = self.host.now()
+        if eng.swapping or eng.restarting:
+            st["fails"] = 0
+            return
+        if eng.down:
+            if eng.restart_on_failure:
+                if now >= st["next_restart_at"]:
+                    st["next_restart_at"] = now + st["backoff_s"]
+                    st["backoff_s"] = min(st["backoff_s"] * 2, 300.0)
+                    log.warning("instance %d: restarting (down)", eng.instance_id)
+                    eng.restart()
+                return
+            if await eng.probe(h.timeout_s):
+                eng.mark_up()
+            return
+        st["backoff_s"] = h.interval_s
+        st["checks"] += 1
+        alive = getattr(eng, "process_alive", lambda: None)()
+        ok = alive is not False and await eng.probe(h.timeout_s)
+        if eng.swapping or eng.down or self._stopped:  # changed while probing
+            return
+        # Tokens arrived since the last check: the engine works, even if a probe was slow
+        # (a busy server on shared cores must not be restarted for a late /health).
+        progressed = eng.generated_tokens != st.get("tokens")
+        st["tokens"] = eng.generated_tokens
+        if ok or (alive is not False and progressed):
+            st["fails"] = 0
+            return
+        st["failed_checks"] += 1
+        st["fails"] += 1
+        if alive is False or st["fails"] >= h.failures:
+            st["fails"] = 0
+            st["next_restart_at"] = now + st["backoff_s"]
+            eng.mark_down("server process exited" if alive is False
+                          else f"{h.failures} health checks failed")
+
     async def _external_info(self, eng, e: dict) -> None:
         import httpx
 
@@ -357,6 +498,9 @@ class VllmBackend(_RuntimeBackend):
 
     async def stop(self) -> None:
         await super().stop()
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None

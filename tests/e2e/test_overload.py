@@ -4,6 +4,7 @@ failures losing no accepted request."""
 from __future__ import annotations
 
 import json
+import math
 
 import httpx
 import pytest
@@ -11,6 +12,27 @@ import pytest
 from tests.e2e.conftest import MODEL, LiveServer, assert_error, auth, settings_for
 
 TINY = {"model": MODEL, "prompt": "wait", "max_tokens": 50, "stream": True}
+UNHELD = "qwen3-8b"  # servable by the example fleet, held by no instance at start
+SLOW_SPEEDUP = 0.001  # the ``slow`` server's clock speed (tests/e2e/conftest.py)
+
+
+def _documented_retry_after(gw, model: str) -> int:
+    """Retry-After as the docs define it (qlm_opt/server/retry_after.py), computed here from
+    the estimator's own ``wait``: the 'tiny' class is the least urgent, so every queued request
+    for the model is ahead, spread over the instances holding it."""
+    from qlm_opt.queue import length_bucket
+    from qlm_opt.server.openai_protocol import completion_prompt_tokens
+    from qlm_opt.server.retry_after import estimator_of
+
+    rt = gw.backend.runtime
+    est = estimator_of(gw)
+    ahead = sum(1 for j in gw.jobs.values() if j.req.model == model and j.queued)
+    held = rt.ready_instances(model)
+    p = ahead / len(held)
+    prompt = completion_prompt_tokens(TINY["prompt"])
+    wait = min(est.wait(i, rt.now(), p, p * est.prompt_mean, prompt,
+                        lambda r: length_bucket(r.prompt_tokens)).mean_s for i in held)
+    return max(1, min(3600, math.ceil(wait / SLOW_SPEEDUP)))
 
 
 def _idle(srv: LiveServer):
@@ -30,7 +52,17 @@ def test_queue_full_then_disconnect_frees_capacity(slow):
             assert slow.on_loop(lambda: gw.queued_by_class["tiny"]) == 2
             r = c.post("/v1/completions", json=TINY)
             assert_error(r, 429, "queue_full")
-            assert 1 <= int(r.headers["retry-after"]) <= 3600
+            after_held = int(r.headers["retry-after"])
+            assert after_held == pytest.approx(slow.on_loop(_documented_retry_after, gw,
+                                                            MODEL), abs=2)
+            # a model no instance holds: the swap comes first
+            r = c.post("/v1/completions", json={**TINY, "model": UNHELD})
+            assert_error(r, 429, "queue_full")
+            after_unheld = int(r.headers["retry-after"])
+            swap_wall_s = slow.on_loop(lambda: min(
+                gw.backend.runtime.swap_time_s(i, UNHELD) for i in gw.backend.runtime.instances
+                if gw.backend.runtime.fleet.can_serve(i.spec, UNHELD))) / SLOW_SPEEDUP
+            assert after_unheld >= min(3600, int(swap_wall_s)) and after_unheld > after_held
             # the requests sit in an engine (prefill takes minutes of wall time here)
             assert slow.on_loop(lambda: sum(i.engine.load() for i in
                                             gw.backend.runtime.instances)) == 2
@@ -42,7 +74,7 @@ def test_queue_full_then_disconnect_frees_capacity(slow):
     slow.wait_until(_idle(slow))
     metrics = httpx.get(slow.url + "/metrics").text
     assert 'qlm_requests_total{outcome="cancelled",slo_class="tiny"} 3.0' in metrics
-    assert 'qlm_requests_total{outcome="rejected",slo_class="tiny"} 1.0' in metrics
+    assert 'qlm_requests_total{outcome="rejected",slo_class="tiny"} 2.0' in metrics
 
 
 def test_non_streamed_disconnect_aborts(slow):

@@ -93,7 +93,7 @@ def test_server_killed_mid_stream_requeues_and_completes(loop, servers, tiny_cat
         return refs, victims, streams, cut
 
     refs, victims, streams, cut = run(loop, body())
-    assert i0.state == InstanceState.SWAPPING  # down, not restarted: takes no work
+    assert i0.state == InstanceState.DOWN  # down, not restarted: takes no work
     assert sorted(rec.requeued) == [50, 51, 52]
     for ref, v, c in zip(refs, victims, cut):
         assert 0 < c < n
