@@ -358,6 +358,8 @@ def main() -> int:
     ap.add_argument("--calibrate", action="store_true",
                     help="find the fcfs 80/60/40%% loads and write loads.toml")
     ap.add_argument("--bound", action="store_true", help="also compute the upper bound U")
+    ap.add_argument("--bounds", type=Path, default=None,
+                    help="take U from the results.json of an earlier --bound run")
     ap.add_argument("--from-results", type=Path, default=None,
                     help="reprint (and --bound) the rows of an earlier results.json "
                          "instead of running the policies")
@@ -382,6 +384,13 @@ def main() -> int:
               file=sys.stderr)
         return 2
     policies = [p for p in a.policies.split(",") if p]
+    from qlm_opt.policies import policy_names
+
+    unknown = [p for p in policies if p not in policy_names()]
+    if unknown:
+        print(f"run.py: error: unknown policy {unknown[0]!r} "
+              f"(known: {', '.join(policy_names())})", file=sys.stderr)
+        return 2
     jobs = [(s, x, p) for s in names for x in loads[s] for p in policies]
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -397,9 +406,15 @@ def main() -> int:
                   flush=True)
     a.out.mkdir(parents=True, exist_ok=True)
     all_bounds = {}
+    saved = json.loads(a.bounds.read_text())["bounds"] if a.bounds else {}
     for s in names:
         srows = [r for r in rows if r["scenario"] == s]
-        bounds = compute_bounds(s, sorted({r["load"] for r in srows})) if a.bound else {}
+        if s in saved:
+            bounds = {float(k): v for k, v in saved[s].items()}
+        elif a.bound:
+            bounds = compute_bounds(s, sorted({r["load"] for r in srows}) or loads[s])
+        else:
+            bounds = {}
         all_bounds[s] = bounds
         print_table(s, srows, bounds)
         plot(s, srows, a.out, bounds)

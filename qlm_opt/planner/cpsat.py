@@ -289,8 +289,9 @@ class ExactModel:
                         if h.model != g.model and inst.can_serve(h, i):
                             max_swap = max(max_swap, inst.swap_time_ms(i, g.model, h.model))
         busy = max((i.busy_until_ms for i in inst.instances), default=0)
+        release = max((g.release_ms for g in inst.groups), default=0)
         work = sum(max(g.service_ms.values()) + max_swap for g in inst.groups)
-        return busy + work + 1
+        return max(busy, release) + work + 1
 
     def _add_variables(self) -> None:
         m, inst, H = self.model, self.instance, self.horizon_ms

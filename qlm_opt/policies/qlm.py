@@ -296,13 +296,14 @@ class QLMPolicy(QLMRWTPolicy):
             return
         waiting = [g for g in self.gq.vq(UNPLACED).groups.values() if g.model == model]
         due = min((g.deadline_at for g in waiting), default=math.inf)
-        if now - due >= self.cover_late_s:
+        cover_at = due + self.cover_late_s
+        if now >= cover_at - 1e-6:  # (a re-check at cover_at must cover: no float slack)
             super()._ensure_swap(model)
             return
         self._request_plan("uncovered_model")
         if model not in self._cover_check and due < math.inf:
             self._cover_check.add(model)
-            rt.host.call_at(due + self.cover_late_s, self._recheck_cover, model)
+            rt.host.call_at(cover_at, self._recheck_cover, model)
 
     def _recheck_cover(self, model: str) -> None:
         self._cover_check.discard(model)
