@@ -1,4 +1,5 @@
-"""Command line: ``qlm-opt whatif | serve | plan | tune | profile | make-tiny-model``.
+"""Command line: ``qlm-opt whatif | serve | plan | tune | profile | bound | capacity | top |
+make-tiny-model``.
 
 Bad input ends with a one-line message on stderr and exit code 2.
 """
@@ -41,7 +42,8 @@ def _fail(msg: str, code: int = 2) -> None:
 @app.command()
 def whatif(
     trace: Annotated[
-        str, typer.Option(help="Trace file (Azure CSV or JSONL), or 'synthetic'.")
+        str, typer.Option(help="Trace file (Azure or BurstGPT CSV, Mooncake or generic JSONL), "
+                       "or 'synthetic'.")
     ] = "synthetic",
     workload: Annotated[
         Path | None, typer.Option(help="Workload spec TOML (default: built-in example).")

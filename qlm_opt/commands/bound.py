@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
     @app.command("bound")
     def bound(
         trace: Annotated[
-            str, typer.Option(help="Trace file (Azure CSV or JSONL), or 'synthetic'.")
+            str, typer.Option(help="Trace file (Azure or BurstGPT CSV, Mooncake or generic JSONL), "
+                       "or 'synthetic'.")
         ] = "synthetic",
         workload: Annotated[
             Path | None, typer.Option(help="Workload spec TOML (default: built-in example).")

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         workload: Annotated[Path | None, typer.Option(
             help="Workload TOML: classes, model shares (default: built-in example).")] = None,
         trace: Annotated[str, typer.Option(
-            help="Trace file (Azure CSV or JSONL), or 'synthetic'.")] = "synthetic",
+            help="Trace file (Azure or BurstGPT CSV, Mooncake or generic JSONL), "
+                       "or 'synthetic'.")] = "synthetic",
         gpus: Annotated[str, typer.Option(
             help="Comma-separated GPU types to choose from.")] = "H100-80GB,L40S,L4",
         target: Annotated[float, typer.Option(

@@ -102,7 +102,8 @@ class QLMPolicy(QLMRWTPolicy):
         self.solve_ms: list[float] = []
         self.statuses: Counter[str] = Counter()
         self.fallback_causes: Counter[str] = Counter()  # cause -> epochs (Plan.fallback_cause)
-        self.num_epochs = 0
+        self.num_epochs = 0  # epochs planned (each gives one plan)
+        self.epochs_skipped = 0  # live: triggers that found a solve still running
         self.epoch_triggers: Counter[str] = Counter()
         self._class_weight: dict[str, float] = {}
 
@@ -432,6 +433,11 @@ class QLMPolicy(QLMRWTPolicy):
     def _replan(self, reason: str) -> None:
         self._plan_pending = False
         rt = self.rt
+        if self._solving:
+            # Live: the previous epoch's solve is still on its worker thread. This one is
+            # skipped (and not counted): the next trigger plans from the state then.
+            self.epochs_skipped += 1
+            return
         now = rt.now()
         self._last_plan_at = now
         for inst in rt.instances:
@@ -447,8 +453,6 @@ class QLMPolicy(QLMRWTPolicy):
         if offload is not None:
             # Live: solve on a worker thread; the plan is applied when it arrives, to a state
             # that has moved on meanwhile (the executor skips groups that are gone).
-            if self._solving:
-                return
             self._solving = True
             offload(solve, (pi, self.preset, self.last_plan),
                     lambda plan: self._apply(plan, pi, reason, members))
@@ -502,6 +506,7 @@ class QLMPolicy(QLMRWTPolicy):
         base["solver"] = {
             "preset": self.preset.name,
             "num_epochs": self.num_epochs,
+            "epochs_skipped": self.epochs_skipped,
             "solve_ms_p50": float(np.percentile(ms, 50)),
             "solve_ms_p95": float(np.percentile(ms, 95)),
             "status_counts": dict(self.statuses),
