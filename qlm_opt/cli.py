@@ -39,6 +39,23 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def load_workload(path: Path | None, duration: float | None, rate_scale: float | None):
+    """The workload of ``--workload`` (default: the built-in example) with the
+    ``--duration`` and ``--rate-scale`` overrides; a bad override ends the command."""
+    from qlm_opt.config import Workload
+
+    if duration is not None and not duration > 0:
+        _fail("--duration must be > 0")
+    if rate_scale is not None and not rate_scale > 0:
+        _fail("--rate-scale must be > 0")
+    wl = Workload.load(path or example_path("workload.toml"))
+    if duration is not None:
+        wl.data.duration_s = duration
+    if rate_scale is not None:
+        wl.data.rate_scale = rate_scale
+    return wl
+
+
 @app.command()
 def whatif(
     trace: Annotated[
@@ -74,21 +91,13 @@ def whatif(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from qlm_opt.config import Fleet, Workload
+    from qlm_opt.config import Fleet
     from qlm_opt.report_table import render_table
     from qlm_opt.sim.workload import load_trace
     from qlm_opt.whatif import run_whatif, write_report
 
     try:
-        wl = Workload.load(workload or example_path("workload.toml"))
-        if duration is not None:
-            if duration <= 0:
-                _fail("--duration must be > 0")
-            wl.data.duration_s = duration
-        if rate_scale is not None:
-            if rate_scale <= 0:
-                _fail("--rate-scale must be > 0")
-            wl.data.rate_scale = rate_scale
+        wl = load_workload(workload, duration, rate_scale)
         fl = Fleet.load(fleet or example_path("fleet.toml"))
         tr = None if trace == "synthetic" else load_trace(trace)
         names = [p.strip() for p in policy.split(",") if p.strip()]

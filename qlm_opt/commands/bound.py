@@ -55,8 +55,8 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from qlm_opt.bound import bound_for_whatif
-        from qlm_opt.cli import _fail, example_path
-        from qlm_opt.config import Fleet, Workload
+        from qlm_opt.cli import _fail, example_path, load_workload
+        from qlm_opt.config import Fleet
         from qlm_opt.errors import QLMError
         from qlm_opt.sim.workload import load_trace
 
@@ -71,11 +71,7 @@ def register(app: typer.Typer) -> None:
                 _fail("--slot must be > 0")
             if time_limit is not None and not time_limit > 0:
                 _fail("--time-limit must be > 0")
-            wl = Workload.load(workload or example_path("workload.toml"))
-            if duration is not None:
-                wl.data.duration_s = duration
-            if rate_scale is not None:
-                wl.data.rate_scale = rate_scale
+            wl = load_workload(workload, duration, rate_scale)
             fl = Fleet.load(fleet or example_path("fleet.toml"))
             tr = None if trace == "synthetic" else load_trace(trace)
             console = Console(stderr=True, quiet=quiet)

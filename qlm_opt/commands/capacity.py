@@ -69,8 +69,8 @@ def register(app: typer.Typer) -> None:
 
         from qlm_opt import capacity as cap
         from qlm_opt.catalog import Catalog, parse_toml_as
-        from qlm_opt.cli import _fail, example_path
-        from qlm_opt.config import FleetFile, Workload
+        from qlm_opt.cli import _fail, example_path, load_workload
+        from qlm_opt.config import FleetFile
         from qlm_opt.errors import QLMError
         from qlm_opt.policies import policy_names
         from qlm_opt.sim.workload import load_trace
@@ -96,15 +96,7 @@ def register(app: typer.Typer) -> None:
             catalog = Catalog.default()
             for g in gpu_list:
                 catalog.gpu(g)
-            wl = Workload.load(workload or example_path("workload.toml"))
-            if duration is not None:
-                if duration <= 0:
-                    _fail("--duration must be > 0")
-                wl.data.duration_s = duration
-            if rate_scale is not None:
-                if rate_scale <= 0:
-                    _fail("--rate-scale must be > 0")
-                wl.data.rate_scale = rate_scale
+            wl = load_workload(workload, duration, rate_scale)
             targets = cap.parse_class_targets(class_target, list(wl.classes), target)
             pr = cap.Prices.load(prices or cap.default_prices_path())
             for g in gpu_list:
