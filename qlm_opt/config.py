@@ -5,6 +5,7 @@ Errors name the file and the field. See README "Configuration reference" for the
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -13,8 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from qlm_opt.catalog import Catalog, parse_toml_as
 from qlm_opt.domain import InstanceSpec, SLOClass
 from qlm_opt.engines.perf import PerfParams
-from qlm_opt.engines.sim import EngineConfig
+from qlm_opt.engines.simulated import EngineConfig
 from qlm_opt.errors import ConfigError
+
+
+def example_path(name: str) -> Path:
+    """A file of the built-in example (fleet.toml, workload.toml)."""
+    return Path(str(resources.files("qlm_opt") / "examples" / name))
 
 
 class _Strict(BaseModel):
@@ -102,7 +108,7 @@ class Fleet:
         if p.calibration:
             from dataclasses import replace
 
-            from qlm_opt.calibration import Calibration
+            from qlm_opt.engines.calibration import Calibration
 
             cal_path = Path(p.calibration)
             if not cal_path.is_absolute() and source not in ("<fleet>", ""):
@@ -212,7 +218,7 @@ class ClassSection(_Strict):
 
 class PrefixSection(_Strict):
     """Shared-prefix traffic for the synthetic generator (see
-    ``qlm_opt.sim.workload.synthetic_prefix_trace``)."""
+    ``qlm_opt.whatif.workload.synthetic_prefix_trace``)."""
 
     num_system_prompts: int = Field(8, gt=0)
     system_prompt_tokens: int = Field(1500, gt=0)
@@ -234,7 +240,7 @@ def window_s(window: str) -> float:
 
 
 class BatchJobSection(_Strict):
-    """One Batch API job in a what-if run (``qlm_opt.sim.batch_jobs``): ``num_lines`` requests
+    """One Batch API job in a what-if run (``qlm_opt.whatif.batch_jobs``): ``num_lines`` requests
     submitted together at ``submit_at_s``, each due by the end of the job's ``window``."""
 
     name: str | None = None  # default: batch-job-<index>

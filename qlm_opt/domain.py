@@ -130,10 +130,6 @@ class Request:
         return (self.completed_at - self.first_token_at) / (self.num_generated - 1)
 
     @property
-    def remaining_tokens(self) -> int:
-        return max(0, self.output_tokens - self.num_generated)
-
-    @property
     def is_done(self) -> bool:
         return self.state >= RequestState.FINISHED
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from qlm_opt.config import Fleet, Workload, window_s
 from qlm_opt.domain import Request, RequestState
-from qlm_opt.sim.batch_jobs import FeedRule, add_batch_jobs, job_report, simulate
-from qlm_opt.sim.workload import build_requests, load_azure_csv
+from qlm_opt.whatif.batch_jobs import FeedRule, add_batch_jobs, job_report, simulate
+from qlm_opt.whatif.workload import build_requests, load_azure_csv
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "azure_llm_2023_conv.csv"

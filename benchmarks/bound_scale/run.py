@@ -28,11 +28,12 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from qlm_opt.bound import compute_bound
-    from qlm_opt.cli import example_path
+    from qlm_opt.whatif.bound import compute_bound
+    from qlm_opt.config import example_path
     from qlm_opt.config import Fleet, Workload
-    from qlm_opt.sim.workload import load_trace
-    from qlm_opt.whatif import prepare_requests, run_policy
+    from qlm_opt.whatif.workload import load_trace
+    from qlm_opt.whatif.run import run_policy
+    from qlm_opt.whatif.workload import prepare_requests
 
     trace = load_trace(TRACE)
     fleet = Fleet.load(example_path("fleet.toml"))

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from qlm_opt import capacity as cap
+from qlm_opt.whatif import capacity as cap
 from qlm_opt.catalog import Catalog
 from qlm_opt.config import Workload
 

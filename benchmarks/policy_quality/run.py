@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from qlm_opt.config import Fleet, Workload
-from qlm_opt.sim.workload import load_azure_csv
-from qlm_opt.whatif import run_whatif
+from qlm_opt.whatif.workload import load_azure_csv
+from qlm_opt.whatif.run import run_whatif
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "azure_llm_2023_conv.csv"

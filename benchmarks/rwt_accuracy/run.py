@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qlm_opt import estimator
+from qlm_opt.core import estimator
 from qlm_opt.catalog import Catalog
 from qlm_opt.config import Fleet, FleetFile, Workload
-from qlm_opt.sim.workload import load_trace
-from qlm_opt.whatif import prepare_requests, run_policy
+from qlm_opt.whatif.workload import load_trace
+from qlm_opt.whatif.run import run_policy
+from qlm_opt.whatif.workload import prepare_requests
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"

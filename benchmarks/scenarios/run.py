@@ -134,7 +134,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 
 # ------------------------------------------------------------------------------------ inputs
 def _load_trace(sc: Scenario):
-    from qlm_opt.sim.workload import Trace, load_trace
+    from qlm_opt.whatif.workload import Trace, load_trace
 
     if sc.trace is None:
         return None
@@ -152,7 +152,7 @@ def _load_trace(sc: Scenario):
 
 def _load_mooncake(path: Path):
     """Mooncake JSONL (``timestamp`` ms, ``input_length``, ``output_length``)."""
-    from qlm_opt.sim.workload import Trace, load_trace
+    from qlm_opt.whatif.workload import Trace, load_trace
 
     try:
         return load_trace(path)  # the project's loader, when it knows the format
@@ -186,7 +186,8 @@ def _inputs(name: str, load: float):
 
 def run_one(job: tuple[str, float, str]) -> dict:
     """One (scenario, load, policy) what-if run; returns the row of the table."""
-    from qlm_opt.whatif import prepare_requests, run_policy
+    from qlm_opt.whatif.run import run_policy
+    from qlm_opt.whatif.workload import prepare_requests
 
     name, load, policy = job
     fleet, wl, trace = _inputs(name, load)
@@ -328,12 +329,12 @@ def plot(name: str, rows: list[dict], out: Path, bounds: dict | None = None) -> 
 
 
 def compute_bounds(name: str, loads: list[float]) -> dict:
-    """The attainment upper bound per load, where ``qlm_opt.bound`` exists."""
+    """The attainment upper bound per load, where ``qlm_opt.whatif.bound`` exists."""
     try:
-        from qlm_opt.bound import compute_bound
+        from qlm_opt.whatif.bound import compute_bound
     except ImportError:
         return {}
-    from qlm_opt.whatif import prepare_requests
+    from qlm_opt.whatif.workload import prepare_requests
 
     out = {}
     for load in loads:

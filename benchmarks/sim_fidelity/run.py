@@ -27,15 +27,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from qlm_opt.calibration import (  # noqa: E402
-    Calibration,
-    EngineProfiler,
-    device_catalog,
-    device_fleet,
-    model_spec_from_dir,
-    percentile,
-    profile_engine,
-)
+from qlm_opt.engines.calibration import Calibration  # noqa: E402
+from qlm_opt.profiling.devices import device_catalog, device_fleet, model_spec_from_dir  # noqa: E402
+from qlm_opt.profiling.profiler import EngineProfiler, percentile, profile_engine  # noqa: E402
 from qlm_opt.domain import Request  # noqa: E402
 
 NAME = "tiny-llama-s0"
@@ -74,9 +68,9 @@ def new_engine(model_dir: str):
 
 
 async def run_live(model_dir: str, wl, eng=None) -> list[Request]:
-    from qlm_opt.live import AsyncioHost
+    from qlm_opt.hosts.live import AsyncioHost
     from qlm_opt.policies.baselines import FCFSPolicy
-    from qlm_opt.runtime import Runtime
+    from qlm_opt.core.runtime import Runtime
 
     cat = device_catalog({NAME: model_spec_from_dir(model_dir)})
     own = eng is None
@@ -116,8 +110,8 @@ async def run_live(model_dir: str, wl, eng=None) -> list[Request]:
 def run_sim(model_dir: str, cal: Calibration, wl, arrivals: list[float],
             noise_seed: int = 0) -> list[Request]:
     from qlm_opt.policies.baselines import FCFSPolicy
-    from qlm_opt.runtime import Runtime
-    from qlm_opt.sim.simulator import Simulator
+    from qlm_opt.core.runtime import Runtime
+    from qlm_opt.hosts.simulated import Simulator
 
     cat = device_catalog({NAME: model_spec_from_dir(model_dir)})
     mc = cal.models[NAME]
@@ -234,7 +228,7 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory()
     model_dir = a.model
     if model_dir is None:
-        from qlm_opt.tinymodel import build_tiny_model
+        from qlm_opt.profiling.tinymodel import build_tiny_model
 
         model_dir = str(build_tiny_model(Path(tmp.name) / "tiny", seed=0, name=NAME))
     cal_file = None

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from qlm_opt.config import Fleet, Workload
-from qlm_opt.sim.workload import Trace, build_requests, load_azure_csv
-from qlm_opt.whatif import run_policy
+from qlm_opt.whatif.workload import Trace, build_requests, load_azure_csv
+from qlm_opt.whatif.run import run_policy
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = REPO.parent / "shared" / "data" / "azure_llm_2023_conv.csv"

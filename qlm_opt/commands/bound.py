@@ -1,6 +1,6 @@
 """``qlm-opt bound``: an upper bound on SLO attainment that no policy can beat.
 
-Bad input ends with a one-line message on stderr and exit code 2 (``qlm_opt.cli._fail``).
+Bad input ends with a one-line message on stderr and exit code 2 (``qlm_opt.commands.common.fail``).
 """
 
 from __future__ import annotations
@@ -49,28 +49,29 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     ) -> None:
         """Bound SLO attainment from above: no policy can attain more on this trace, workload
-        and fleet under the simulator's engine model (see qlm_opt/bound.py for why)."""
+        and fleet under the simulator's engine model (see qlm_opt/whatif/bound.py for why)."""
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from qlm_opt.bound import bound_for_whatif
-        from qlm_opt.cli import _fail, example_path, load_workload
+        from qlm_opt.whatif.bound import bound_for_whatif
+        from qlm_opt.commands.common import fail, load_workload
+        from qlm_opt.config import example_path
         from qlm_opt.config import Fleet
         from qlm_opt.errors import QLMError
-        from qlm_opt.sim.workload import load_trace
+        from qlm_opt.whatif.workload import load_trace
 
         try:
             if duration is not None and not duration > 0:
-                _fail("--duration must be > 0")
+                fail("--duration must be > 0")
             if rate_scale is not None and not rate_scale > 0:
-                _fail("--rate-scale must be > 0")
+                fail("--rate-scale must be > 0")
             if not drain >= 0:
-                _fail("--drain must be >= 0")
+                fail("--drain must be >= 0")
             if slot is not None and not slot > 0:
-                _fail("--slot must be > 0")
+                fail("--slot must be > 0")
             if time_limit is not None and not time_limit > 0:
-                _fail("--time-limit must be > 0")
+                fail("--time-limit must be > 0")
             wl = load_workload(workload, duration, rate_scale)
             fl = Fleet.load(fleet or example_path("fleet.toml"))
             tr = None if trace == "synthetic" else load_trace(trace)
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
                 res = bound_for_whatif(tr, wl, fl, seed=seed, drain_s=drain, slot_s=slot,
                                        time_limit_s=time_limit, progress=progress)
         except QLMError as e:
-            _fail(str(e))
+            fail(str(e))
         out = Console(width=120)
         t = Table(title=f"upper bound on SLO attainment: {res.num_requests} requests, "
                         f"workload {wl.name}, fleet {fl.name} ({len(fl.instances)} instances)")
@@ -116,7 +117,7 @@ def register(app: typer.Typer) -> None:
                 json_out.parent.mkdir(parents=True, exist_ok=True)
                 json_out.write_text(json.dumps(res.to_dict(), indent=2, sort_keys=True))
             except OSError as e:
-                _fail(f"{json_out}: cannot write: {e.strerror or e}")
+                fail(f"{json_out}: cannot write: {e.strerror or e}")
             out.print(f"wrote {json_out}")
 
 

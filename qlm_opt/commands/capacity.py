@@ -67,32 +67,32 @@ def register(app: typer.Typer) -> None:
                                    TimeElapsedColumn)
         from rich.table import Table
 
-        from qlm_opt import capacity as cap
+        from qlm_opt.whatif import capacity as cap
         from qlm_opt.catalog import Catalog, parse_toml_as
-        from qlm_opt.cli import _fail, example_path, load_workload
+        from qlm_opt.commands.common import fail, load_workload
         from qlm_opt.config import FleetFile
         from qlm_opt.errors import QLMError
         from qlm_opt.policies import policy_names
-        from qlm_opt.sim.workload import load_trace
+        from qlm_opt.whatif.workload import load_trace
 
         try:
             if policy not in policy_names():
-                _fail(f"unknown policy {policy!r} (known: {', '.join(policy_names())})")
+                fail(f"unknown policy {policy!r} (known: {', '.join(policy_names())})")
             if max_gpus_per_type < 1:
-                _fail("--max-gpus-per-type must be >= 1")
+                fail("--max-gpus-per-type must be >= 1")
             if max_runs < 1:
-                _fail("--max-runs must be >= 1")
+                fail("--max-runs must be >= 1")
             if not 0 <= margin < 1:
-                _fail("--margin must be in [0, 1)")
+                fail("--margin must be in [0, 1)")
             if workers is not None and workers < 1:
-                _fail("--workers must be >= 1")
+                fail("--workers must be >= 1")
             if drain < 0:
-                _fail("--drain must be >= 0")
+                fail("--drain must be >= 0")
             gpu_list = [g.strip() for g in gpus.split(",") if g.strip()]
             if not gpu_list:
-                _fail("--gpus names no GPU type")
+                fail("--gpus names no GPU type")
             if len(set(gpu_list)) != len(gpu_list):
-                _fail("--gpus names a GPU type twice")
+                fail("--gpus names a GPU type twice")
             catalog = Catalog.default()
             for g in gpu_list:
                 catalog.gpu(g)
@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
             command = "qlm-opt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
             files = cap.write_outputs(result, out, command=command)
         except QLMError as e:
-            _fail(str(e))
+            fail(str(e))
         rep = result.report
         cur = rep["prices"]["currency"]
         classes = list(targets)

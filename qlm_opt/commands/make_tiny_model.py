@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build a tiny random-weights Llama and a locally trained tokenizer (no downloads).
         Writes qlm_model.toml (the catalog entry) next to the Hugging Face files."""
-        from qlm_opt.tinymodel import build_tiny_model, read_model_name
+        from qlm_opt.profiling.tinymodel import build_tiny_model, read_model_name
 
         out = build_tiny_model(out_dir, seed=seed, name=name)
         typer.echo(f"wrote {read_model_name(out)} to {out}")

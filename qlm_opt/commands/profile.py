@@ -1,5 +1,5 @@
 """``qlm-opt profile``: measure a live engine and write a calibration file for the simulator
-and the RWT estimator (see ``qlm_opt/calibration.py``)."""
+and the RWT estimator (see ``qlm_opt/engines/calibration.py``)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def register(app: typer.Typer) -> None:
         you will simulate, on a machine as loaded as it will be."""
         import asyncio
 
-        from qlm_opt.calibration import Calibration
-        from qlm_opt.tinymodel import read_model_name
+        from qlm_opt.engines.calibration import Calibration
+        from qlm_opt.profiling.tinymodel import read_model_name
 
         if engine != "vllm_local":
             raise typer.BadParameter("only --engine vllm_local is supported", param_hint="--engine")
@@ -96,7 +96,7 @@ def _spread(cal) -> str:
 async def _run(model: Path, name: str, bsz, plens, decode_tokens, repeats, swap,
                max_model_len, kv_cache_mib, dtype, workload_requests=100, workload_rate=4.0,
                max_num_seqs=None):
-    from qlm_opt.calibration import profile_engine
+    from qlm_opt.profiling.profiler import profile_engine
     from qlm_opt.engines.vllm_local import VllmEngineConfig, VllmLocalEngine
 
     # per-step scheduler details for the step fit (the engine silences vLLM's line per step)

@@ -51,11 +51,12 @@ def register(app: typer.Typer) -> None:
         from rich.progress import Progress
         from rich.table import Table
 
-        from qlm_opt.cli import example_path
+        from qlm_opt.config import example_path
         from qlm_opt.config import Fleet, Workload
         from qlm_opt.planner.presets import load_preset, preset_to_toml
-        from qlm_opt.sim.workload import load_trace
-        from qlm_opt.whatif import prepare_requests, run_policy
+        from qlm_opt.whatif.workload import load_trace
+        from qlm_opt.whatif.run import run_policy
+        from qlm_opt.whatif.workload import prepare_requests
 
         if policy not in ("qlm", "qlm-true-lengths"):
             raise typer.BadParameter("--policy must be qlm or qlm-true-lengths")

@@ -35,7 +35,7 @@ class PerfParams:
     tp_efficiency: float = 0.85  # per-GPU efficiency at tp > 1 (all-reduce cost)
     engine_start_s: float = 20.0  # cold start: process, CUDA context, graph capture
     warm_wake_s: float = 0.5  # fixed part of a sleep/wake swap
-    # qlm_opt.calibration.Calibration from `qlm-opt profile`: measured constants per
+    # qlm_opt.engines.calibration.Calibration from `qlm-opt profile`: measured constants per
     # (model, device) that replace the roofline where present
     calibration: object | None = None
     # Which sample of a calibration's measured noise (per-request overhead, the machine's

@@ -24,7 +24,6 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from qlm_opt.domain import EngineStats, Request, RequestState
 
@@ -232,6 +231,9 @@ class LiveEngine:
 
     #: the runtime waits for ``listener.on_swap_done`` instead of a timer
     reports_swap_done = True
+    #: whether ``_record(scheduler_stats, iteration_stats)`` is called once per engine step
+    #: (the profiler's step recorder wraps it); only the in-process engine sees its steps
+    records_steps = False
 
     def __init__(self, instance_id: int, model: str | None, config: VllmEngineConfig,
                  listener, now: Callable[[], float]) -> None:
@@ -263,6 +265,9 @@ class LiveEngine:
         self.num_restarts = 0  # restarts after failures that brought the engine back
         self.num_downs = 0  # times the engine was found dead
         self.last_start_s: float | None = None  # measured duration of the last model load
+        # the running engine's KV block and chunked-prefill budget, once it reports them
+        self.block_size: int | None = None
+        self.max_num_batched_tokens: int | None = config.max_num_batched_tokens
         # model -> engine arguments of that model (an instance that may hold several); the
         # model in ``config`` is the one loaded or loading now
         self.model_configs: dict[str, VllmEngineConfig] = {}
@@ -340,9 +345,6 @@ class LiveEngine:
             extra={"engine_running": self._eng_running, "engine_waiting": self._eng_waiting},
         )
 
-    def requests(self) -> list[Request]:
-        return [r.req for r in self._runs.values()]
-
     def running_requests(self) -> list[Request]:
         return [r.req for r in self._runs.values() if r.running]
 
@@ -356,6 +358,19 @@ class LiveEngine:
     @property
     def is_idle(self) -> bool:
         return not self._runs
+
+    def num_generated(self, req: Request) -> int:
+        return req.num_generated  # counted as tokens arrive
+
+    def end_swap(self, now: float) -> None:
+        """Nothing to do: a live engine reports the end of its swap (``on_swap_done``)."""
+
+    @property
+    def can_swap(self) -> bool:
+        return True  # an in-process engine loads any model of its instance
+
+    def process_alive(self) -> bool | None:
+        return None  # in-process: no server process to watch
 
     def _num_running(self) -> int:
         return sum(1 for r in self._runs.values() if r.running)
@@ -444,9 +459,7 @@ class LiveEngine:
             # hold, and is restarted with it (now, and by the health loop when that fails).
             self._engine_down("swap failed")
             return
-        cb = getattr(self.listener, "on_swap_done", None)
-        if cb is not None:
-            cb(self, self._now())
+        self.listener.on_swap_done(self, self._now())
 
     def config_of(self, model: str | None) -> VllmEngineConfig:
         """The engine arguments of ``model`` on this instance (the instance's own by
@@ -463,9 +476,7 @@ class LiveEngine:
         log.warning("instance %d: engine down (%s)", self.instance_id, reason)
         # until it is back the planner sees it busy for one start-up
         self.swap_until_at = self._now() + (self.last_start_s or 30.0)
-        cb = getattr(self.listener, "on_engine_down", None)
-        if cb is not None:
-            cb(self, self._now())
+        self.listener.on_engine_down(self, self._now())
         if self.restart_on_failure:
             self.restart()
 
@@ -563,6 +574,8 @@ class VllmLocalEngine(LiveEngine):
     ``config``). ``await engine.start()`` loads the initial model.
     """
 
+    records_steps = True
+
     def __init__(self, instance_id: int, model: str | None, model_paths: dict[str, str],
                  config: VllmEngineConfig | None = None, listener=None,
                  now: Callable[[], float] | None = None,
@@ -645,9 +658,6 @@ class VllmLocalEngine(LiveEngine):
 
     def _tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False))
-
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids)
 
     # -- runs ----------------------------------------------------------------------------------
     async def _start_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
@@ -808,10 +818,3 @@ def _sleep_supported() -> bool:
         return not current_platform.is_cpu()
     except Exception:
         return False
-
-
-def model_dir_name(path: str | Path) -> str:
-    """The catalog name of a model folder (``qlm_model.toml``), else the folder name."""
-    from qlm_opt.tinymodel import read_model_name
-
-    return read_model_name(path)

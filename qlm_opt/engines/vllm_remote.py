@@ -38,13 +38,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qlm_opt.domain import Request
 from qlm_opt.engines.vllm_local import (
     Ewma,
     LiveEngine,
     VllmEngineConfig,
     _Run,
-    payload,
     vllm_env,
 )
 
@@ -515,7 +513,3 @@ def _is_transport_error(e: BaseException) -> bool:
 
     return isinstance(e, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
                           httpx.TransportError, ConnectionError))
-
-
-def payload_text(req: Request) -> str:
-    return payload(req).output_text

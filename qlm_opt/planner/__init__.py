@@ -6,7 +6,7 @@ only when `qlm_opt.planner.cpsat` is, so importing the data types stays cheap.
 """
 
 from qlm_opt.planner.fallback import fallback_plan
-from qlm_opt.planner.instance import ObjectiveWeights, PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import ObjectiveWeights, PlanGroup, PlanInstance, PlanningInstance
 from qlm_opt.planner.plan import GroupTiming, InstancePlan, Plan, PlanStatus
 from qlm_opt.planner.presets import SolverPreset, load_preset
 from qlm_opt.planner.validator import ValidationReport, validate_plan

@@ -23,7 +23,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from qlm_opt.planner.fallback import edf_key, fallback_plan, fallback_sequences
-from qlm_opt.planner.instance import SWAP_SCALE, PlanGroup, PlanningInstance
+from qlm_opt.planner.problem import SWAP_SCALE, PlanGroup, PlanningInstance
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences, sequence_objective
 from qlm_opt.planner.presets import SolverPreset
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from qlm_opt.planner.instance import PlanGroup, PlanningInstance
+from qlm_opt.planner.problem import PlanGroup, PlanningInstance
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences
 
 __all__ = ["edf_key", "fallback_sequences", "fallback_plan"]

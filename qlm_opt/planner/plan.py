@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Mapping, Sequence
 
-from qlm_opt.planner.instance import SWAP_SCALE, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import SWAP_SCALE, PlanInstance, PlanningInstance
 
 __all__ = [
     "PlanStatus",

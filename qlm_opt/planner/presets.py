@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qlm_opt.errors import ConfigError
-from qlm_opt.planner.instance import ObjectiveWeights
+from qlm_opt.planner.problem import ObjectiveWeights
 
 __all__ = ["SolverPreset", "load_preset", "preset_dir", "PRESET_NAMES"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qlm_opt.planner.instance import ObjectiveWeights, PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import ObjectiveWeights, PlanGroup, PlanInstance, PlanningInstance
 
 __all__ = ["random_instance"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlm_opt.planner.instance import SWAP_SCALE, PlanningInstance
+from qlm_opt.planner.problem import SWAP_SCALE, PlanningInstance
 from qlm_opt.planner.plan import Plan
 
 __all__ = ["ValidationReport", "validate_plan", "recompute_objective"]

@@ -18,10 +18,12 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request, RequestState
-from qlm_opt.policies.base import Policy, SwapOnDemand
+from qlm_opt.core.policy import Policy
+from qlm_opt.policies.swap_on_demand import SwapOnDemand
 
 if TYPE_CHECKING:
-    from qlm_opt.runtime import Instance, Runtime
+    from qlm_opt.core.instance import Instance
+    from qlm_opt.core.runtime import Runtime
 
 
 class EngineQueuePolicy(Policy, SwapOnDemand):
@@ -211,11 +213,3 @@ class ShepherdPolicy(Policy, SwapOnDemand):
         self._num_queued -= 1
         self.rt.dispatch(r, inst, (r.priority, r.arrived_at, r.id))
         self._dispatched.setdefault(inst.id, {}).setdefault(r.priority, []).append(r)
-
-
-BASELINES: dict[str, type[Policy]] = {
-    "fcfs": FCFSPolicy,
-    "edf": EDFPolicy,
-    "priority": PriorityPolicy,
-    "shepherd": ShepherdPolicy,
-}

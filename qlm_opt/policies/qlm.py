@@ -37,16 +37,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qlm_opt.executor import ExecutorConfig, group_weight
+from qlm_opt.core.executor import ExecutorConfig, group_weight
 from qlm_opt.planner import PlanGroup, PlanInstance, PlanningInstance, load_preset, solve
-from qlm_opt.planner.instance import REQUEST_WEIGHT
+from qlm_opt.planner.problem import REQUEST_WEIGHT
 from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
-from qlm_opt.queue import UNPLACED
-from qlm_opt.runtime import InstanceState
+from qlm_opt.core.queue import UNPLACED
+from qlm_opt.core.instance import InstanceState
 
 if TYPE_CHECKING:
     from qlm_opt.planner import Plan
-    from qlm_opt.runtime import Instance, Runtime
+    from qlm_opt.core.instance import Instance
+    from qlm_opt.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

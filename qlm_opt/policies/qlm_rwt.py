@@ -27,13 +27,14 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request
-from qlm_opt.estimator import RWTEstimator, WaitEstimate
-from qlm_opt.executor import Executor, ExecutorConfig
-from qlm_opt.policies.base import Policy
-from qlm_opt.queue import UNPLACED, GlobalQueue, QueueConfig, RequestGroup, length_bucket
+from qlm_opt.core.estimator import RWTEstimator, WaitEstimate
+from qlm_opt.core.executor import Executor, ExecutorConfig
+from qlm_opt.core.policy import Policy
+from qlm_opt.core.queue import UNPLACED, GlobalQueue, QueueConfig, RequestGroup, length_bucket
 
 if TYPE_CHECKING:
-    from qlm_opt.runtime import Instance, Runtime
+    from qlm_opt.core.instance import Instance
+    from qlm_opt.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ errors are raised as ``APIError`` and turned into OpenAI-style bodies by one han
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -20,40 +19,50 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qlm_opt.errors import QLMError
+from qlm_opt.errors import ConfigError, QLMError
 from qlm_opt.server.auth import KeyStore, Principal
-from qlm_opt.server.backends import make_backend
+from qlm_opt.server.backends import Backend, SimBackend
+from qlm_opt.server.completion import json_error, serve_completion
 from qlm_opt.server.batch import BatchService, batches_router, files_router
 from qlm_opt.server.batch.routes import patch_openapi as patch_batch_openapi
 from qlm_opt.server.errors import ERROR_TYPES, APIError, error_body, error_bytes
-from qlm_opt.server.gateway import ClientGone, Gateway
+from qlm_opt.server.gateway import Gateway
 from qlm_opt.server.metrics import ServerMetrics
 from qlm_opt.server.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChunkWriter,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     ModelList,
-    chat_body,
     chat_prompt_tokens,
-    completion_body,
     completion_prompt_tokens,
     dumps,
-    new_id,
-    usage,
 )
 from qlm_opt.server.settings import ServerSettings, load_settings
 
 log = logging.getLogger(__name__)
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`")
+
+
+def make_backend(settings: ServerSettings) -> Backend:
+    """The backend named by ``backend.kind``. vLLM backends are imported lazily (and vLLM
+    itself only when an engine starts), so the gateway and the simulated fleet never import
+    vLLM."""
+    kind = settings.backend.kind
+    if kind == "sim":
+        return SimBackend(settings)
+    if kind in ("vllm_local", "vllm_remote"):
+        from qlm_opt.server.vllm_backend import make_backend as make_vllm_backend
+
+        return make_vllm_backend(settings)
+    raise ConfigError(f"field 'backend.kind': unknown backend '{kind}'")
 
 
 # -- dependencies -----------------------------------------------------------------------------
@@ -134,61 +143,8 @@ def _ok(model) -> dict:
     }
 
 
-class SSEResponse(StreamingResponse):
-    """Server-sent events that stop (and cancel the request) as soon as the client goes
-    away. Starlette only watches for disconnects below ASGI spec 2.4, so it is pinned."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope, receive, send) -> None:
-        scope = dict(scope)
-        scope["asgi"] = {**scope.get("asgi", {}), "spec_version": "2.3"}
-        await super().__call__(scope, receive, send)
-
-
 # -- inference ----------------------------------------------------------------------------------
 inference = APIRouter(tags=["inference"])
-
-
-async def _serve(
-    request: Request,
-    gw: Gateway,
-    who: Principal,
-    body: CompletionRequest | ChatCompletionRequest,
-    chat: bool,
-    prompt_tokens: int,
-    prompt: object,
-    max_tokens: int | None,
-    x_slo_class: str | None,
-    x_slo_ttft_ms: str | None,
-) -> Response:
-    cls, ttft_s = gw.resolve_class(who, x_slo_class, x_slo_ttft_ms, body.priority)
-    params = body.model_dump(exclude={"messages", "prompt"}, exclude_none=True) if (
-        gw.backend.kind != "simulated") else {}
-    ids = await gw.prepare(body.model, prompt, chat)
-    if ids is not None:  # real engines: the exact token count
-        prompt, prompt_tokens = ids, len(ids)
-    job = gw.admit(who, body.model, cls, ttft_s, prompt_tokens, max_tokens, prompt, params)
-    backend = gw.backend
-    rid = new_id("chatcmpl" if chat else "cmpl")
-    headers = {"x-qlm-backend": backend.kind, "x-qlm-slo-class": cls, "x-request-id": rid}
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = ChunkWriter(rid, body.model, chat, include_usage, backend.fingerprint)
-        headers["cache-control"] = "no-cache"
-        headers["x-accel-buffering"] = "no"
-        return SSEResponse(gw.stream(job, writer), headers=headers)
-    try:
-        await gw.wait(job, request.receive)
-    except ClientGone:
-        return Response(status_code=499)  # nobody reads it; uvicorn drops it
-    req = job.req
-    if req.completed_at is not None:
-        headers["x-qlm-processing-ms"] = f"{(req.completed_at - req.arrived_at) * 1000:.1f}"
-    build = chat_body if chat else completion_body
-    content = build(rid, body.model, gw.text(job), job.finish_reason(),
-                    usage(req.prompt_tokens, req.num_generated), backend.fingerprint)
-    return Response(content, media_type="application/json", headers=headers)
 
 
 @inference.post("/v1/completions", responses=_ok(CompletionResponse),
@@ -203,7 +159,7 @@ async def completions(
 ) -> Response:
     """OpenAI text completion (one prompt per request)."""
     n = completion_prompt_tokens(body.prompt)
-    return await _serve(request, gw, who, body, False, n, body.prompt, body.max_tokens,
+    return await serve_completion(request, gw, who, body, False, n, body.prompt, body.max_tokens,
                         x_slo_class, x_slo_ttft_ms)
 
 
@@ -223,7 +179,7 @@ async def chat_completions(
     prompt = None
     if gw.backend.kind != "simulated":
         prompt = [m.model_dump(exclude_none=True) for m in body.messages]
-    return await _serve(request, gw, who, body, True, n, prompt, max_tokens,
+    return await serve_completion(request, gw, who, body, True, n, prompt, max_tokens,
                         x_slo_class, x_slo_ttft_ms)
 
 
@@ -290,10 +246,11 @@ async def admin_fleet(gw: GatewayDep) -> dict:
             "swap_to": inst.swap_to,
             "num_swaps": inst.num_swaps,
             "num_evictions": inst.num_evictions,
-            # live engines: health (down, restarts) and measured load times
-            "health": {k: getattr(inst.engine, k) for k in (
-                "down", "num_downs", "num_restarts", "last_start_s", "last_swap_s")
-                if hasattr(inst.engine, k)},
+            # health (down, restarts) and measured load times (None where not measured)
+            "health": {"down": inst.engine.down, "num_downs": inst.engine.num_downs,
+                       "num_restarts": inst.engine.num_restarts,
+                       "last_start_s": inst.engine.last_start_s,
+                       "last_swap_s": inst.engine.last_swap_s},
             "stats": _plain(inst.engine.stats()),
         })
     models = {
@@ -303,7 +260,7 @@ async def admin_fleet(gw: GatewayDep) -> dict:
     }
     return {
         "backend": gw.backend.kind,
-        "policy": getattr(gw.backend.policy, "name", type(gw.backend.policy).__name__),
+        "policy": gw.backend.policy.name,
         "classes": {n: c.model_dump() for n, c in gw.settings.classes.items()},
         "models": models,
         "instances": insts,
@@ -318,12 +275,8 @@ async def admin_plan(gw: GatewayDep) -> dict:
     state: requests per class, in the policy and in each engine's own queue."""
     policy = gw.backend.policy
     rt = gw.backend.runtime
-    out: dict = {"policy": getattr(policy, "name", type(policy).__name__), "plan": None}
-    fn = getattr(policy, "current_plan", None)
-    if callable(fn):
-        out["plan"] = _plain(fn())
-    fn = getattr(policy, "report", None)
-    out["report"] = _plain(fn()) if callable(fn) else None  # what /metrics exports
+    out: dict = {"policy": policy.name, "plan": _plain(policy.current_plan()),
+                 "report": _plain(policy.report())}  # what /metrics exports
     out["queues"] = {
         "queued_by_class": dict(gw.queued_by_class),
         "in_flight_by_class": dict(gw.inflight_by_class),
@@ -342,11 +295,6 @@ async def admin_plan(gw: GatewayDep) -> dict:
 
 
 # -- errors and limits --------------------------------------------------------------------------
-def _json_error(status: int, body: dict, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(json.dumps(body).encode(), status_code=status,
-                    media_type="application/json", headers=headers)
-
-
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|(list|dict|tuple)\[.*\]|constrained-.*|"
                        r"function-.*|literal\[.*\]|[A-Z]\w*)$")
 
@@ -359,11 +307,11 @@ def _loc(loc) -> str:
 def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def api_error(request: Request, e: APIError) -> Response:
         metrics.http_errors[e.status] += 1
-        return _json_error(e.status, error_body(e.message, e.type, e.param, e.code), e.headers)
+        return json_error(e.status, error_body(e.message, e.type, e.param, e.code), e.headers)
 
     async def qlm_error(request: Request, e: QLMError) -> Response:
         metrics.http_errors[400] += 1
-        return _json_error(400, error_body(str(e), "invalid_request_error"))
+        return json_error(400, error_body(str(e), "invalid_request_error"))
 
     async def validation_error(request: Request, e: RequestValidationError) -> Response:
         metrics.http_errors[422] += 1
@@ -372,20 +320,20 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         param = _loc(first.get("loc", ())) or None
         msg = "; ".join(f"{_loc(x.get('loc', ())) or 'body'}: {x.get('msg', 'invalid')}"
                         for x in errs[:5])
-        return _json_error(422, error_body(msg, "invalid_request_error", param,
+        return json_error(422, error_body(msg, "invalid_request_error", param,
                                            "invalid_request"))
 
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
         metrics.http_errors[e.status_code] += 1
         t = ERROR_TYPES.get(e.status_code, "invalid_request_error")
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _json_error(e.status_code, error_body(str(e.detail), t, None, code),
+        return json_error(e.status_code, error_body(str(e.detail), t, None, code),
                            getattr(e, "headers", None))
 
     async def unexpected(request: Request, e: Exception) -> Response:
         metrics.http_errors[500] += 1
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _json_error(500, error_body("internal server error", "server_error", None,
+        return json_error(500, error_body("internal server error", "server_error", None,
                                            "internal_error"))
 
     app.add_exception_handler(APIError, api_error)

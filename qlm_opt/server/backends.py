@@ -21,11 +21,11 @@ import random
 from typing import TYPE_CHECKING, Protocol
 
 from qlm_opt.domain import Request
-from qlm_opt.errors import ConfigError
-from qlm_opt.live import AsyncioHost
+from qlm_opt.hosts.live import AsyncioHost
 
 if TYPE_CHECKING:
-    from qlm_opt.runtime import Runtime
+    from qlm_opt.core.policy import Policy
+    from qlm_opt.core.runtime import Runtime
     from qlm_opt.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,13 @@ class Backend(Protocol):
     fingerprint: str  # system_fingerprint of responses
     runtime: Runtime
     host: AsyncioHost
-    policy: object
+    policy: Policy
+    #: True when the backend reports new tokens itself by calling ``on_progress(req)`` (set
+    #: by the gateway); else streams poll every ``stream_interval_ms``.
+    pushes_progress: bool
+    #: True when the backend has the models' tokenizers: the gateway then calls
+    #: ``prepare_prompt`` before admission and admits on the exact token count.
+    tokenizes: bool
 
     async def start(self) -> None:
         """Build the runtime on the running loop and bind the policy. Called once."""
@@ -71,13 +77,10 @@ class Backend(Protocol):
     def detach(self, req: Request) -> None:
         """Forget what ``attach`` stored; the request has ended."""
 
-    # Optional members (the gateway checks for them):
-    #   pushes_progress: bool -- True when the backend reports new tokens itself by calling
-    #       ``on_progress(req)`` (set by the gateway); else streams poll every
-    #       ``stream_interval_ms``.
-    #   async prepare_prompt(model, prompt, chat) -> list[int] -- the exact prompt token ids,
-    #       computed before admission; ``attach`` then receives them as the prompt. Raises
-    #       ValueError for a prompt the model cannot take.
+    async def prepare_prompt(self, model: str, prompt: object, chat: bool) -> list[int]:
+        """Backends that ``tokenizes``: the exact prompt token ids, computed before
+        admission; ``attach`` then receives them as the prompt. Raises ValueError for a
+        prompt the model cannot take."""
 
 
 # Synthetic output text: one word per token, a fixed list, offset by the request id.
@@ -98,7 +101,7 @@ def synthetic_text(seed: int, start: int, end: int) -> str:
     return "".join([w[(seed + i) % _NW] for i in range(start, end)])
 
 
-def _server_workload(settings: ServerSettings, models: list[str]):
+def server_workload(settings: ServerSettings, models: list[str]):
     """A ``Workload`` describing the server's classes, for policies built ``from_context``."""
     from qlm_opt.config import Workload
 
@@ -115,7 +118,7 @@ def _server_workload(settings: ServerSettings, models: list[str]):
     })
 
 
-class _RuntimeBackend:
+class RuntimeBackend:
     """Shared set-up: policy binding, the policy's epoch timer, shutdown."""
 
     kind = "runtime"
@@ -136,7 +139,7 @@ class _RuntimeBackend:
             b.policy, workload=workload, fleet=self.runtime.fleet, **b.policy_options
         )
         self.runtime.bind(self.policy)
-        epoch = getattr(self.policy, "epoch_s", None)
+        epoch = self.policy.epoch_s
         if epoch:
             self.host.call_at(self.host.now() + epoch, self._epoch, epoch)
 
@@ -152,10 +155,12 @@ class _RuntimeBackend:
         self._stopped = True
 
 
-class SimBackend(_RuntimeBackend):
+class SimBackend(RuntimeBackend):
     """The embedded simulated fleet (see the module docstring)."""
 
     kind = "simulated"
+    pushes_progress = False  # streams poll the simulated engines
+    tokenizes = False  # prompts are counted approximately
     fingerprint = "qlm-opt-sim"
 
     def __init__(self, settings: ServerSettings) -> None:
@@ -175,7 +180,7 @@ class SimBackend(_RuntimeBackend):
         self._max_ctx: dict[str, int] = {}
 
     async def start(self) -> None:
-        from qlm_opt.runtime import Runtime
+        from qlm_opt.core.runtime import Runtime
 
         sim = self.settings.backend.sim
         loop = asyncio.get_running_loop()
@@ -188,7 +193,7 @@ class SimBackend(_RuntimeBackend):
             ctx = cat.model(m).max_context
             lens = [i.engine.max_model_len for i in rt.instances if i.model == m]
             self._max_ctx[m] = min([ctx, *lens])
-        self._bind_policy(_server_workload(self.settings, self._models))
+        self._bind_policy(server_workload(self.settings, self._models))
 
     def models(self) -> list[str]:
         return self._models
@@ -229,17 +234,3 @@ class SimBackend(_RuntimeBackend):
 
     def text(self, req: Request, start: int, end: int) -> str:
         return synthetic_text(req.id, start, end)
-
-
-def make_backend(settings: ServerSettings) -> Backend:
-    """The backend named by ``backend.kind``. vLLM backends are imported lazily (and vLLM
-    itself only when an engine starts), so the gateway and the simulated fleet never import
-    vLLM."""
-    kind = settings.backend.kind
-    if kind == "sim":
-        return SimBackend(settings)
-    if kind in ("vllm_local", "vllm_remote"):
-        from qlm_opt.server.vllm_backend import make_backend as make_vllm_backend
-
-        return make_vllm_backend(settings)
-    raise ConfigError(f"field 'backend.kind': unknown backend '{kind}'")

@@ -6,7 +6,7 @@ key store, principal, rate limit, gateway, two headers, the body) costs FastAPI 
 CPU as the rest of the request put together (profiled with cProfile under the ``qlm`` policy
 over the embedded fleet; ``benchmarks/gateway_overhead``). This ASGI middleware serves the
 common case of those two routes directly, with the same code the routes call
-(``app._serve``): a JSON body (``application/json``) with a Content-Length under the size
+(``completion.serve_completion``): a JSON body (``application/json``) with a Content-Length under the size
 limit that validates, a valid bearer key, no ``x-slo-ttft-ms`` header. Everything else (missing or wrong key, invalid body, chunked or
 oversized bodies, the TTFT header, other routes) goes on to the FastAPI app unchanged, with the
 body replayed, so every error keeps the one format the exception handlers give it.
@@ -73,7 +73,7 @@ class FastInference:
 
     async def _serve(self, scope, receive, send, state, who, body, chat: bool) -> None:
         from qlm_opt.errors import QLMError
-        from qlm_opt.server.app import _json_error, _serve
+        from qlm_opt.server.completion import json_error, serve_completion
         from qlm_opt.server.errors import APIError, error_body
         from qlm_opt.server.openai_protocol import chat_prompt_tokens, completion_prompt_tokens
 
@@ -96,19 +96,19 @@ class FastInference:
                 n = completion_prompt_tokens(body.prompt)
                 max_tokens = body.max_tokens
                 prompt = body.prompt
-            resp = await _serve(Request(scope, receive), gw, who, body, chat, n, prompt,
+            resp = await serve_completion(Request(scope, receive), gw, who, body, chat, n, prompt,
                                 max_tokens, slo_class, None)
         except APIError as e:
             metrics.http_errors[e.status] += 1
-            resp = _json_error(e.status, error_body(e.message, e.type, e.param, e.code),
+            resp = json_error(e.status, error_body(e.message, e.type, e.param, e.code),
                                e.headers)
         except QLMError as e:
             metrics.http_errors[400] += 1
-            resp = _json_error(400, error_body(str(e), "invalid_request_error"))
+            resp = json_error(400, error_body(str(e), "invalid_request_error"))
         except Exception:
             metrics.http_errors[500] += 1
             log.exception("unhandled error on POST %s", scope["path"])
-            resp = _json_error(500, error_body("internal server error", "server_error", None,
+            resp = json_error(500, error_body("internal server error", "server_error", None,
                                                "internal_error"))
         await resp(scope, receive, send)
 

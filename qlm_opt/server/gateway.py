@@ -9,7 +9,7 @@ Lifecycle of a request:
 Class queues are bounded: a class holds at most ``max_queue`` admitted requests without a first
 token; beyond that the gateway answers 429 with a ``Retry-After`` from the RWT estimator: the
 predicted wait of a request at the back of its class's queue for its model
-(``qlm_opt.server.retry_after``).
+(``qlm_opt.server.admission``).
 
 Cancellation (client disconnect) frees capacity at once through ``Runtime.cancel``: a request
 in an engine is aborted there, one in the policy's queue is taken out with
@@ -30,6 +30,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 
 from qlm_opt.domain import Request, RequestState
+from qlm_opt.server.admission import check_limits, retry_after_s
 from qlm_opt.server.auth import Principal
 from qlm_opt.server.backends import Backend
 from qlm_opt.server.errors import APIError
@@ -88,6 +89,7 @@ class Gateway:
         self._interval_s = settings.server.stream_interval_ms / 1000.0
         # priority -> class name, for vLLM's ``priority`` field
         self._by_priority = sorted((c.priority, n) for n, c in settings.classes.items())
+        self.retry_estimator = None  # admission's own estimator, for policies without one
         metrics.bind(self)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -97,7 +99,7 @@ class Gateway:
         rt.first_token_hooks.append(self._on_first_token)
         rt.finish_hooks.append(self._on_finished)
         rt.drop_hooks.append(self._on_dropped)
-        if getattr(self.backend, "pushes_progress", False):
+        if self.backend.pushes_progress:
             self.backend.on_progress = self._on_progress
         self.loop = asyncio.get_running_loop()
 
@@ -114,8 +116,7 @@ class Gateway:
         None for the simulated fleet (admission then uses the approximate count). Raises
         APIError: 404 unknown model, 400 a prompt the model's tokenizer cannot take."""
         backend = self.backend
-        fn = getattr(backend, "prepare_prompt", None)
-        if fn is None:
+        if not backend.tokenizes:
             return None
         try:
             backend.max_context(model)
@@ -123,7 +124,7 @@ class Gateway:
             raise APIError(404, f"The model '{model}' does not exist",
                            code="model_not_found", param="model") from None
         try:
-            return await fn(model, prompt, chat)
+            return await backend.prepare_prompt(model, prompt, chat)
         except (ValueError, TypeError) as e:
             raise APIError(400, f"invalid prompt: {e}", code="invalid_prompt",
                            param="messages" if chat else "prompt") from None
@@ -187,36 +188,11 @@ class Gateway:
         """Check limits and hand a new request to the policy. Raises APIError (404 unknown
         model, 413 prompt too long, 400 context exceeded, 429 class queue full)."""
         backend = self.backend
-        try:
-            ctx = backend.max_context(model)
-        except KeyError:
-            raise APIError(404, f"The model '{model}' does not exist",
-                           code="model_not_found", param="model") from None
+        ctx = check_limits(self.settings, backend, model, prompt_tokens, max_tokens)
         lim = self.settings.limits
-        max_prompt = ctx - 1
-        if lim.max_prompt_tokens is not None:
-            max_prompt = min(max_prompt, lim.max_prompt_tokens)
-        if prompt_tokens > max_prompt:
-            raise APIError(
-                413, f"prompt is about {prompt_tokens} tokens; this server accepts at most "
-                f"{max_prompt} for '{model}'", code="prompt_too_long", param="prompt",
-            )
-        if max_tokens is not None:
-            if lim.max_tokens is not None and max_tokens > lim.max_tokens:
-                raise APIError(400, f"max_tokens must be at most {lim.max_tokens}",
-                               code="invalid_value", param="max_tokens")
-            if prompt_tokens + max_tokens > ctx:
-                raise APIError(
-                    400, f"This model's maximum context length is {ctx} tokens. However, you "
-                    f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                    f"prompt, {max_tokens} for the completion).",
-                    code="context_length_exceeded", param="max_tokens",
-                )
         cls = self.settings.classes[slo_class]
         if self.queued_by_class[slo_class] >= cls.max_queue:
             self.metrics.on_rejected(slo_class)
-            from qlm_opt.server.retry_after import retry_after_s
-
             try:
                 after = retry_after_s(self, model, slo_class, prompt_tokens)
             except Exception:  # an estimate must never turn a 429 into a 500
@@ -359,7 +335,7 @@ class Gateway:
         client disconnects the response cancels this generator, which cancels the request."""
         job.wake = asyncio.Event()
         backend = self.backend
-        if not getattr(backend, "pushes_progress", False):
+        if not backend.pushes_progress:
             self._streams.add(job)
             if self._pump is None or self._pump.done():
                 self._pump = self.loop.create_task(self._run_pump())

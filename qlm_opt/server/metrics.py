@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import TYPE_CHECKING
-
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from qlm_opt.core.queue import SchedInfo
 from qlm_opt.domain import Request
-
-if TYPE_CHECKING:
-    from qlm_opt.server.gateway import Gateway
 
 _LATENCY_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 3600.0
@@ -49,7 +45,9 @@ class ServerMetrics:
         # rejected (queue full)
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.http_errors: Counter[int] = Counter()  # status -> count
-        self.gateway: Gateway | None = None
+        # the gateway whose queues, backend and policy the collector reads at scrape time
+        # (``bind``); not imported here, so that the gateway can depend on this module
+        self.gateway = None
         # The RWT estimator's prediction of a request's wait (placement to first token)
         # against the wait observed, per class: how far the planner can trust it.
         self.wait_predicted = Histogram(
@@ -74,7 +72,7 @@ class ServerMetrics:
         )
         self._epochs_seen = 0
 
-    def bind(self, gateway: Gateway) -> None:
+    def bind(self, gateway) -> None:
         self.gateway = gateway
         self.registry.register(_LiveCollector(self))
 
@@ -86,9 +84,9 @@ class ServerMetrics:
             h = self._ttft_children[key] = self.ttft.labels(*key)
         h.observe(req.first_token_at - req.arrived_at)
         info = req._sched
-        if info is not None:
-            pred = getattr(info, "pred_mean_s", None)
-            placed = getattr(info, "placed_at", None)
+        if isinstance(info, SchedInfo):  # a policy with a global queue predicted its wait
+            pred = info.pred_mean_s
+            placed = info.placed_at
             if pred is not None and placed is not None:
                 ch = self._wait_children.get(req.slo_class)
                 if ch is None:
@@ -125,9 +123,9 @@ class ServerMetrics:
         """Planning epochs since the last scrape into ``qlm_solver_seconds`` (from the
         policy's ``solve_ms`` list, ms per epoch), before the histogram is written out."""
         gw = self.gateway
-        policy = getattr(gw.backend, "policy", None) if gw is not None else None
-        hist = getattr(policy, "solve_ms", None)
-        if isinstance(hist, list) and len(hist) > self._epochs_seen:
+        policy = gw.backend.policy if gw is not None else None
+        hist = policy.solve_ms if policy is not None else ()
+        if len(hist) > self._epochs_seen:
             for v in hist[self._epochs_seen:]:
                 self.solver_seconds.observe(float(v) / 1000.0)
             self._epochs_seen = len(hist)
@@ -231,8 +229,8 @@ class _LiveCollector:
                             1)
             up.add_metric([name], 1 if inst.ready else 0)
             swaps.add_metric([name], inst.num_swaps)
-            downs.add_metric([name], getattr(inst.engine, "num_downs", 0))
-            restarts.add_metric([name], getattr(inst.engine, "num_restarts", 0))
+            downs.add_metric([name], inst.engine.num_downs)
+            restarts.add_metric([name], inst.engine.num_restarts)
         yield running
         yield waiting
         yield kv
@@ -261,7 +259,7 @@ def _epoch_gauges(policy):
     """The last planning epoch, read from the policy's ``last_plan`` (a ``Plan``): solve time,
     status, fallback cause and plan size (``ServerMetrics.render`` puts every epoch's time into
     ``qlm_solver_seconds``)."""
-    plan = getattr(policy, "last_plan", None)
+    plan = policy.last_plan if policy is not None else None
     ms = GaugeMetricFamily("qlm_solver_ms", "Last planning epoch: model build + solve, ms")
     status = GaugeMetricFamily(
         "qlm_solver_status", "Last planning epoch's solver status (1 for the current one)",
@@ -278,12 +276,10 @@ def _epoch_gauges(policy):
         cause.add_metric(["none"], 1)
         size.add_metric([], 0)
     else:
-        ms.add_metric([], float(getattr(plan, "solve_ms", 0.0) or 0.0)
-                      + float(getattr(plan, "build_ms", 0.0) or 0.0))
-        status.add_metric([str(getattr(plan, "status", "none"))], 1)
-        cause.add_metric([str(getattr(plan, "fallback_cause", None) or "none")], 1)
-        size.add_metric([], sum(len(getattr(ip, "group_ids", ()))
-                                for ip in getattr(plan, "instances", ())))
+        ms.add_metric([], float(plan.solve_ms) + float(plan.build_ms))
+        status.add_metric([str(plan.status)], 1)
+        cause.add_metric([str(plan.fallback_cause or "none")], 1)
+        size.add_metric([], sum(len(ip.group_ids) for ip in plan.instances))
     yield ms
     yield status
     yield cause
@@ -297,10 +293,9 @@ def _policy_gauges(policy):
     fallback causes) as ``qlm_policy_<section>_<key>{key="..."}``, and a string as
     ``qlm_policy_<path>_info{value="..."} 1``. A failing report is skipped, never the scrape."""
     rep = {}
-    fn = getattr(policy, "report", None)
-    if callable(fn):
+    if policy is not None:
         try:
-            rep = fn() or {}
+            rep = policy.report() or {}
         except Exception:  # a scrape must not fail because a policy's report did
             rep = {}
     if not isinstance(rep, dict):

@@ -230,7 +230,7 @@ class BatchSection(_Strict):
     slo_class: str = "batch"  # the class of every batch line (its deadline: the window end)
     # Lines in flight per job (admitted, not ended): paced to finish the job by
     # pace_fraction of its window (Little's law on the measured line latency), within
-    # [min_lines_in_flight, max_lines_in_flight]; see qlm_opt.sim.batch_jobs.FeedRule.
+    # [min_lines_in_flight, max_lines_in_flight]; see qlm_opt.whatif.batch_jobs.FeedRule.
     max_lines_in_flight: int = Field(48, gt=0)
     min_lines_in_flight: int = Field(4, gt=0)
     pace_fraction: float = Field(0.8, gt=0, le=1)

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 from qlm_opt.domain import Request
 from qlm_opt.errors import ConfigError
-from qlm_opt.live import AsyncioHost
-from qlm_opt.server.backends import _RuntimeBackend, _server_workload
+from qlm_opt.hosts.live import AsyncioHost
+from qlm_opt.server.backends import RuntimeBackend, server_workload
 
 if TYPE_CHECKING:
     from qlm_opt.catalog import ModelSpec
@@ -115,7 +115,7 @@ def model_spec(name: str, folder: str | None, catalog_model: str | None, base) -
     if catalog_model is not None:
         return replace(base.model(catalog_model), name=name)
     if folder is not None and (Path(folder) / "qlm_model.toml").is_file():
-        from qlm_opt.calibration import model_spec_from_dir
+        from qlm_opt.profiling.devices import model_spec_from_dir
 
         return replace(model_spec_from_dir(folder), name=name)
     if name in base.models:
@@ -137,7 +137,7 @@ def build_fleet(entries: list[dict]):
     with the same keys) are the other models that instance may hold (swaps); without them it
     holds its model and no other."""
     from qlm_opt.catalog import Catalog
-    from qlm_opt.calibration import device_catalog
+    from qlm_opt.profiling.devices import device_catalog
     from qlm_opt.config import Fleet
 
     base = Catalog.default()
@@ -240,10 +240,11 @@ def _prompt_text(prompt: object) -> str:
 
 
 # -- the backend --------------------------------------------------------------------------------------
-class VllmBackend(_RuntimeBackend):
+class VllmBackend(RuntimeBackend):
     """Real vLLM engines (see the module docstring). Built by ``make_backend``."""
 
     pushes_progress = True
+    tokenizes = True
 
     def __init__(self, settings: ServerSettings, kind: str) -> None:
         super().__init__(settings)
@@ -324,7 +325,7 @@ class VllmBackend(_RuntimeBackend):
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        from qlm_opt.runtime import Runtime
+        from qlm_opt.core.runtime import Runtime
 
         loop = asyncio.get_running_loop()
         self.host = AsyncioHost(loop)
@@ -345,7 +346,7 @@ class VllmBackend(_RuntimeBackend):
         except BaseException:
             await self._shutdown_engines()
             raise
-        self._bind_policy(_server_workload(self.settings, self._models))
+        self._bind_policy(server_workload(self.settings, self._models))
         self._health_task = loop.create_task(self._health_loop())
 
     def _make_engine(self, iid: int, e: dict):
@@ -463,7 +464,7 @@ class VllmBackend(_RuntimeBackend):
             return
         st["backoff_s"] = h.interval_s
         st["checks"] += 1
-        alive = getattr(eng, "process_alive", lambda: None)()
+        alive = eng.process_alive()
         ok = alive is not False and await eng.probe(h.timeout_s)
         if eng.swapping or eng.down or self._stopped:  # changed while probing
             return
@@ -595,7 +596,7 @@ class VllmBackend(_RuntimeBackend):
 
 
 def _folder_name(folder: str) -> str:
-    from qlm_opt.tinymodel import read_model_name
+    from qlm_opt.profiling.tinymodel import read_model_name
 
     return read_model_name(folder)
 

@@ -12,8 +12,8 @@ from qlm_opt.cli import app as cli_app
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.domain import Request, RequestState
 from qlm_opt.errors import ConfigError
-from qlm_opt.sim.batch_jobs import FeedRule, job_report, simulate
-from qlm_opt.sim.workload import build_requests, synthetic_trace
+from qlm_opt.whatif.batch_jobs import FeedRule, job_report, simulate
+from qlm_opt.whatif.workload import build_requests, synthetic_trace
 
 FLEET = {"name": "two-llama", "instances": [{"gpu": "A100-80GB", "model": "llama-3.1-8b",
                                              "count": 2}]}

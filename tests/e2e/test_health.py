@@ -25,7 +25,7 @@ INTERVAL_S, FAILURES, TIMEOUT_S = 0.5, 2, 2.0
 
 @pytest.fixture(scope="module")
 def hsrv(tmp_path_factory):
-    from qlm_opt.tinymodel import build_tiny_model
+    from qlm_opt.profiling.tinymodel import build_tiny_model
 
     d = tmp_path_factory.mktemp("health")
     folder = str(build_tiny_model(d / "m", seed=0, name=MODEL))

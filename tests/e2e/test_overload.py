@@ -17,12 +17,12 @@ SLOW_SPEEDUP = 0.001  # the ``slow`` server's clock speed (tests/e2e/conftest.py
 
 
 def _documented_retry_after(gw, model: str) -> int:
-    """Retry-After as the docs define it (qlm_opt/server/retry_after.py), computed here from
+    """Retry-After as the docs define it (qlm_opt/server/admission.py), computed here from
     the estimator's own ``wait``: the 'tiny' class is the least urgent, so every queued request
     for the model is ahead, spread over the instances holding it."""
-    from qlm_opt.queue import length_bucket
+    from qlm_opt.core.queue import length_bucket
     from qlm_opt.server.openai_protocol import completion_prompt_tokens
-    from qlm_opt.server.retry_after import estimator_of
+    from qlm_opt.server.admission import estimator_of
 
     rt = gw.backend.runtime
     est = estimator_of(gw)

@@ -24,7 +24,7 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    from qlm_opt.tinymodel import build_tiny_model
+    from qlm_opt.profiling.tinymodel import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("e2e-tiny") / "m", seed=0, name=MODEL))
 

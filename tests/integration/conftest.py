@@ -50,7 +50,7 @@ def _require_vllm(request):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Two tiny random Llamas (seeds 0 and 1): name -> folder."""
-    from qlm_opt.tinymodel import build_tiny_model
+    from qlm_opt.profiling.tinymodel import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {
@@ -61,7 +61,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_catalog(tiny_models):
-    from qlm_opt.calibration import device_catalog, model_spec_from_dir
+    from qlm_opt.profiling.devices import device_catalog, model_spec_from_dir
 
     return device_catalog({n: model_spec_from_dir(p) for n, p in tiny_models.items()})
 

@@ -6,9 +6,9 @@ import asyncio
 
 from qlm_opt.domain import Request
 from qlm_opt.engines.vllm_local import attach_payload
-from qlm_opt.live import AsyncioHost
+from qlm_opt.hosts.live import AsyncioHost
 from qlm_opt.policies.baselines import PriorityPolicy
-from qlm_opt.runtime import Runtime
+from qlm_opt.core.runtime import Runtime
 
 
 class Recorder:

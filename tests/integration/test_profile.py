@@ -10,7 +10,8 @@ import math
 
 import pytest
 
-from qlm_opt.calibration import Calibration, EngineProfiler, _ProbeListener, profile_engine
+from qlm_opt.engines.calibration import Calibration
+from qlm_opt.profiling.profiler import EngineProfiler, _ProbeListener, profile_engine
 from qlm_opt.domain import Request
 from qlm_opt.engines.perf import PerfParams, iteration_model
 from qlm_opt.engines.vllm_local import VllmEngineConfig, VllmLocalEngine

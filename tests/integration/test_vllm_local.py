@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import pytest
 
-from qlm_opt.calibration import device_fleet
+from qlm_opt.profiling.devices import device_fleet
 from qlm_opt.engines.vllm_local import VllmEngineConfig, VllmLocalEngine, payload
+
+from tests.engine_conformance import check_live_engine
 
 from .conftest import run
 from .helpers import arrive, make_request, make_runtime, prompt, settle, wait_until
@@ -42,6 +44,12 @@ async def asyncio_gather_shutdown(engs):
 
 def fleet_for(tiny_catalog, n: int):
     return device_fleet(tiny_catalog, [M0] * n, models=[M0, M1], max_num_seqs=1)
+
+
+def test_engine_conforms_to_the_protocol(loop, engines):
+    """``VllmLocalEngine`` against ``engines.base.Engine``: surface, then one request
+    submitted, read and aborted (``tests/engine_conformance.py``)."""
+    run(loop, check_live_engine(engines[0], M0, prompt(7)))
 
 
 def test_priority_pull_ordering(loop, engines, tiny_catalog):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from qlm_opt.calibration import device_fleet
+from qlm_opt.profiling.devices import device_fleet
 from qlm_opt.engines.vllm_local import VllmEngineConfig, payload
 from qlm_opt.engines.vllm_remote import VllmRemoteEngine, parse_metrics
-from qlm_opt.runtime import InstanceState
+from qlm_opt.core.instance import InstanceState
+
+from tests.engine_conformance import check_live_engine
 
 from .conftest import run
 from .helpers import arrive, make_request, make_runtime, prompt, settle, wait_until
@@ -58,6 +60,15 @@ def servers(loop, tiny_models, tmp_path_factory):
             for e in engs:
                 await e.shutdown()
         run(loop, stop())
+
+
+@pytest.mark.vllm
+def test_engine_conforms_to_the_protocol(loop, servers):
+    """``VllmRemoteEngine`` (a managed server) against ``engines.base.Engine``: surface,
+    then one request submitted, read and aborted (``tests/engine_conformance.py``). Runs
+    before the test that kills a server."""
+    run(loop, check_live_engine(servers[1], M0, prompt(7)))
+    assert servers[1].process_alive() is True
 
 
 @pytest.mark.vllm

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from qlm_opt.planner.instance import (
+from qlm_opt.planner.problem import (
     SWAP_SCALE,
     ObjectiveWeights,
     PlanGroup,

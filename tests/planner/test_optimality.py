@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from qlm_opt.planner.cpsat import solve
 from qlm_opt.planner.fallback import fallback_plan
-from qlm_opt.planner.instance import PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import PlanGroup, PlanInstance, PlanningInstance
 from qlm_opt.planner.plan import PlanStatus
 from qlm_opt.planner.validator import validate_plan
 from tests.planner.factories import WEIGHTS, brute_force_optimum, preset

@@ -7,7 +7,7 @@ import pytest
 from qlm_opt.planner import cpsat
 from qlm_opt.planner.cpsat import choose_formulation, solve
 from qlm_opt.planner.fallback import fallback_plan
-from qlm_opt.planner.instance import PlanningInstance
+from qlm_opt.planner.problem import PlanningInstance
 from qlm_opt.planner.plan import PlanStatus
 from qlm_opt.planner.synthetic import random_instance
 from qlm_opt.planner.validator import validate_plan

@@ -1,4 +1,4 @@
-"""The upper bound U on SLO attainment (qlm_opt/bound.py).
+"""The upper bound U on SLO attainment (qlm_opt/whatif/bound.py).
 
 U must be at least what any schedule attains in the simulator: checked against an exhaustive
 search over dispatch schedules (which requests to serve, on which instance, in which engine
@@ -14,15 +14,15 @@ import sys
 
 import pytest
 
-from qlm_opt.bound import BoundError, compute_bound
+from qlm_opt.whatif.bound import BoundError, compute_bound
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.domain import Request, RequestState
 from qlm_opt.engines.perf import iteration_model
-from qlm_opt.policies.base import Policy
-from qlm_opt.runtime import Runtime
-from qlm_opt.sim.simulator import Simulator
-from qlm_opt.sim.workload import build_requests, synthetic_trace
-from qlm_opt.whatif import run_policy
+from qlm_opt.core.policy import Policy
+from qlm_opt.core.runtime import Runtime
+from qlm_opt.hosts.simulated import Simulator
+from qlm_opt.whatif.workload import build_requests, synthetic_trace
+from qlm_opt.whatif.run import run_policy
 
 POLICIES = ["fcfs", "edf", "priority", "shepherd", "qlm-rwt", "qlm"]
 DRAIN_S = 120.0

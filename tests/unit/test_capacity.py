@@ -1,4 +1,4 @@
-"""Capacity planning: the cheapest fleet meeting attainment targets (qlm_opt/capacity.py and
+"""Capacity planning: the cheapest fleet meeting attainment targets (qlm_opt/whatif/capacity.py and
 ``qlm-opt capacity``). What-if runs use EDF on short synthetic workloads (a few seconds each);
 one CLI test runs the default policy, qlm, end to end."""
 
@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from qlm_opt import capacity as cap
+from qlm_opt.whatif import capacity as cap
 from qlm_opt.catalog import Catalog
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.errors import ConfigError
-from qlm_opt.sim.workload import build_requests, synthetic_trace
+from qlm_opt.whatif.workload import build_requests, synthetic_trace
 
 GPUS = ["L4", "L40S"]
 TARGETS = {"interactive": 0.95, "batch": 0.95}

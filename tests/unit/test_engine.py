@@ -13,8 +13,8 @@ import pytest
 from qlm_opt.catalog import Catalog
 from qlm_opt.domain import Request, RequestState
 from qlm_opt.engines.perf import PerfParams, iteration_model, swap_s
-from qlm_opt.engines.sim import EngineConfig, SimEngine
-from qlm_opt.sim.simulator import Simulator
+from qlm_opt.engines.simulated import EngineConfig, SimEngine
+from qlm_opt.hosts.simulated import Simulator
 
 C_TOK = 2 * 8_030_261_248 / (312e12 * 0.5)
 M0 = 16_060_522_496 / (2039e9 * 0.8)
@@ -183,7 +183,7 @@ def test_runtime_requeues_failed_requests_then_drops_after_retries():
     poisoned request cannot loop forever."""
     from qlm_opt.config import Fleet
     from qlm_opt.policies.baselines import FCFSPolicy
-    from qlm_opt.runtime import Runtime
+    from qlm_opt.core.runtime import Runtime
     from tests.conftest import small_fleet_dict
 
     sim = Simulator()

@@ -10,13 +10,13 @@ import math
 import numpy as np
 import pytest
 
-from qlm_opt.calibration import (
+from qlm_opt.engines.calibration import (
     Calibration,
     ModelCalibration,
     fit_step_model,
     predict_step_s,
-    replay,
 )
+from qlm_opt.profiling.profiler import replay
 from qlm_opt.catalog import Catalog
 from qlm_opt.engines.perf import IterationModel, PerfParams, iteration_model
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from qlm_opt.domain import Request
-from qlm_opt.estimator import OutputLengthModel, RWTEstimator
-from qlm_opt.queue import length_bucket
+from qlm_opt.core.estimator import OutputLengthModel, RWTEstimator
+from qlm_opt.core.queue import length_bucket
 
 
 def _stream(n, seed=0, tenant=False):

@@ -13,9 +13,9 @@ import pytest
 from qlm_opt.catalog import Catalog
 from qlm_opt.domain import Request
 from qlm_opt.engines.perf import PerfParams, iteration_model
-from qlm_opt.engines.sim import EngineConfig, SimEngine
-from qlm_opt.estimator import RWTEstimator, WaitCalibrator, WaitEstimate, Z90
-from qlm_opt.sim.simulator import Simulator
+from qlm_opt.engines.simulated import EngineConfig, SimEngine
+from qlm_opt.core.estimator import RWTEstimator, WaitCalibrator, WaitEstimate, Z90
+from qlm_opt.hosts.simulated import Simulator
 
 MODEL, GPU = "llama-3.1-8b", "A100-80GB"
 TRUTH = PerfParams(mfu=0.3, mbu=0.55, overhead_s=0.009)  # the engine as it really runs
@@ -148,7 +148,7 @@ def test_learns_prefix_hit_fraction_and_shortens_prefill():
 
 def test_fleet_option_makes_the_prior_explicit():
     from qlm_opt.config import Fleet
-    from qlm_opt.runtime import Runtime
+    from qlm_opt.core.runtime import Runtime
     from tests.conftest import small_fleet_dict
 
     d = small_fleet_dict()

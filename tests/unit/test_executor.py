@@ -10,13 +10,14 @@ import pytest
 
 from qlm_opt.config import Fleet
 from qlm_opt.domain import Request
-from qlm_opt.executor import Executor, ExecutorConfig
+from qlm_opt.core.executor import Executor, ExecutorConfig
 from qlm_opt.planner import PlanGroup, PlanInstance, PlanningInstance
-from qlm_opt.planner.instance import ObjectiveWeights
+from qlm_opt.planner.problem import ObjectiveWeights
 from qlm_opt.planner.plan import PlanStatus, plan_from_sequences
-from qlm_opt.queue import UNPLACED, GlobalQueue
-from qlm_opt.runtime import InstanceState, Runtime
-from qlm_opt.sim.simulator import Simulator
+from qlm_opt.core.queue import UNPLACED, GlobalQueue
+from qlm_opt.core.instance import InstanceState
+from qlm_opt.core.runtime import Runtime
+from qlm_opt.hosts.simulated import Simulator
 
 WEIGHTS = ObjectiveWeights(on_time=1000, swap_penalty=50_000, completion_penalty=1)
 

@@ -11,8 +11,8 @@ import pytest
 from qlm_opt.catalog import Catalog
 from qlm_opt.domain import Request, RequestState
 from qlm_opt.engines.perf import PerfParams, iteration_model
-from qlm_opt.engines.sim import EngineConfig, SimEngine
-from qlm_opt.sim.simulator import Simulator
+from qlm_opt.engines.simulated import EngineConfig, SimEngine
+from qlm_opt.hosts.simulated import Simulator
 
 UNIT = 64  # tokens per hash unit (4 engine blocks of 16)
 

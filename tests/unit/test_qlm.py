@@ -5,10 +5,10 @@ import pytest
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.domain import RequestState
 from qlm_opt.policies.qlm import QLMPolicy
-from qlm_opt.runtime import Runtime
-from qlm_opt.sim.simulator import Simulator
-from qlm_opt.sim.workload import build_requests, synthetic_trace
-from qlm_opt.whatif import run_policy
+from qlm_opt.core.runtime import Runtime
+from qlm_opt.hosts.simulated import Simulator
+from qlm_opt.whatif.workload import build_requests, synthetic_trace
+from qlm_opt.whatif.run import run_policy
 from tests.conftest import small_fleet_dict, small_workload_dict
 
 

@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 from qlm_opt.config import Fleet, Workload
-from qlm_opt.whatif import run_whatif
+from qlm_opt.whatif.run import run_whatif
 
 EX = Path(__file__).resolve().parents[2] / "qlm_opt" / "examples"
 
@@ -24,7 +24,7 @@ def test_qlm_rwt_completes_and_beats_fcfs():
 def test_shared_estimates_change_no_decision(monkeypatch):
     """The per-group shared estimate context (``_wait_ctx``, ``EngineView``) and the newest-
     member shortcut of ``_predict`` give exactly what one full estimate per request gives."""
-    from qlm_opt.estimator import RWTEstimator
+    from qlm_opt.core.estimator import RWTEstimator
     from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
 
     fl = Fleet.load(EX / "fleet.toml")

@@ -1,7 +1,7 @@
 """Global queue: grouping, group deadline, order, cancel and re-queue after eviction."""
 
 from qlm_opt.domain import Request, RequestState
-from qlm_opt.queue import UNPLACED, GlobalQueue, QueueConfig, length_bucket
+from qlm_opt.core.queue import UNPLACED, GlobalQueue, QueueConfig, length_bucket
 
 
 def _req(i, at, cls="interactive", ttft=2.0, prompt=100, model="m"):

@@ -6,8 +6,8 @@ import pytest
 
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.domain import RequestState
-from qlm_opt.sim.workload import build_requests, synthetic_trace
-from qlm_opt.whatif import run_policy, run_whatif, write_report
+from qlm_opt.whatif.workload import build_requests, synthetic_trace
+from qlm_opt.whatif.run import run_policy, run_whatif, write_report
 from tests.conftest import small_fleet_dict, small_workload_dict
 
 BASELINES = ["fcfs", "edf", "priority", "shepherd"]

@@ -5,7 +5,7 @@ import pytest
 
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.errors import ConfigError, WorkloadError
-from qlm_opt.sim.workload import build_requests, load_azure_csv, load_jsonl, load_trace, synthetic_trace
+from qlm_opt.whatif.workload import build_requests, load_azure_csv, load_jsonl, load_trace, synthetic_trace
 from tests.conftest import small_fleet_dict, small_workload_dict
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from qlm_opt.config import Workload
 from qlm_opt.errors import WorkloadError
-from qlm_opt.sim.workload import (
+from qlm_opt.whatif.workload import (
     build_requests,
     load_burstgpt_csv,
     load_mooncake_jsonl,
@@ -151,7 +151,8 @@ def test_shared_prefixes_hit_the_engine_cache():
     """End to end: a what-if run of shared-prefix traffic reports cache hits, and the cache
     shortens time to first token against the same run with caching off."""
     from qlm_opt.config import Fleet
-    from qlm_opt.whatif import prepare_requests, run_policy
+    from qlm_opt.whatif.run import run_policy
+    from qlm_opt.whatif.workload import prepare_requests
     from tests.conftest import small_fleet_dict
 
     wl = _prefix_workload()

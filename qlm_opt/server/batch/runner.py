@@ -4,7 +4,7 @@ One asyncio task per job with work left. It reads the input file one line at a t
 a bounded number of its lines admitted (refilled as they end), each a request of the batch
 class (``settings.batch_class()``) whose deadline is the end of the job's window; the policy
 schedules them like any other request. How many, and when, follows ``FeedRule``
-(``qlm_opt.sim.batch_jobs``, which what-if runs apply too):
+(``qlm_opt.whatif.batch_jobs``, which what-if runs apply too):
 
 - pace: enough lines in flight to finish by ``batch.pace_fraction`` of the window, by Little's
   law on the job's measured line latency, within ``batch.min_lines_in_flight`` and
@@ -56,7 +56,7 @@ from qlm_opt.server.openai_protocol import (
     usage,
 )
 from qlm_opt.server.settings import ServerSettings, window_seconds
-from qlm_opt.sim.batch_jobs import FeedRule, LineLatency
+from qlm_opt.whatif.batch_jobs import FeedRule, LineLatency
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ def main() -> None:
     import qlm_opt.policies.qlm as qlm_mod
     from qlm_opt.planner import load_preset
     from qlm_opt.planner.cpsat import primary_objective, solve
-    from qlm_opt.whatif import prepare_requests, run_policy
+    from qlm_opt.whatif.run import run_policy
+    from qlm_opt.whatif.workload import prepare_requests
 
     thorough = dataclasses.replace(load_preset("thorough"), time_limit_s=20.0, num_workers=2)
     for name, load in CASES:

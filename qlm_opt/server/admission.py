@@ -1,5 +1,10 @@
-"""``Retry-After`` of a 429 from the RWT estimator: the predicted wait of a request at the back
-of its class's queue, for its model.
+"""Admission: whether a new request may enter, and when to come back if not.
+
+``check_limits`` turns away what no engine could serve (unknown model: 404; prompt over the
+context or the server's limit: 413; prompt + ``max_tokens`` over the context: 400). A request
+that passes joins its SLO class's bounded queue (``Gateway.admit``); when that queue is full
+the answer is a 429 whose ``Retry-After`` comes from the RWT estimator: the predicted wait of a
+request at the back of its class's queue, for its model, as follows.
 
 When the queue of SLO class ``c`` is full, a request for model ``m`` with ``P`` prompt tokens
 would wait behind
@@ -35,39 +40,83 @@ one (``qlm``, ``qlm-rwt``), else one the server builds from the same workload pr
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from qlm_opt.queue import length_bucket
+from qlm_opt.core.queue import length_bucket
+from qlm_opt.server.errors import APIError
 
 if TYPE_CHECKING:
-    from qlm_opt.estimator import RWTEstimator
-    from qlm_opt.server.gateway import Gateway
+    from qlm_opt.core.estimator import RWTEstimator
+    from qlm_opt.server.backends import Backend
+    from qlm_opt.server.settings import ServerSettings
 
 MAX_RETRY_AFTER_S = 3600
 
 
-def estimator_of(gw: Gateway) -> RWTEstimator:
+class ClassQueues(Protocol):
+    """What admission reads of the gateway: its backend and settings, the admitted requests
+    without a first token per (class, model), and a slot for the estimator it builds."""
+
+    backend: Backend
+    settings: ServerSettings
+    queued_by_class_model: dict[tuple[str, str], int]
+    retry_estimator: RWTEstimator | None
+
+
+def check_limits(settings: ServerSettings, backend: Backend, model: str, prompt_tokens: int,
+                 max_tokens: int | None) -> int:
+    """The model's context length, once the request fits it and the server's limits. Raises
+    APIError: 404 unknown model, 413 prompt too long, 400 ``max_tokens`` over the limit or
+    prompt + ``max_tokens`` over the context."""
+    try:
+        ctx = backend.max_context(model)
+    except KeyError:
+        raise APIError(404, f"The model '{model}' does not exist",
+                       code="model_not_found", param="model") from None
+    lim = settings.limits
+    max_prompt = ctx - 1
+    if lim.max_prompt_tokens is not None:
+        max_prompt = min(max_prompt, lim.max_prompt_tokens)
+    if prompt_tokens > max_prompt:
+        raise APIError(
+            413, f"prompt is about {prompt_tokens} tokens; this server accepts at most "
+            f"{max_prompt} for '{model}'", code="prompt_too_long", param="prompt",
+        )
+    if max_tokens is not None:
+        if lim.max_tokens is not None and max_tokens > lim.max_tokens:
+            raise APIError(400, f"max_tokens must be at most {lim.max_tokens}",
+                           code="invalid_value", param="max_tokens")
+        if prompt_tokens + max_tokens > ctx:
+            raise APIError(
+                400, f"This model's maximum context length is {ctx} tokens. However, you "
+                f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                f"prompt, {max_tokens} for the completion).",
+                code="context_length_exceeded", param="max_tokens",
+            )
+    return ctx
+
+
+def estimator_of(gw: ClassQueues) -> RWTEstimator:
     """The policy's RWT estimator, else one built (once) from the server's workload prior."""
     backend = gw.backend
-    est = getattr(backend.policy, "est", None)
-    if est is not None and hasattr(est, "wait"):
+    est = backend.policy.est
+    if est is not None:
         return est
-    own = getattr(gw, "_retry_estimator", None)
-    if own is None:
-        from qlm_opt.estimator import RWTEstimator
-        from qlm_opt.server.backends import _server_workload
+    if gw.retry_estimator is None:
+        from qlm_opt.core.estimator import RWTEstimator
+        from qlm_opt.server.backends import server_workload
 
-        wl = _server_workload(gw.settings, backend.models())
-        own = RWTEstimator.from_workload(wl, iter_model_of=backend.runtime.iteration_model)
-        gw._retry_estimator = own
-    return own
+        wl = server_workload(gw.settings, backend.models())
+        gw.retry_estimator = RWTEstimator.from_workload(
+            wl, iter_model_of=backend.runtime.iteration_model)
+    return gw.retry_estimator
 
 
 def _bucket_of(req) -> int:
     return length_bucket(req.prompt_tokens)
 
 
-def queue_wait_s(gw: Gateway, model: str, slo_class: str, prompt_tokens: int) -> float:
+def queue_wait_s(gw: ClassQueues, model: str, slo_class: str, prompt_tokens: int) -> float:
     """The predicted wait (clock seconds) of a request for ``model`` at the back of
     ``slo_class``'s queue (see the module docstring)."""
     rt = gw.backend.runtime
@@ -77,7 +126,7 @@ def queue_wait_s(gw: Gateway, model: str, slo_class: str, prompt_tokens: int) ->
     ahead = float(sum(n for (c, m), n in gw.queued_by_class_model.items()
                       if m == model and classes[c].priority <= prio))
     now = rt.now()
-    own_key = slo_class if getattr(gw.backend.policy, "est", None) is est else None
+    own_key = slo_class if gw.backend.policy.est is est else None
     held = rt.ready_instances(model)
     if held:
         p = ahead / len(held)
@@ -104,10 +153,10 @@ def queue_wait_s(gw: Gateway, model: str, slo_class: str, prompt_tokens: int) ->
     return best if best < math.inf else 0.0
 
 
-def retry_after_s(gw: Gateway, model: str, slo_class: str, prompt_tokens: int) -> int:
+def retry_after_s(gw: ClassQueues, model: str, slo_class: str, prompt_tokens: int) -> int:
     """The ``Retry-After`` header of a 429 (whole wall seconds, 1..3600)."""
     wait = queue_wait_s(gw, model, slo_class, prompt_tokens)
-    speedup = getattr(gw.backend.host, "speedup", 1.0) or 1.0
+    speedup = gw.backend.host.speedup
     wall = wait / speedup
     if not math.isfinite(wall):
         return MAX_RETRY_AFTER_S

@@ -76,7 +76,22 @@ class _EngState:
 
 
 class SimEngine:
-    """One simulated instance. See the module docstring for the model."""
+    """One simulated instance. See the module docstring for the model. Implements
+    ``engines.base.SteppedEngine``: the host clocks its iterations."""
+
+    #: the runtime ends a swap by its own timer (``end_swap``): the swap time is modelled
+    reports_swap_done = False
+    can_swap = True
+    # a simulated engine never dies
+    down = False
+    num_downs = 0
+    num_restarts = 0
+    # load and swap times are modelled (``swap_until_at``), not measured
+    last_start_s = None
+    last_swap_s = None
+
+    def process_alive(self) -> bool | None:
+        return None  # no process to watch
 
     def __init__(
         self,
@@ -212,9 +227,6 @@ class SimEngine:
                 self._rewake()
                 return r
         return None
-
-    def requests(self) -> list[Request]:
-        return list(self._running.values()) + [r for _, _, r in self._waiting]
 
     def running_requests(self) -> list[Request]:
         return list(self._running.values())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -480,7 +481,16 @@ def build_requests(trace: Trace, workload: Workload, seed: int | None = None) ->
             )
         )
     if d.batch_jobs:  # Batch API jobs ([[batch_jobs]]) on top of the traffic
-        from qlm_opt.sim.batch_jobs import add_batch_jobs
+        from qlm_opt.whatif.batch_jobs import add_batch_jobs
 
         reqs = add_batch_jobs(reqs, workload, d.seed if seed is None else seed)
     return reqs
+
+
+def prepare_requests(trace: Trace | None, workload: Workload, seed: int | None) -> Callable[
+    [], list[Request]
+]:
+    """A factory of identical fresh request lists (every policy mutates its own copy)."""
+    if trace is None:
+        trace = synthetic_trace(workload, seed)
+    return lambda: build_requests(trace, workload, seed)

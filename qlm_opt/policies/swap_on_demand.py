@@ -1,57 +1,15 @@
-"""The policy interface, shared by the baselines and the QLM policies.
-
-A policy decides; the ``Runtime`` applies (LSOs). Every hook runs at a definite clock time
-from the host's timer, never inside an engine call.
-"""
+"""Swap on demand: how the baselines get a model that no instance holds."""
 
 from __future__ import annotations
 
 from collections import deque
 from typing import TYPE_CHECKING
 
+from qlm_opt.core.instance import least_loaded_victim
 from qlm_opt.domain import Request
 
 if TYPE_CHECKING:
-    from qlm_opt.runtime import Instance, Runtime
-
-
-class Policy:
-    """Base class. Subclasses override the hooks they need."""
-
-    name = "base"
-    #: seconds between ``on_epoch`` calls; None for purely event-driven policies
-    epoch_s: float | None = None
-
-    def bind(self, rt: Runtime) -> None:
-        """Called once, before the first request, with the runtime to act through."""
-        self.rt = rt
-
-    def on_arrival(self, req: Request) -> None:
-        """A new request was accepted."""
-        raise NotImplementedError
-
-    def on_finished(self, req: Request) -> None:
-        """A request finished; its instance has freed capacity."""
-
-    def on_requeue(self, req: Request) -> None:
-        """A request came back without finishing (evicted, engine failure, drained for a
-        swap). It keeps its generated tokens; the default treats it as a new arrival."""
-        self.on_arrival(req)
-
-    def on_instance_ready(self, inst: Instance) -> None:
-        """An instance finished a model swap."""
-
-    def on_epoch(self) -> None:
-        """Periodic hook when ``epoch_s`` is set."""
-
-    def num_queued(self) -> int:
-        """Requests held by the policy, in no engine."""
-        return 0
-
-    def remove(self, req: Request) -> bool:
-        """Cancel: forget a request the policy holds (in no engine); the runtime ends it.
-        Returns False when the policy does not hold it."""
-        return False
+    from qlm_opt.core.runtime import Runtime
 
 
 class SwapOnDemand:
@@ -75,16 +33,8 @@ class SwapOnDemand:
         ]
         if not cands:
             return  # every candidate is busy swapping; retried when one becomes ready
-        held: dict[str | None, int] = {}
-        for i in rt.instances:
-            if i.ready:
-                held[i.model] = held.get(i.model, 0) + 1
-
-        def cost(i: Instance) -> tuple:
-            # Prefer not to take away the last instance of a model, then the least loaded.
-            return (held.get(i.model, 0) <= 1 and i.engine.load() > 0, i.engine.load(), i.id)
-
-        victim = min(cands, key=cost)
+        # not the last instance of a model with work, then the least loaded
+        victim = least_loaded_victim(cands, rt.instances, lambda i: i.engine.load())
         for r in rt.drain_and_swap(victim, req.model):
             self.requeue(rt, r)
 

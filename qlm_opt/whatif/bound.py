@@ -850,7 +850,7 @@ def bound_for_whatif(trace, workload: Workload, fleet: Fleet, seed: int | None =
                      drain_s: float = 3600.0, progress: Progress | None = None,
                      **kwargs) -> BoundResult:
     """U for exactly the request list a what-if run replays (same trace, seed and cuts)."""
-    from qlm_opt.whatif import prepare_requests
+    from qlm_opt.whatif.workload import prepare_requests
 
     workload.check_models(fleet.catalog)
     reqs = prepare_requests(trace, workload, seed)()

@@ -1013,7 +1013,7 @@ class RWTTracker:
     """
 
     def __init__(self, rt, workload, estimator: RWTEstimator | None = None) -> None:
-        from qlm_opt.queue import length_bucket
+        from qlm_opt.core.queue import length_bucket
 
         self.rt = rt
         im_of = rt.iteration_model

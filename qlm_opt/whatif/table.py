@@ -60,7 +60,7 @@ def render_table(report: dict) -> Table:
             row += ["-" if e is None else f"{e:.1f}%", _pct(r.get("coverage_90"))]
         t.add_row(*row)
     if bound:
-        # U: no policy can attain more (qlm_opt/bound.py); the other columns do not apply
+        # U: no policy can attain more (qlm_opt/whatif/bound.py); the other columns do not apply
         row = ["bound U", _pct(bound["slo_attainment"]), "-"]
         row += [_pct((bound["per_class"].get(c) or {}).get("slo_attainment")) for c in classes]
         row += ["-"] * (len(t.columns) - len(row))

@@ -10,19 +10,20 @@ runs and the asyncio loop when serving live; the runtime cannot tell which.
 
 from __future__ import annotations
 
-import enum
+
 import logging
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
+from qlm_opt.core.instance import Instance, InstanceState
 from qlm_opt.domain import InstanceSpec, Request, RequestState
 from qlm_opt.engines.perf import iteration_model, swap_s
-from qlm_opt.engines.sim import SimEngine
+from qlm_opt.engines.simulated import SimEngine
 
 if TYPE_CHECKING:
     from qlm_opt.config import Fleet
-    from qlm_opt.policies.base import Policy
+    from qlm_opt.core.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -34,42 +35,6 @@ class Timers(Protocol):
 
     def call_at(self, at: float, fn: Callable, *args) -> None:
         """Run ``fn(*args)`` at clock time ``at`` (FIFO among equal times)."""
-
-
-class InstanceState(enum.IntEnum):
-    READY = 0
-    DRAINING = 1  # finishing running requests before a swap; takes no new work
-    SWAPPING = 2
-    DOWN = 3  # a live engine died (or fails its health checks); takes no work until it is back
-
-
-class Instance:
-    """An instance as the policies see it: spec, engine and swap state."""
-
-    __slots__ = ("spec", "engine", "state", "swap_to", "num_swaps", "num_evictions")
-
-    def __init__(self, spec: InstanceSpec, engine) -> None:
-        self.spec = spec
-        self.engine = engine
-        self.state = InstanceState.READY
-        self.swap_to: str | None = None
-        self.num_swaps = 0
-        self.num_evictions = 0
-
-    @property
-    def id(self) -> int:
-        return self.spec.id
-
-    @property
-    def model(self) -> str | None:
-        return self.engine.model
-
-    @property
-    def ready(self) -> bool:
-        return self.state == InstanceState.READY and self.engine.model is not None
-
-    def __repr__(self) -> str:
-        return f"Instance({self.spec.name}, {self.model}, {self.state.name})"
 
 
 class Runtime:
@@ -118,7 +83,7 @@ class Runtime:
             if model is None:
                 return None
         perf = self.fleet.perf
-        prior = getattr(self.fleet, "prior_perf", None)
+        prior = self.fleet.prior_perf
         if prior is not None and not engine:
             perf = prior
         k = (model, spec.gpu, spec.tp, perf is not self.fleet.perf)
@@ -219,10 +184,10 @@ class Runtime:
         inst.num_swaps += 1
         self.lso_counts["swap"] += 1
         log.debug("swap %s -> %s (%.1f s)", inst.spec.name, model, dur)
-        if getattr(inst.engine, "reports_swap_done", False):
+        if inst.engine.reports_swap_done:
             return  # a live engine calls on_swap_done when the model is servable
         # A simulated engine finishes its in-flight iteration first: use its own end time.
-        done_at = getattr(inst.engine, "swap_until_at", None) or self.now() + dur
+        done_at = inst.engine.swap_until_at or self.now() + dur
         self.host.call_at(max(done_at, self.now() + dur), self._swap_done, inst)
 
     def on_swap_done(self, engine, at: float) -> None:
@@ -241,9 +206,7 @@ class Runtime:
         self._reindex()
 
     def _swap_done(self, inst: Instance) -> None:
-        end_swap = getattr(inst.engine, "end_swap", None)
-        if end_swap is not None:
-            end_swap(self.now())
+        inst.engine.end_swap(self.now())
         inst.state = InstanceState.READY
         inst.swap_to = None
         self._reindex()
@@ -277,9 +240,7 @@ class Runtime:
             if cand.engine.abort(req.id) is not None:
                 inst = cand
         if inst is None and self.policy is not None:
-            remove = getattr(self.policy, "remove", None)
-            if remove is not None:
-                remove(req)
+            self.policy.remove(req)
         self.lso_counts["cancel"] += 1
         self._end_dropped(req, reason)
         if inst is not None:

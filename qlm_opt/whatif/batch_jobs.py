@@ -212,8 +212,8 @@ def simulate(policy_name: str, fleet, workload: Workload, traffic: list[Request]
     flight are cancelled and unfed lines never run (they are ``batch_expired``). Returns every
     request: the traffic and all lines (``job_report`` reads the lines)."""
     from qlm_opt.policies import make_policy
-    from qlm_opt.runtime import Runtime
-    from qlm_opt.sim.simulator import Simulator
+    from qlm_opt.core.runtime import Runtime
+    from qlm_opt.hosts.simulated import Simulator
 
     rule = rule or FeedRule()
     sim = Simulator()

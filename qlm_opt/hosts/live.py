@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from qlm_opt.sim.clock import WallClock
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class ScaledClock:
 class AsyncioHost:
     """Implements ``runtime.Timers`` on the running event loop.
 
-    ``clock`` defaults to a ``WallClock`` (``speedup == 1``) or a ``ScaledClock(speedup)``.
+    ``clock`` defaults to ``ScaledClock(speedup)`` (the wall clock when ``speedup == 1``).
     A given ``clock`` must advance ``speedup`` clock seconds per wall second.
     """
 
@@ -50,7 +49,7 @@ class AsyncioHost:
         self.loop = loop or asyncio.get_running_loop()
         self.speedup = float(speedup)
         if clock is None:
-            clock = WallClock() if speedup == 1.0 else ScaledClock(speedup)
+            clock = ScaledClock(speedup)
         self.clock = clock
         self._wall_per_clock = 1.0 / self.speedup
 
@@ -86,7 +85,7 @@ class AsyncioHost:
         fut.add_done_callback(done)
 
     def engine_waker(self, engine, at: float | None) -> None:
-        engine.wake_version = getattr(engine, "wake_version", 0) + 1
+        engine.wake_version += 1
         if at is not None:
             self.call_at(at, self._wake, engine, engine.wake_version)
 

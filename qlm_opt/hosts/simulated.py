@@ -13,7 +13,20 @@ import math
 from collections.abc import Callable
 
 from qlm_opt.domain import Request
-from qlm_opt.sim.clock import VirtualClock
+
+
+
+class VirtualClock:
+    """Simulated time, moved only by the discrete-event simulator."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, start_at: float = 0.0) -> None:
+        self.t = start_at
+
+    def now(self) -> float:
+        return self.t
+
 
 _WAKE = 0
 _CALL = 1
@@ -38,7 +51,7 @@ class Simulator:
 
     def engine_waker(self, engine, at: float | None) -> None:
         """Passed to ``SimEngine.set_waker``: schedule (or cancel) the engine's next wake."""
-        engine.wake_version = getattr(engine, "wake_version", 0) + 1
+        engine.wake_version += 1
         if at is not None:
             self._seq += 1
             heapq.heappush(self._heap, (at, self._seq, _WAKE, engine, engine.wake_version))

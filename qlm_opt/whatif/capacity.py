@@ -42,7 +42,7 @@ from qlm_opt.catalog import Catalog, parse_toml_as
 from qlm_opt.config import EngineSection, FleetFile, Workload
 from qlm_opt.engines.perf import PerfParams, iteration_model
 from qlm_opt.errors import ConfigError
-from qlm_opt.sim.workload import Trace, build_requests, synthetic_trace
+from qlm_opt.whatif.workload import Trace, build_requests, synthetic_trace
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Prices:
 
 
 def default_prices_path() -> Path:
-    from qlm_opt.cli import example_path
+    from qlm_opt.config import example_path
 
     return example_path("prices.toml")
 
@@ -463,7 +463,7 @@ def evaluate_fleet(ctx: RunContext, fleet: dict, stop_early: bool | None = None)
     allows; the attainments reported are then upper bounds (``stopped_at_s`` says when).
     None: ``ctx.stop_early``."""
     from qlm_opt.config import Fleet
-    from qlm_opt.whatif import run_policy
+    from qlm_opt.whatif.run import run_policy
 
     fl = Fleet(FleetFile.model_validate(fleet), ctx.catalog, source="<capacity>")
     reqs = build_requests(ctx.trace, ctx.workload, ctx.seed)
@@ -646,7 +646,7 @@ def build_space(catalog: Catalog, workload: Workload, requests: list, gpus: list
         prices.micro_per_hour(g)
     calibration = None
     if base.perf.calibration:
-        from qlm_opt.calibration import Calibration
+        from qlm_opt.engines.calibration import Calibration
 
         calibration = Calibration.load(Path(base.perf.calibration))
     perf = PerfParams(mfu=base.perf.mfu, mbu=base.perf.mbu,
@@ -904,7 +904,7 @@ def write_outputs(result: CapacityResult, out_dir: Path, command: str = "") -> l
     """``fleet.toml`` (when found), ``report.json`` and ``frontier.png`` in ``out_dir``."""
     import json
 
-    from qlm_opt.whatif import _clean
+    from qlm_opt.whatif.run import _clean
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []

@@ -40,13 +40,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request
-from qlm_opt.planner.instance import REQUEST_WEIGHT
-from qlm_opt.queue import UNPLACED, GlobalQueue, RequestGroup
-from qlm_opt.runtime import InstanceState
+from qlm_opt.planner.problem import REQUEST_WEIGHT
+from qlm_opt.core.queue import UNPLACED, GlobalQueue, RequestGroup
+from qlm_opt.core.instance import InstanceState
 
 if TYPE_CHECKING:
     from qlm_opt.planner import Plan, PlanningInstance
-    from qlm_opt.runtime import Instance, Runtime
+    from qlm_opt.core.instance import Instance
+    from qlm_opt.core.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

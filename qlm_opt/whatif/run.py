@@ -16,11 +16,11 @@ from pathlib import Path
 
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.domain import Request, RequestState
-from qlm_opt.metrics import attainment_over_time, summarize
+from qlm_opt.whatif.summary import attainment_over_time, summarize
 from qlm_opt.policies import make_policy
-from qlm_opt.runtime import Runtime
-from qlm_opt.sim.simulator import Simulator
-from qlm_opt.sim.workload import Trace, build_requests, synthetic_trace
+from qlm_opt.core.runtime import Runtime
+from qlm_opt.hosts.simulated import Simulator
+from qlm_opt.whatif.workload import Trace, prepare_requests
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run_policy(
     if hasattr(policy, "make_deterministic"):
         policy.make_deterministic()  # the same seed must give the same report
     rt.bind(policy)
-    from qlm_opt.estimator import RWTTracker
+    from qlm_opt.core.estimator import RWTTracker
 
     # predicted vs observed waits, for every policy
     tracker = RWTTracker(rt, workload) if track_rwt else None
@@ -129,15 +129,6 @@ def _count(xs) -> dict[str, int]:
     return out
 
 
-def prepare_requests(trace: Trace | None, workload: Workload, seed: int | None) -> Callable[
-    [], list[Request]
-]:
-    """A factory of identical fresh request lists (every policy mutates its own copy)."""
-    if trace is None:
-        trace = synthetic_trace(workload, seed)
-    return lambda: build_requests(trace, workload, seed)
-
-
 def run_whatif(
     policies: list[str],
     fleet: Fleet,
@@ -150,7 +141,7 @@ def run_whatif(
 ) -> dict:
     """Run every policy on the identical workload; returns the report dict and the runs.
 
-    ``bound``: also compute the upper bound U on attainment (``qlm_opt.bound``) for the same
+    ``bound``: also compute the upper bound U on attainment (``qlm_opt.whatif.bound``) for the same
     request list; the report gains ``bound`` and each policy ``gap_to_bound`` (U minus its
     attainment, as a fraction)."""
     t0 = time.perf_counter()
@@ -192,7 +183,7 @@ def run_whatif(
         },
     }
     if bound:
-        from qlm_opt.bound import compute_bound
+        from qlm_opt.whatif.bound import compute_bound
 
         bcb = (lambda stage, i, tot: progress(f"bound {stage}", i, tot)) if progress else None
         res = compute_bound(make(), workload, fleet, drain_s=drain_s, progress=bcb)
@@ -218,6 +209,6 @@ def write_report(report: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.json"
     path.write_text(json.dumps(_clean(report), indent=2, sort_keys=True))
-    from qlm_opt.plots import plot_report
+    from qlm_opt.whatif.plots import plot_report
 
     return [path, *plot_report(report, out_dir)]
