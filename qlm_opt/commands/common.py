@@ -3,6 +3,7 @@ its overrides."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -30,3 +31,38 @@ def load_workload(path: Path | None, duration: float | None, rate_scale: float |
     if rate_scale is not None:
         wl.data.rate_scale = rate_scale
     return wl
+
+
+def check_policies(policy: str) -> list[str]:
+    """The policy names of a comma-separated ``--policy``; an unknown one ends the command."""
+    from qlm_opt.policies import policy_names
+
+    names = [p.strip() for p in policy.split(",") if p.strip()]
+    if not names:
+        fail("--policy names no policy")
+    unknown = [n for n in names if n not in policy_names()]
+    if unknown:
+        fail(f"unknown policy {unknown[0]!r} (known: {', '.join(policy_names())})")
+    return names
+
+
+@contextmanager
+def progress_bar(quiet: bool = False, counts: str | None = None):
+    """A progress bar on stderr with one line per stage; yields ``progress(stage, done,
+    total)``. ``counts`` (a unit, e.g. "requests") shows done/total instead of a percentage."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    amount = (TextColumn("{task.completed}/{task.total} " + counts) if counts
+              else TextColumn("{task.percentage:>3.0f}%"))
+    with Progress(TextColumn("{task.description:>12}"), BarColumn(), amount,
+                  TimeElapsedColumn(), console=Console(stderr=True, quiet=quiet),
+                  transient=False) as prog:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = prog.add_task(stage, total=max(1, total))
+            prog.update(tasks[stage], completed=done, total=max(1, total))
+
+        yield progress

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from qlm_opt.commands.common import fail, load_workload
+from qlm_opt.commands.common import check_policies, fail, load_workload, progress_bar
 from qlm_opt.config import example_path
 from qlm_opt.errors import QLMError
 
@@ -48,7 +48,6 @@ def whatif(
 ) -> None:
     """Replay a workload against a fleet under several policies and compare them."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qlm_opt.config import Fleet
     from qlm_opt.whatif.table import render_table
@@ -59,30 +58,8 @@ def whatif(
         wl = load_workload(workload, duration, rate_scale)
         fl = Fleet.load(fleet or example_path("fleet.toml"))
         tr = None if trace == "synthetic" else load_trace(trace)
-        names = [p.strip() for p in policy.split(",") if p.strip()]
-        if not names:
-            fail("--policy names no policy")
-        from qlm_opt.policies import policy_names
-
-        unknown = [n for n in names if n not in policy_names()]
-        if unknown:
-            fail(f"unknown policy {unknown[0]!r} (known: {', '.join(policy_names())})")
-        console = Console(stderr=True, quiet=quiet)
-        with Progress(
-            TextColumn("{task.description:>12}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} requests"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as prog:
-            tasks: dict[str, int] = {}
-
-            def progress(name: str, i: int, total: int) -> None:
-                if name not in tasks:
-                    tasks[name] = prog.add_task(name, total=total)
-                prog.update(tasks[name], completed=i)
-
+        names = check_policies(policy)
+        with progress_bar(quiet, counts="requests") as progress:
             report = run_whatif(names, fl, wl, tr, seed=seed, drain_s=drain, progress=progress,
                                 bound=bound)
         files = write_report(report, out)
