@@ -94,7 +94,7 @@ def whatif(
     from qlm_opt.config import Fleet
     from qlm_opt.report_table import render_table
     from qlm_opt.sim.workload import load_trace
-    from qlm_opt.whatif import run_whatif, write_report
+    from qlm_opt.whatif import batch_jobs_table, run_whatif, write_report
 
     try:
         wl = load_workload(workload, duration, rate_scale)
@@ -131,6 +131,8 @@ def whatif(
         _fail(str(e))
     out_console = Console(width=200)
     out_console.print(render_table(report))
+    if (bt := batch_jobs_table(report)) is not None:
+        out_console.print(bt)
     out_console.print(f"wrote {', '.join(str(f) for f in files)}")
 
 
