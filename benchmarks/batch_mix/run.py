@@ -23,10 +23,11 @@ of the job's lines done (completed, not just started) inside the window.
         [--scale 1] [--max-in-flight N] [--pace-fraction 0.8] [--urgent-wait-fraction 0.5]
 
 ``--scale S`` sizes the whole setup by S with the rule untouched: every instance count times S
-(at least one), the job's lines times S and, for S < 1, the interactive arrival rate times S
-(``rate_scale``; the trace is stretched), so each Llama-3.1-8B instance sees the same load.
-For S > 1 the trace cannot be compressed further (it is one hour long): the interactive
-traffic stays as it is, spread over more instances.
+(at least one), the job's lines times S and the interactive traffic times S, so each
+Llama-3.1-8B instance sees the same load. For S < 1 the trace is stretched (``rate_scale``
+S); for an integer S > 1 it is laid over itself S times, copy k shifted by k/S of the run
+and wrapped around (the trace is one hour long and cannot be compressed further), each copy
+with its own model draws.
 """
 
 from __future__ import annotations
@@ -85,6 +86,27 @@ def make_workload(args, with_batch: bool) -> Workload:
                             "num_lines": round(args.lines * args.scale),
                             "window": args.window, "model": "llama-3.1-8b"}]
     return Workload.from_dict(d)
+
+
+def interactive(trace, wl_alone: Workload, scale: float, duration_s: float) -> list[Request]:
+    """The interactive requests: the trace (stretched for ``scale`` < 1 by the workload's
+    rate_scale), or for an integer ``scale`` > 1 that many copies, copy k shifted by
+    ``k / scale`` of ``duration_s`` and wrapped, each with its own model draws; ids in arrival
+    order."""
+    copies = int(scale) if scale > 1 else 1
+    if copies > 1 and copies != scale:
+        raise SystemExit("--scale above 1 must be an integer")
+    reqs: list[Request] = []
+    for k in range(copies):
+        shift = k * duration_s / copies
+        for r in build_requests(trace, wl_alone, k):
+            r.arrived_at = (r.arrived_at + shift) % duration_s
+            r.deadline_at = r.arrived_at + wl_alone.classes[r.slo_class].ttft_s
+            reqs.append(r)
+    reqs.sort(key=lambda r: r.arrived_at)
+    for i, r in enumerate(reqs):
+        r.id = i
+    return reqs
 
 
 def p99_ttft(reqs: list[Request]) -> tuple[float, int]:
@@ -147,7 +169,7 @@ def main() -> None:
         (the lines as ordinary interactive requests, all at submission, under qlm)."""
         t = time.perf_counter()
         kind, _, policy = setup.rpartition(":")
-        traffic = build_requests(trace, wl_alone, 0)
+        traffic = interactive(trace, wl_alone, args.scale, args.duration)
         if setup == "unmanaged":
             reqs = simulate("qlm", fleet, wl_alone,
                             add_batch_jobs(traffic, wl, 0, slo_class="interactive"),
@@ -166,9 +188,9 @@ def main() -> None:
             peaks[setup] = r.metrics["batch_jobs"]["job"]["peak_lines_in_flight"]
         return reqs, time.perf_counter() - t
 
-    n_inter = len(build_requests(trace, wl_alone, 0))
+    n_inter = len(interactive(trace, wl_alone, args.scale, args.duration))
     print(f"batch_mix: {n_inter} interactive requests over {args.duration:g} s "
-          f"(Azure 2023 conv x{wl.data.rate_scale:g}), one {wl.data.batch_jobs[0].num_lines}-line "
+          f"(Azure 2023 conv, x{args.scale * args.rate_scale:g}), one {wl.data.batch_jobs[0].num_lines}-line "
           f"job on llama-3.1-8b submitted at {args.submit_at:g} s with a {args.window} window; "
           f"fleet {fleet_d['name']} ({len(fleet.instances)} instances)")
     print(f"goal: p99 TTFT <= {TTFT_GOAL_X}x alone and >= {IN_WINDOW_GOAL:.0%} lines in window")
