@@ -124,10 +124,11 @@ class FeedRule:
       token (its prefill, the costly part for interactive requests sharing the iteration,
       is done). Batch lines of the model in flight without a first token (queued in the
       global queue, waiting on an engine or prefilling), over every job, stay below
-      ``prefills_per_instance`` times the instances serving the model. An interactive
-      request so finds at most that many batch prefills ahead of it per instance, and the
-      rate the fleet sustains grows with its instances and with the capacity interactive
-      traffic leaves, with nothing tuned to one fleet.
+      ``prefills_per_instance`` times the instances serving the model. The batch prefills
+      that interactive prompts can find ahead of them stay that few per instance (over the
+      model's instances together), and the rate the fleet sustains grows with its
+      instances and with the capacity interactive traffic leaves, with nothing tuned to
+      one fleet.
     - **Seats** (``cap``): lines in flight per job stay within the seats of the instances
       serving the model (``max_num_seqs``, or fewer when the KV cache holds fewer lines of
       the job's mean size), or ``max_lines_in_flight`` when set (the config override).
