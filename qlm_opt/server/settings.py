@@ -231,7 +231,8 @@ class BatchSection(_Strict):
     # How lines enter the queue (qlm_opt.sim.batch_jobs.FeedRule, shared with what-if runs):
     # lines in flight per job (admitted, not ended) paced to finish the job by pace_fraction
     # of its window (Little's law on the job's mean line latency), at least
-    # min_lines_in_flight; batch lines of a model without a first token below
+    # min_lines_in_flight; a line is fed only while the requests of its model without a
+    # first token (batch lines and interactive requests alike) are fewer than
     # prefills_per_instance per instance serving it (backpressure); at most the seats of
     # those instances, or max_lines_in_flight when set (an override; None: follow the fleet).
     max_lines_in_flight: int | None = Field(None, gt=0)

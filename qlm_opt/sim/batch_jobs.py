@@ -120,13 +120,13 @@ class FeedRule:
       down the lines in flight finish more slowly: the job yields during the burst, and
       makes it up later as the rate the lines left need grows. At least
       ``min_lines_in_flight``, so a small job on an idle fleet runs at once.
-    - **Backpressure** (``fleet_ok``): the fleet absorbs a line when the line has its first
-      token (its prefill, the costly part for interactive requests sharing the iteration,
-      is done). Batch lines of the model in flight without a first token (queued in the
-      global queue, waiting on an engine or prefilling), over every job, stay below
-      ``prefills_per_instance`` times the instances serving the model. The batch prefills
-      that interactive prompts can find ahead of them stay that few per instance (over the
-      model's instances together), and the rate the fleet sustains grows with its
+    - **Backpressure** (``fleet_ok``): the fleet has absorbed a request once it has its
+      first token (its prefill, the costly part for prompts sharing the iteration, is
+      done). A line is fed only while the requests of its model without a first token
+      (every job's lines and interactive requests alike: queued in the global queue,
+      waiting on an engine or prefilling) are fewer than ``prefills_per_instance`` times
+      the instances serving the model: a line goes in when the model's instances have
+      prefill capacity nothing else waits for. The rate the fleet sustains grows with its
       instances and with the capacity interactive traffic leaves, with nothing tuned to
       one fleet.
     - **Seats** (``cap``): lines in flight per job stay within the seats of the instances
@@ -159,8 +159,8 @@ class FeedRule:
         return max(lo, min(hi, math.ceil(lines_left / left_s * line_s)))
 
     def fleet_ok(self, unstarted: int, instances: int) -> bool:
-        """Backpressure: ``unstarted`` batch lines of the model in flight without a first token
-        (all jobs), ``instances`` serving the model."""
+        """Backpressure: ``unstarted`` requests of the model without a first token (every
+        job's lines and other requests alike), ``instances`` serving the model."""
         return unstarted < self.prefills_per_instance * max(instances, 1)
 
     def cap(self, seats: int) -> int:
@@ -295,7 +295,10 @@ class _Feeder:
             if len(self.inflight) >= target:
                 self._look_again(1.0)  # the target grows as the window runs out
                 return  # a line's end pumps again
-            if not rule.fleet_ok(feed.unstarted.get(self.model, 0), len(instances)):
+            # requests of the model without a first token: lines and other requests alike
+            busy = feed.unstarted.get(self.model, 0) + sum(
+                1 for r in feed.waiting.values() if r.model == self.model)
+            if not rule.fleet_ok(busy, len(instances)):
                 return  # a line's first token (or end) pumps again
             if not rule.urgent_ok(now, feed.waiting.values(), self.limits):
                 self._look_again(rule.poll_s)
@@ -334,20 +337,18 @@ class BatchFeed:
         self.policy = policy
         self.rule = rule
         self.workload = workload
-        self.waiting: dict[int, Request] = {}  # more urgent requests without a first token
+        self.waiting: dict[int, Request] = {}  # other requests without a first token
         self.unstarted: dict[str, int] = {}  # model -> batch lines in flight, no first token
         self.feeders: list[_Feeder] = []
         self.lines: list[Request] = []
         self._by_id: dict[int, _Feeder] = {}
         rng = np.random.default_rng(seed + 104_729)
         next_id = first_id
-        batch_prios = []
         for i, job in enumerate(workload.data.batch_jobs):
             lines = job_requests(job, i, workload, next_id, rng)
             next_id += len(lines)
             self.lines.extend(lines)
             prio = workload.classes[job.slo_class].priority
-            batch_prios.append(prio)
             limits = {n: c.ttft_s for n, c in workload.classes.items() if c.priority < prio}
             end_at = job.submit_at_s + window_s(job.window)
             f = _Feeder(self, lines, job.model, job.submit_at_s, end_at, limits)
@@ -356,9 +357,6 @@ class BatchFeed:
                 self._by_id[r.id] = f
             sim.call_at(job.submit_at_s, f.pump)
             sim.call_at(end_at, f.expire)
-        # classes the gate watches: more urgent than some job's class
-        top = max(batch_prios, default=-math.inf)
-        self._watched = {n for n, c in workload.classes.items() if c.priority < top}
         rt.first_token_hooks.append(self._first_token)
         rt.finish_hooks.append(self._ended)
         rt.drop_hooks.append(self._ended)
@@ -372,8 +370,9 @@ class BatchFeed:
         self.policy.on_arrival(req)
 
     def arrived(self, req: Request) -> None:
-        """Another request arrived (call before the policy sees it)."""
-        if req.first_token_at is None and req.slo_class in self._watched:
+        """Another request arrived (call before the policy sees it): until its first token it
+        counts in the backpressure, and in the gate when its class is more urgent."""
+        if req.first_token_at is None:
             self.waiting[req.id] = req
 
     def active(self) -> bool:

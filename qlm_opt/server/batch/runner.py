@@ -8,8 +8,9 @@ schedules them like any other request. How many, and when, follows ``FeedRule``
 
 - pace: enough lines in flight to finish by ``batch.pace_fraction`` of the window, by Little's
   law on the job's mean line latency so far, at least ``batch.min_lines_in_flight``;
-- backpressure: the fleet has absorbed a line once it has its first token; batch lines of a
-  model without one stay below ``batch.prefills_per_instance`` per instance serving it;
+- backpressure: the fleet has absorbed a request once it has its first token; a line is fed
+  only while the requests of its model without one (every job's lines and interactive
+  requests alike) are fewer than ``batch.prefills_per_instance`` per instance serving it;
 - seats: at most the seats of the instances serving the model (``max_num_seqs``, or fewer
   when the KV cache holds fewer lines of the job's mean size), or ``batch.max_lines_in_flight``
   when set;
@@ -297,7 +298,9 @@ class BatchRunner:
             fleet_seats(instances, st.footprint.mean))
         if in_flight >= target:
             return False
-        unstarted = sum(1 for js in self._jobs.values() for j in js.inflight.values()
+        # requests of the model admitted without a first token: every job's lines and the
+        # interactive (or any other) requests waiting for their prefill
+        unstarted = sum(1 for j in self.gateway.jobs.values()
                         if j.req.model == model and j.req.first_token_at is None)
         return self._rule.fleet_ok(unstarted, len(instances))
 
