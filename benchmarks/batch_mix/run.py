@@ -190,8 +190,8 @@ def main() -> None:
 
     n_inter = len(interactive(trace, wl_alone, args.scale, args.duration))
     print(f"batch_mix: {n_inter} interactive requests over {args.duration:g} s "
-          f"(Azure 2023 conv, x{args.scale * args.rate_scale:g}), one {wl.data.batch_jobs[0].num_lines}-line "
-          f"job on llama-3.1-8b submitted at {args.submit_at:g} s with a {args.window} window; "
+          f"(Azure 2023 conv, x{args.scale * args.rate_scale:g}), "
+          f"one {wl.data.batch_jobs[0].num_lines}-line job on llama-3.1-8b submitted at {args.submit_at:g} s with a {args.window} window; "
           f"fleet {fleet_d['name']} ({len(fleet.instances)} instances)")
     print(f"goal: p99 TTFT <= {TTFT_GOAL_X}x alone and >= {IN_WINDOW_GOAL:.0%} lines in window")
     hdr = (f"{'setup':>12} {'policy':>9} {'alone p99':>10} {'mixed p99':>10} {'x alone':>8} "
