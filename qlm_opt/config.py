@@ -274,7 +274,8 @@ class WorkloadFile(_Strict):
     def _batch_job_classes(self) -> WorkloadFile:
         for i, j in enumerate(self.batch_jobs):
             if j.slo_class not in self.classes:
-                raise ValueError(f"batch_jobs.{i}.slo_class: unknown class '{j.slo_class}'")
+                raise ValueError(f"batch_jobs.{i}.slo_class: unknown class '{j.slo_class}' "
+                                 f"(known: {', '.join(self.classes)})")
         return self
 
     @model_validator(mode="after")

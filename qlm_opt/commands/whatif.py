@@ -52,7 +52,7 @@ def whatif(
     from qlm_opt.config import Fleet
     from qlm_opt.whatif.table import render_table
     from qlm_opt.whatif.workload import load_trace
-    from qlm_opt.whatif.run import run_whatif, write_report
+    from qlm_opt.whatif.run import batch_jobs_table, run_whatif, write_report
 
     try:
         wl = load_workload(workload, duration, rate_scale)
@@ -67,4 +67,6 @@ def whatif(
         fail(str(e))
     out_console = Console(width=200)
     out_console.print(render_table(report))
+    if (bt := batch_jobs_table(report)) is not None:
+        out_console.print(bt)
     out_console.print(f"wrote {', '.join(str(f) for f in files)}")

@@ -228,12 +228,17 @@ class BatchSection(_Strict):
     # Windows a batch may ask for; OpenAI's is "24h". Shorter ones (e.g. "1h") by config.
     completion_windows: list[str] = Field(default_factory=lambda: ["24h"], min_length=1)
     slo_class: str = "batch"  # the class of every batch line (its deadline: the window end)
-    # Lines in flight per job (admitted, not ended): paced to finish the job by
-    # pace_fraction of its window (Little's law on the measured line latency), within
-    # [min_lines_in_flight, max_lines_in_flight]; see qlm_opt.whatif.batch_jobs.FeedRule.
-    max_lines_in_flight: int = Field(48, gt=0)
+    # How lines enter the queue (qlm_opt.whatif.batch_jobs.FeedRule, shared with what-if runs):
+    # lines in flight per job (admitted, not ended) paced to finish the job by pace_fraction
+    # of its window (Little's law on the job's mean line latency), at least
+    # min_lines_in_flight; a line is fed only while the requests of its model without a
+    # first token (batch lines and interactive requests alike) are fewer than
+    # prefills_per_instance per instance serving it (backpressure); at most the seats of
+    # those instances, or max_lines_in_flight when set (an override; None: follow the fleet).
+    max_lines_in_flight: int | None = Field(None, gt=0)
     min_lines_in_flight: int = Field(4, gt=0)
     pace_fraction: float = Field(0.8, gt=0, le=1)
+    prefills_per_instance: int = Field(1, gt=0)
     # Feed new lines only while every more urgent class's oldest request without a first
     # token has waited less than this fraction of its TTFT target.
     urgent_wait_fraction: float = Field(0.5, gt=0)

@@ -6,18 +6,24 @@ Each line is a request of the job's class whose deadline is the end of the job's
 the server (``qlm_opt.server.batch``). A line's ``tenant`` is the job's name, which is how
 ``job_report`` finds a job's lines again.
 
-``job_report`` says, per job, how many lines were done inside the window (completed by the
-window's end, not merely started) and when the last one finished, as a fraction of the window.
+The lines enter the queue as the server's batch runner feeds them (``core.batch_feed.FeedRule``, one
+implementation for both; ``BatchFeed`` applies it in a simulated run, ``qlm_opt.whatif.run``
+uses it), not all at submission. ``add_batch_jobs`` (all lines at submission) is what
+``build_requests`` gives the bound and capacity tools.
+
+``job_report`` says, per job, how many lines were done, how many inside the window (completed
+by the window's end, not merely started), how many expired, the p50 and p99 completion time and
+when the last one finished, as a fraction of the window.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from qlm_opt.config import BatchJobSection, Workload, window_s
+from qlm_opt.core.batch_feed import FeedRule, Footprint, LineLatency, fleet_seats
 from qlm_opt.domain import Request, RequestState
 
 
@@ -64,9 +70,12 @@ def add_batch_jobs(reqs: list[Request], workload: Workload, seed: int,
 
 
 def job_report(requests: list[Request], workload: Workload) -> dict[str, dict]:
-    """Per job: lines, lines done inside the window, their share, and the time from
-    submission to the last line's completion as a fraction of the window (NaN while lines
-    are unfinished)."""
+    """Per job, every line counted once: ``num_done`` (finished, at any time),
+    ``num_in_window`` (finished by the window's end), ``num_expired`` (no result when the
+    window ended: ``batch_expired``), ``num_failed`` (dropped for another reason); the share
+    ``in_window``; p50 and p99 of the finished lines' completion time from the job's
+    submission (s); and the last line's completion as a fraction of the window (NaN while
+    lines are unfinished)."""
     jobs = {job_name(j, i): j for i, j in enumerate(workload.data.batch_jobs)}
     acc: dict[str, list[Request]] = {n: [] for n in jobs}
     for r in requests:
@@ -77,225 +86,209 @@ def job_report(requests: list[Request], workload: Workload) -> dict[str, dict]:
         job = jobs[name]
         w = window_s(job.window)
         end_at = job.submit_at_s + w
-        in_window = sum(1 for r in lines if r.state == RequestState.FINISHED
-                        and r.completed_at is not None and r.completed_at <= end_at + 1e-9)
-        done = [r.completed_at for r in lines if r.completed_at is not None]
+        done = np.array([r.completed_at - job.submit_at_s for r in lines
+                         if r.state == RequestState.FINISHED and r.completed_at is not None])
+        in_window = int(np.sum(done <= w + 1e-9))
+        expired = sum(1 for r in lines if r.state != RequestState.FINISHED
+                      and r.drop_reason == "batch_expired")
         all_done = len(done) == len(lines) and lines
-        last = (max(done) - job.submit_at_s) / w if all_done else float("nan")
-        out[name] = {"num_lines": len(lines), "num_in_window": in_window,
+        p50, p99 = ((float(np.quantile(done, 0.5)), float(np.quantile(done, 0.99)))
+                    if len(done) else (float("nan"), float("nan")))
+        out[name] = {"num_lines": len(lines), "num_done": len(done),
+                     "num_in_window": in_window, "num_expired": expired,
+                     "num_failed": len(lines) - len(done) - expired,
                      "in_window": in_window / len(lines) if lines else float("nan"),
-                     "completion_window_fraction": last}
+                     "p50_completion_s": p50, "p99_completion_s": p99,
+                     "window_s": w, "window_end_at": end_at,
+                     "completion_window_fraction": float(done.max()) / w if all_done
+                     else float("nan")}
     return out
-
-
-# -- feeding lines as the server's batch runner does ------------------------------------------
-@dataclass(frozen=True, slots=True)
-class FeedRule:
-    """How a job's lines enter the global queue (``qlm_opt.server.batch.runner`` applies the
-    same rule).
-
-    - Pace: keep as many lines in flight as it takes to finish the remaining lines by
-      ``pace_fraction`` of the window (the rest is margin), by Little's law from the measured
-      mean line latency (``target_in_flight``), between ``min_lines_in_flight`` and
-      ``max_lines_in_flight``. A job that falls behind (slower lines, less time) gets more; a
-      job with slack occupies few engine slots, which interactive work then has.
-    - Gate: new lines only while no more urgent request has waited for its first token
-      longer than ``urgent_wait_fraction`` of its class's TTFT target (``urgent_ok``).
-    """
-
-    max_lines_in_flight: int = 48
-    urgent_wait_fraction: float = 0.5
-    min_lines_in_flight: int = 4
-    pace_fraction: float = 0.8
-    poll_s: float = 0.05  # how often a blocked feeder looks again
-
-    def target_in_flight(self, lines_left: int, now: float, submitted_at: float,
-                         window_s: float, mean_line_s: float | None) -> int:
-        """Lines to keep in flight at ``now``. ``mean_line_s``: mean admission-to-end time of
-        the job's finished lines (None before the first); all times on one clock (s)."""
-        lo, hi = self.min_lines_in_flight, self.max_lines_in_flight
-        if mean_line_s is None or lines_left <= 0:
-            return min(lo, hi)
-        left_s = submitted_at + self.pace_fraction * window_s - now
-        if left_s <= mean_line_s:
-            return hi
-        return max(lo, min(hi, math.ceil(lines_left / left_s * mean_line_s)))
-
-    def urgent_ok(self, now: float, waiting, limit_s_by_class: dict[str, float]) -> bool:
-        """``waiting``: requests without a first token (of any class); True when none of the
-        more urgent classes (the keys of ``limit_s_by_class``, TTFT targets in s) has waited
-        past its share of the target."""
-        f = self.urgent_wait_fraction
-        for r in waiting:
-            lim = limit_s_by_class.get(r.slo_class)
-            if lim is not None and r.first_token_at is None and now - r.arrived_at > f * lim:
-                return False
-        return True
-
-
-class LineLatency:
-    """Mean admission-to-end time of a job's lines: an exponentially weighted mean."""
-
-    __slots__ = ("mean_s", "alpha")
-
-    def __init__(self, alpha: float = 0.05) -> None:
-        self.mean_s: float | None = None
-        self.alpha = alpha
-
-    def add(self, s: float) -> None:
-        self.mean_s = s if self.mean_s is None else self.mean_s + self.alpha * (s - self.mean_s)
 
 
 class _Feeder:
     """One job's lines, fed into a simulated runtime by ``FeedRule``."""
 
-    def __init__(self, lines: list[Request], submit_at: float, end_at: float, rule: FeedRule,
-                 sim, admit, urgent_ok) -> None:
+    def __init__(self, feed: BatchFeed, lines: list[Request], model: str, submit_at: float,
+                 end_at: float, limits: dict[str, float]) -> None:
+        self.feed = feed
         self.lines = lines
+        self.model = model
         self.submit_at = submit_at
+        self.end_at = end_at
+        self.limits = limits  # more urgent class -> TTFT target (s)
         self.next = 0
         self.inflight: dict[int, Request] = {}  # request id -> line
-        self.end_at = end_at
-        self.rule = rule
-        self.sim = sim
-        self.admit = admit
-        self.urgent_ok = urgent_ok
-        self.timer = False
+        self.last_fed_at: float | None = None
+        self.timer_at = math.inf
         self.ended = False
+        self.footprint = Footprint()
         self.latency = LineLatency()
+        self.peak_in_flight = 0
 
     @property
     def left(self) -> bool:
         return not self.ended and (self.next < len(self.lines) or bool(self.inflight))
 
     def _on_timer(self) -> None:
-        self.timer = False
+        self.timer_at = math.inf
         self.pump()
 
     def _look_again(self, after_s: float) -> None:
-        """One pending timer at most (line ends call ``pump`` too)."""
-        if not self.timer:
-            self.timer = True
-            self.sim.call_at(self.sim.now() + after_s, self._on_timer)
+        """One pending timer at most, the earliest asked for (line events call ``pump``
+        too)."""
+        at = self.feed.sim.now() + max(after_s, 1e-6)
+        if at < self.timer_at:
+            self.timer_at = at
+            self.feed.sim.call_at(at, self._timer(at))
+
+    def _timer(self, at: float):
+        def fire() -> None:
+            if self.timer_at == at:
+                self._on_timer()
+        return fire
 
     def pump(self) -> None:
-        if self.ended:
+        if self.ended or self.next >= len(self.lines) or self.feed.sim.now() < self.submit_at:
             return
-        now = self.sim.now()
-        rule = self.rule
-        target = rule.target_in_flight(len(self.lines) - self.next, now, self.submit_at,
-                                       self.end_at - self.submit_at, self.latency.mean_s)
-        if self.next < len(self.lines) and len(self.inflight) >= target:
-            self._look_again(max(rule.poll_s, 1.0))  # the target grows as the window runs out
-        while self.next < len(self.lines) and len(self.inflight) < target:
-            if not self.urgent_ok(now):
+        feed = self.feed
+        rule = feed.rule
+        while self.next < len(self.lines):
+            now = feed.sim.now()
+            instances = feed.rt.ready_instances(self.model)
+            target = rule.target_in_flight(
+                len(self.lines) - self.next, now, self.submit_at, self.end_at - self.submit_at,
+                self.latency.mean_s,
+                fleet_seats(instances, self.footprint.mean))
+            if len(self.inflight) >= target:
+                self._look_again(1.0)  # the target grows as the window runs out
+                return  # a line's end pumps again
+            # requests of the model without a first token: lines and other requests alike
+            busy = feed.unstarted.get(self.model, 0) + sum(
+                1 for r in feed.waiting.values() if r.model == self.model)
+            if not rule.fleet_ok(busy, len(instances)):
+                return  # a line's first token (or end) pumps again
+            if not rule.urgent_ok(now, feed.waiting.values(), self.limits):
                 self._look_again(rule.poll_s)
                 return
             r = self.lines[self.next]
             self.next += 1
+            self.last_fed_at = now
             r.arrived_at = now  # admitted now; its deadline stays the window's end
             self.inflight[r.id] = r
-            self.admit(r)
+            self.peak_in_flight = max(self.peak_in_flight, len(self.inflight))
+            feed.unstarted[self.model] = feed.unstarted.get(self.model, 0) + 1
+            feed.admit(r)
 
-    def ended_line(self, req: Request) -> None:
-        if self.inflight.pop(req.id, None) is not None:
-            if req.completed_at is not None:
-                self.latency.add(req.completed_at - req.arrived_at)
-            self.pump()
+    def expire(self) -> None:
+        """The window ended: lines in flight are cancelled, unfed lines never run."""
+        self.ended = True
+        for req in list(self.inflight.values()):
+            if not req.is_done:
+                self.feed.rt.cancel(req, "batch_expired")
+        for req in self.inflight.values():
+            if req.first_token_at is None:
+                self.feed.started(self.model)
+        self.inflight.clear()
 
 
-def simulate(policy_name: str, fleet, workload: Workload, traffic: list[Request],
-             rule: FeedRule | None = None, drain_s: float = 3600.0, seed: int = 0,
-             policy_options: dict | None = None) -> list[Request]:
-    """A what-if run of ``traffic`` (sorted by arrival) plus the workload's batch jobs fed
-    into the queue by ``rule``, as the server does. At a job's window end its lines still in
-    flight are cancelled and unfed lines never run (they are ``batch_expired``). Returns every
-    request: the traffic and all lines (``job_report`` reads the lines)."""
-    from qlm_opt.policies import make_policy
-    from qlm_opt.core.runtime import Runtime
-    from qlm_opt.hosts.simulated import Simulator
+class BatchFeed:
+    """The workload's ``[[batch_jobs]]`` in a simulated run: each job's lines are fed into the
+    queue by ``rule``, as the server's batch runner feeds them. ``arrived(req)`` must see
+    every other request as it arrives (the gate watches the more urgent ones); ``finish()``
+    after the run marks every line without a result ``batch_expired``."""
 
-    rule = rule or FeedRule()
-    sim = Simulator()
-    rt = Runtime(fleet, sim)
-    for inst in rt.instances:
-        inst.engine.set_waker(sim.engine_waker)
-    policy = make_policy(policy_name, workload=workload, fleet=fleet, **(policy_options or {}))
-    if hasattr(policy, "make_deterministic"):
-        policy.make_deterministic()
-    rt.bind(policy)
-    rng = np.random.default_rng(seed + 104_729)
-    next_id = max((r.id for r in traffic), default=-1) + 1
-    feeders: list[_Feeder] = []
-    all_lines: list[Request] = []
-    waiting: dict[int, Request] = {}  # urgent requests without a first token
-    by_id: dict[int, _Feeder] = {}
+    def __init__(self, sim, rt, policy, workload: Workload, rule: FeedRule, first_id: int,
+                 seed: int) -> None:
+        self.sim = sim
+        self.rt = rt
+        self.policy = policy
+        self.rule = rule
+        self.workload = workload
+        self.waiting: dict[int, Request] = {}  # other requests without a first token
+        self.unstarted: dict[str, int] = {}  # model -> batch lines in flight, no first token
+        self.feeders: list[_Feeder] = []
+        self.lines: list[Request] = []
+        self._by_id: dict[int, _Feeder] = {}
+        rng = np.random.default_rng(seed + 104_729)
+        next_id = first_id
+        for i, job in enumerate(workload.data.batch_jobs):
+            lines = job_requests(job, i, workload, next_id, rng)
+            next_id += len(lines)
+            self.lines.extend(lines)
+            prio = workload.classes[job.slo_class].priority
+            limits = {n: c.ttft_s for n, c in workload.classes.items() if c.priority < prio}
+            end_at = job.submit_at_s + window_s(job.window)
+            f = _Feeder(self, lines, job.model, job.submit_at_s, end_at, limits)
+            self.feeders.append(f)
+            for r in lines:
+                self._by_id[r.id] = f
+            sim.call_at(job.submit_at_s, f.pump)
+            sim.call_at(end_at, f.expire)
+        rt.first_token_hooks.append(self._first_token)
+        rt.finish_hooks.append(self._ended)
+        rt.drop_hooks.append(self._ended)
 
-    def admit(req: Request) -> None:
-        rt.accept(req)
-        policy.on_arrival(req)
+    @property
+    def last_window_end_at(self) -> float:
+        return max((f.end_at for f in self.feeders), default=0.0)
 
-    for i, job in enumerate(workload.data.batch_jobs):
-        lines = job_requests(job, i, workload, next_id, rng)
-        next_id += len(lines)
-        all_lines.extend(lines)
-        prio = workload.classes[job.slo_class].priority
-        limits = {n: c.ttft_s for n, c in workload.classes.items() if c.priority < prio}
-        end_at = job.submit_at_s + window_s(job.window)
-        f = _Feeder(lines, job.submit_at_s, end_at, rule, sim, admit,
-                    lambda now, lim=limits: rule.urgent_ok(now, waiting.values(), lim))
-        feeders.append(f)
-        for r in lines:
-            by_id[r.id] = f
-        sim.call_at(job.submit_at_s, f.pump)
+    def admit(self, req: Request) -> None:
+        self.rt.accept(req)
+        self.policy.on_arrival(req)
 
-        def expire(f=f) -> None:
-            f.ended = True
-            for req in list(f.inflight.values()):
-                if not req.is_done:
-                    rt.cancel(req, "batch_expired")
-            f.inflight.clear()
-
-        sim.call_at(end_at, expire)
-
-    def first_token(req: Request) -> None:
-        waiting.pop(req.id, None)
-
-    def ended(req: Request) -> None:
-        waiting.pop(req.id, None)
-        f = by_id.get(req.id)
-        if f is not None:
-            f.ended_line(req)
-
-    rt.first_token_hooks.append(first_token)
-    rt.finish_hooks.append(ended)
-    rt.drop_hooks.append(ended)
-
-    def arrive(req: Request) -> None:
+    def arrived(self, req: Request) -> None:
+        """Another request arrived (call before the policy sees it): until its first token it
+        counts in the backpressure, and in the gate when its class is more urgent."""
         if req.first_token_at is None:
-            waiting[req.id] = req
-        admit(req)
+            self.waiting[req.id] = req
 
-    def active() -> bool:
-        return (sim.arrivals_left > 0 or rt.num_outstanding > 0
-                or any(f.left for f in feeders))
+    def active(self) -> bool:
+        return any(f.left for f in self.feeders)
 
-    if policy.epoch_s:
-        def epoch() -> None:
-            policy.on_epoch()
-            if active():
-                sim.call_at(sim.now() + policy.epoch_s, epoch)
+    def started(self, model: str) -> None:
+        self.unstarted[model] = max(0, self.unstarted.get(model, 0) - 1)
 
-        sim.call_at(0.0, epoch)
-    last_at = max([traffic[-1].arrived_at if traffic else 0.0]
-                  + [j.submit_at_s + window_s(j.window) for j in workload.data.batch_jobs])
-    sim.run(traffic, arrive, until_at=last_at + drain_s)
-    for r in traffic:
-        if not r.is_done:
-            r.state = RequestState.DROPPED
-            r.drop_reason = "unfinished_at_horizon"
-    for r in all_lines:
-        if not r.is_done:  # never fed, or still running at the horizon
-            r.state = RequestState.DROPPED
-            r.drop_reason = "batch_expired"
-    return traffic + all_lines
+    def _pump_model(self, model: str) -> None:
+        for f in self.feeders:
+            if f.model == model:
+                f.pump()
+
+    def _first_token(self, req: Request) -> None:
+        self.waiting.pop(req.id, None)
+        f = self._by_id.get(req.id)
+        if f is not None and req.id in f.inflight:
+            self.started(f.model)
+            self._pump_model(f.model)
+
+    def _ended(self, req: Request) -> None:
+        self.waiting.pop(req.id, None)
+        f = self._by_id.get(req.id)
+        if f is None or f.inflight.pop(req.id, None) is None:
+            return
+        if req.first_token_at is None:  # dropped before its first token
+            self.started(f.model)
+        if req.completed_at is not None:
+            f.footprint.add(req.prompt_tokens, req.num_generated)
+            f.latency.add(req.completed_at - req.arrived_at)
+        self._pump_model(f.model)
+
+    def finish(self) -> None:
+        """After the run: every line without a result never ran in time."""
+        for r in self.lines:
+            if not r.is_done:
+                r.state = RequestState.DROPPED
+                r.drop_reason = "batch_expired"
+
+    def report(self) -> dict[str, dict]:
+        out = job_report(self.lines, self.workload)
+        for i, f in enumerate(self.feeders):
+            out[job_name(self.workload.data.batch_jobs[i], i)]["peak_lines_in_flight"] = (
+                f.peak_in_flight)
+        return out
+
+
+def traffic_workload(workload: Workload) -> Workload:
+    """``workload`` without its batch jobs (the traffic they are fed beside)."""
+    if not workload.data.batch_jobs:
+        return workload
+    return Workload(workload.data.model_copy(update={"batch_jobs": []}), workload.source)

@@ -487,10 +487,15 @@ def build_requests(trace: Trace, workload: Workload, seed: int | None = None) ->
     return reqs
 
 
-def prepare_requests(trace: Trace | None, workload: Workload, seed: int | None) -> Callable[
-    [], list[Request]
-]:
-    """A factory of identical fresh request lists (every policy mutates its own copy)."""
+def prepare_requests(trace: Trace | None, workload: Workload, seed: int | None,
+                     with_batch_lines: bool = True) -> Callable[[], list[Request]]:
+    """A factory of identical fresh request lists (every policy mutates its own copy).
+    ``with_batch_lines=False``: the traffic alone, without the lines of the workload's batch
+    jobs (``run_policy`` feeds those)."""
     if trace is None:
         trace = synthetic_trace(workload, seed)
+    if not with_batch_lines:
+        from qlm_opt.whatif.batch_jobs import traffic_workload
+
+        workload = traffic_workload(workload)
     return lambda: build_requests(trace, workload, seed)

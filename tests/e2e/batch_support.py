@@ -48,7 +48,8 @@ def batch_store(request, tmp_path) -> dict:
     # Many lines in flight from the start: tests do not wait for the pace to pick up.
     cfg = {"files_dir": str(tmp_path / "files"),
            "completion_windows": ["24h", "1h", "3s"],
-           "min_lines_in_flight": 64, "max_lines_in_flight": 64}
+           "min_lines_in_flight": 64, "max_lines_in_flight": 64,
+           "prefills_per_instance": 64}
     if request.param == "sqlite":
         cfg["sqlite_path"] = str(tmp_path / "batch.sqlite3")
     else:
@@ -131,7 +132,8 @@ def write_config(path: Path, batch: dict, speedup: float, max_lines_in_flight: i
         "[batch]",
     ]
     batch = {**batch, "max_lines_in_flight": max_lines_in_flight,
-             "min_lines_in_flight": max_lines_in_flight}
+             "min_lines_in_flight": max_lines_in_flight,
+             "prefills_per_instance": max_lines_in_flight}
     for k, v in batch.items():
         lines.append(f"{k} = {json.dumps(v)}")
     path.write_text("\n".join(lines) + "\n")

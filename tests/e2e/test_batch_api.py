@@ -275,3 +275,23 @@ def test_http_errors_are_openai_shaped(server):
         assert_error(h.get("/v1/batches/batch_x", headers=auth()), 404, "batch_not_found")
         assert_error(h.post("/v1/batches", headers=auth(), json={"endpoint": 3}), 422)
         assert_error(h.get("/v1/batches?limit=0", headers=auth()), 422)
+
+
+def test_default_pacing_rule_completes_a_job(tmp_path):
+    """The server's own feed rule (no overrides: the pace, the fleet's backpressure and seats)
+    runs a job to completion, every line once."""
+    cfg = {"files_dir": str(tmp_path / "files"), "sqlite_path": str(tmp_path / "b.sqlite3")}
+    settings = batch_settings(cfg)
+    assert settings.batch.max_lines_in_flight is None
+    srv = LiveServer(settings)
+    try:
+        c = client(srv)
+        f = upload(c, [chat_line(i) for i in range(60)])
+        b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+        b = wait_batch(c, b.id, timeout_s=60)
+        assert b.status == "completed" and b.request_counts.completed == 60
+        out, err = read_results(c, b)
+        assert_each_once([f"req-{i}" for i in range(60)], out, err)
+    finally:
+        srv.stop()

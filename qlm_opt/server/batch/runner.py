@@ -4,11 +4,16 @@ One asyncio task per job with work left. It reads the input file one line at a t
 a bounded number of its lines admitted (refilled as they end), each a request of the batch
 class (``settings.batch_class()``) whose deadline is the end of the job's window; the policy
 schedules them like any other request. How many, and when, follows ``FeedRule``
-(``qlm_opt.whatif.batch_jobs``, which what-if runs apply too):
+(``qlm_opt.whatif.batch_jobs``, the one implementation, which what-if runs apply too):
 
 - pace: enough lines in flight to finish by ``batch.pace_fraction`` of the window, by Little's
-  law on the job's measured line latency, within ``batch.min_lines_in_flight`` and
-  ``batch.max_lines_in_flight``; a job with slack holds few engine slots;
+  law on the job's mean line latency so far, at least ``batch.min_lines_in_flight``;
+- backpressure: the fleet has absorbed a request once it has its first token; a line is fed
+  only while the requests of its model without one (every job's lines and interactive
+  requests alike) are fewer than ``batch.prefills_per_instance`` per instance serving it;
+- seats: at most the seats of the instances serving the model (``max_num_seqs``, or fewer
+  when the KV cache holds fewer lines of the job's mean size), or ``batch.max_lines_in_flight``
+  when set;
 - gate: new lines only while every more urgent class's oldest request without a first token
   has waited less than ``batch.urgent_wait_fraction`` of its TTFT target.
 
@@ -56,7 +61,7 @@ from qlm_opt.server.openai_protocol import (
     usage,
 )
 from qlm_opt.server.settings import ServerSettings, window_seconds
-from qlm_opt.whatif.batch_jobs import FeedRule, LineLatency
+from qlm_opt.core.batch_feed import FeedRule, Footprint, LineLatency, fleet_seats
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,7 @@ class _JobState:
     rec: BatchRecord
     inflight: dict[int, Job] = field(default_factory=dict)  # line -> admitted request
     latency: LineLatency = field(default_factory=LineLatency)  # wall s, admission to end
+    footprint: Footprint = field(default_factory=Footprint)  # prompt and output tokens
     slot: asyncio.Event = field(default_factory=asyncio.Event)  # set when a line ends
     cancelled: bool = False
     expired: bool = False
@@ -131,11 +137,7 @@ class BatchRunner:
         self._urgent = {n: c.ttft_s for n, c in settings.classes.items()
                         if c.priority < batch_prio}
         c = self.cfg
-        self._rule = FeedRule(max_lines_in_flight=c.max_lines_in_flight,
-                              urgent_wait_fraction=c.urgent_wait_fraction,
-                              min_lines_in_flight=min(c.min_lines_in_flight,
-                                                      c.max_lines_in_flight),
-                              pace_fraction=c.pace_fraction)
+        self._rule = feed_rule(c)
         self._jobs: dict[str, _JobState] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._buffer: list[tuple[str, ResultRow]] = []
@@ -252,26 +254,28 @@ class BatchRunner:
             for line_no, raw in iter_lines(path):
                 if line_no in done:
                     continue
-                while not st.halted:  # wait for the pace and the gate to allow one more
-                    target = self._rule.target_in_flight(
-                        lines_left, time.time(), rec.created_at, window_s, st.latency.mean_s)
-                    room = len(tasks) < target
+                if st.halted:
+                    break
+                p = parse_line(line_no, raw, rec.endpoint)
+                if isinstance(p, LineError):  # stored at creation; kept for a changed file
+                    lines_left -= 1
+                    self._emit(rec.id, line_error_row(rec.id, p))
+                    continue
+                while not st.halted:  # wait for the rule to allow one more
+                    room = self._room(st, p.body.model, lines_left, len(tasks), window_s)
                     if room and self._may_feed():
                         break
                     st.slot.clear()
                     try:
-                        # the target grows as the window runs out, the gate opens as
-                        # interactive requests start: look again after a while
-                        await asyncio.wait_for(st.slot.wait(), 1.0 if not room else gate_poll_s)
+                        # the target grows as the window runs out, the fleet absorbs lines
+                        # (first tokens), the gate opens as interactive requests start: look
+                        # again after a while
+                        await asyncio.wait_for(st.slot.wait(), gate_poll_s)
                     except TimeoutError:
                         pass
                 if st.halted:
                     break
                 lines_left -= 1
-                p = parse_line(line_no, raw, rec.endpoint)
-                if isinstance(p, LineError):  # stored at creation; kept for a changed file
-                    self._emit(rec.id, line_error_row(rec.id, p))
-                    continue
                 t = loop.create_task(self._run_line(st, p))
                 tasks.add(t)
                 t.add_done_callback(line_ended)
@@ -282,6 +286,23 @@ class BatchRunner:
                 t.cancel()
             if tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
+
+    def _room(self, st: _JobState, model: str, lines_left: int, in_flight: int,
+              window_s: float) -> bool:
+        """The pace, the seats and the backpressure of ``FeedRule`` allow one more line of
+        ``model`` (wall clock; the fleet as the runtime sees it now)."""
+        rt = self.gateway.backend.runtime
+        instances = rt.ready_instances(model)
+        target = self._rule.target_in_flight(
+            lines_left, time.time(), st.rec.created_at, window_s, st.latency.mean_s,
+            fleet_seats(instances, st.footprint.mean))
+        if in_flight >= target:
+            return False
+        # requests of the model admitted without a first token: every job's lines and the
+        # interactive (or any other) requests waiting for their prefill
+        unstarted = sum(1 for j in self.gateway.jobs.values()
+                        if j.req.model == model and j.req.first_token_at is None)
+        return self._rule.fleet_ok(unstarted, len(instances))
 
     def _may_feed(self) -> bool:
         """False while a more urgent class has a request waiting for its first token longer
@@ -330,6 +351,7 @@ class BatchRunner:
             req = job.req
             if req.completed_at is not None:
                 st.latency.add((req.completed_at - req.arrived_at) / _speedup(self.gateway))
+                st.footprint.add(req.prompt_tokens, req.num_generated)
             if req.state == RequestState.DROPPED:
                 attempts += 1
                 reason = req.drop_reason or "dropped"
@@ -502,6 +524,14 @@ class BatchRunner:
                           filename=f"{rec.id}_{kind}.jsonl", bytes=size,
                           created_at=int(time.time()), path=str(path),
                           created_ns=time.time_ns())
+
+
+def feed_rule(cfg) -> FeedRule:
+    """The ``FeedRule`` of a ``[batch]`` config section (``ServerSettings.batch``)."""
+    return FeedRule(pace_fraction=cfg.pace_fraction, min_lines_in_flight=cfg.min_lines_in_flight,
+                    prefills_per_instance=cfg.prefills_per_instance,
+                    max_lines_in_flight=cfg.max_lines_in_flight,
+                    urgent_wait_fraction=cfg.urgent_wait_fraction)
 
 
 def _custom_id(raw: bytes) -> str | None:
