@@ -45,6 +45,7 @@ class Runtime:
         self.catalog = fleet.catalog
         self.host = host
         self.policy: Policy | None = None
+        self._epochs_on = False  # the policy's epoch timer runs (start_epochs)
         self.lso_counts: Counter[str] = Counter()
         self.num_outstanding = 0  # accepted, neither finished nor dropped
         self.max_failures = 3  # engine failures of one request before it is dropped
@@ -103,6 +104,33 @@ class Runtime:
     def bind(self, policy: Policy) -> None:
         self.policy = policy
         policy.bind(self)
+
+    # -- the policy's epochs -----------------------------------------------------------------
+    def start_epochs(self, first_at: float, active: Callable[[], bool] = lambda: True) -> None:
+        """Call ``policy.on_epoch`` at ``first_at``, then every ``policy.epoch_s`` for as long
+        as ``active()`` holds after an epoch and ``stop_epochs`` has not been called. Both
+        hosts drive a policy's epochs through this: the what-if run (``active``: work is left)
+        and the server's backend (until it stops). An epoch that raises still schedules the
+        next one; the host reports the error. Policies without ``epoch_s`` get no timer."""
+        period = self.policy.epoch_s
+        if not period:
+            return
+        self._epochs_on = True
+
+        def epoch() -> None:
+            if not self._epochs_on:
+                return
+            try:
+                self.policy.on_epoch()
+            finally:
+                if active():
+                    self.host.call_at(self.host.now() + period, epoch)
+
+        self.host.call_at(first_at, epoch)
+
+    def stop_epochs(self) -> None:
+        """No epoch runs after this (the server's shutdown)."""
+        self._epochs_on = False
 
     def _reindex(self) -> None:
         by: dict[str, list[Instance]] = {}

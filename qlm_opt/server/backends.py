@@ -139,20 +139,13 @@ class RuntimeBackend:
             b.policy, workload=workload, fleet=self.runtime.fleet, **b.policy_options
         )
         self.runtime.bind(self.policy)
-        epoch = self.policy.epoch_s
-        if epoch:
-            self.host.call_at(self.host.now() + epoch, self._epoch, epoch)
-
-    def _epoch(self, epoch_s: float) -> None:
-        if self._stopped:
-            return
-        try:
-            self.policy.on_epoch()
-        finally:
-            self.host.call_at(self.host.now() + epoch_s, self._epoch, epoch_s)
+        if self.policy.epoch_s:
+            self.runtime.start_epochs(self.host.now() + self.policy.epoch_s)
 
     async def stop(self) -> None:
         self._stopped = True
+        if self.runtime is not None:
+            self.runtime.stop_epochs()
 
 
 class SimBackend(RuntimeBackend):

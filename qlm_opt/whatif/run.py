@@ -98,14 +98,7 @@ def run_policy(
             sim.call_at(sim.now() + sample_s, sample)
 
     sim.call_at(0.0, sample)
-    if policy.epoch_s:
-
-        def epoch() -> None:
-            policy.on_epoch()
-            if active():
-                sim.call_at(sim.now() + policy.epoch_s, epoch)
-
-        sim.call_at(0.0, epoch)
+    rt.start_epochs(0.0, active)
 
     def arrive(req: Request) -> None:
         if feed is not None:
