@@ -43,22 +43,38 @@ The relaxation (each step can only raise attainment)
    no instance type misses under every policy; the LP drops it. The test is exact
    arithmetic on the simulator's own formulas, loosened only in the direction of "faster".
 2. **Fluid work instead of iterations.** Each iteration's duration is at least the sum of
-   linear per-request charges: with ``T <= B`` and ``n <= S``,
-   ``overhead >= overhead·T/B`` and ``overhead + m0 >= (overhead + m0)·n/S``, so
+   linear per-request charges: with ``T <= B`` tokens, ``n <= S`` sequences and ``kv <= K``
+   KV tokens read (``K``: the engine's KV capacity in whole blocks; admission and
+   preemption keep every iteration's KV within it), ``overhead >= overhead·T/B``,
+   ``overhead + m0 >= (overhead + m0)·n/S`` and ``overhead + m0 >= (overhead + m0)·kv/K``, so
      - *compute charge*: ``f_min·((c_tok + overhead/B)·tokens + s_seq·(iterations it is in))``;
-     - *memory charge*: ``f_min·(((overhead + m0)/S + s_seq)·(iterations it is in)
-       + m_kv·(KV tokens it reads))``,
-   and an iteration lasts at least the sum of either charge over its requests. A request's
-   prefill charges lie in the time span of its prefill iterations, inside
-   ``[earliest, deadline - overhead_r]`` when it is on time; its decode charges lie before
-   the run's end (``last arrival + drain_s``, plus one longest iteration that may start at
-   the end). The LP lets this work be split freely in time (preemptively, fluidly) and,
-   inside a pool of identical instance types, across instances: both only enlarge the set
-   of feasible schedules. Charges are computed with the smallest prompt and output of the
-   requests in a bucket (bucketing never raises work).
-3. **Time in slots, windows widened.** Time is cut into slots of ``slot_s`` (the last slot
-   reaches the end of the run). A window becomes the slots it touches; long windows are
-   widened further to a few aligned dyadic blocks. Wider windows only allow more.
+     - *memory charge by seats*: ``f_min·(((overhead + m0)/S + s_seq)·(iterations it is in)
+       + m_kv·(KV tokens it reads))``;
+     - *memory charge by KV*: ``f_min·(s_seq·(iterations it is in)
+       + ((overhead + m0)/K + m_kv)·(KV tokens it reads))``,
+   and an iteration lasts at least the sum of any one of the three charges over its
+   requests (the KV charge makes a long-context decode pay for the weights read of an
+   iteration in proportion to the KV it occupies: at most ``K / context`` such decodes
+   share an iteration). "KV tokens it reads" counts only its decode iterations, each
+   reading its own prompt tokens plus the tokens generated so far; with prefix caching, a
+   full prompt unit may be shared with other requests and counted once by the engine, so
+   only the prompt tokens outside full units count as its own. A request's prefill charges
+   lie in the time span of its prefill iterations, inside ``[earliest, deadline -
+   overhead_r]`` when it is on time; its decode charges lie before the run's end (``last
+   arrival + drain_s``, plus one longest iteration that may start at the end). The LP lets
+   this work be split freely in time (preemptively, fluidly) and, inside a pool of
+   identical instance types, across instances: both only enlarge the set of feasible
+   schedules.
+   *Groups.* Requests alike in class, model and (widened) window on every pool form a
+   group; the LP chooses how many of a group are on time on each pool, ``y``. Any ``y`` of
+   them need at least the sum of the ``y`` smallest charges of the group (for each charge
+   separately); that sum is convex and piecewise linear in ``y``, and the LP charges a
+   variable that lies above a few of its supporting lines, which are all below it. So the
+   LP never charges a group more than its cheapest members would really cost.
+3. **Time in slots, windows widened.** Time is cut into slots of ``slot_s`` up to the last
+   prefill deadline; one tail slot reaches the end of the run. A window becomes the slots it
+   touches; long windows are widened further to a few aligned dyadic blocks, never into the
+   tail slot when they end before it. Wider windows only allow more.
 4. **Capacity as necessary conditions.** For a family of time intervals I (the blocks of a
    binary segment tree over the slots, and every suffix ``[k·K slots, end]``), the work of
    on-time requests whose window lies inside I fits in the time the pool holds their
@@ -66,7 +82,7 @@ The relaxation (each step can only raise attainment)
    LP free to split each window into its canonical blocks, it is the exact fluid
    transportation problem). Only a subset of all intervals is checked: fewer constraints,
    a larger feasible set. Prefill work counts in the tree; decode work only in the suffix
-   constraints (the compute charge and, separately, the memory charge each fit).
+   constraints (the compute charge and, separately, each memory charge fits).
 5. **Model placement as a fraction.** ``w[g,m,t]`` is the average number of instances of
    pool g holding model m during slot t (any real run defines it), ``Σ_m w + swapping <=
    count``. Swaps are paid per *epoch* (a run of consecutive slots): every rise of the epoch
@@ -92,10 +108,25 @@ The relaxation (each step can only raise attainment)
    units may hit, leaving at least one token to compute), as if another request had just
    computed its prefix.
 
-What it does not model (and therefore never counts against a policy): KV capacity and
-seats as limits on concurrency, preemption and recompute, the in-flight iteration an arrival
-waits for, the order of chunks within an iteration, and any TPOT interaction beyond the
-per-request test. These are where U is loose, most of all under overload.
+Why decode is not charged inside TTFT windows
+---------------------------------------------
+A request occupies a seat and KV memory from its admission until it finishes, so in a
+real run its decode slows later requests' admission. The bound cannot count that against a
+policy: the runtime's ``evict`` lets a policy abort a request right after its first token
+(the request keeps ``first_token_at`` and its generated tokens) and re-dispatch it later,
+when it recomputes its prompt and decodes, for example in the drain period. Such a request
+holds KV only while it is prefilled. So the only valid place for decode work (and for the
+recompute an eviction costs) is "before the run ends", which is where the suffix
+constraints put it, with the KV-capacity charge above; with the scenario suite's hour-long
+drain those constraints rarely bind, and U is then set by prefill capacity within the TTFT
+windows, by swaps and by the isolation test. Requests that are not on time cost nothing in
+the LP although a real run still serves them: ignoring work only raises U.
+
+What it does not model (and therefore never counts against a policy): seats and KV as
+limits on concurrency within a window (see above), preemption and recompute, the in-flight
+iteration an arrival waits for, the order of chunks within an iteration, and any TPOT
+interaction beyond the per-request test. These are where U is loose, most of all when
+misses come from decode congestion rather than from prefill capacity.
 """
 
 from __future__ import annotations
@@ -119,9 +150,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 _EPS = 1e-9  # Request.attained's tolerance on the TTFT and TPOT targets
-_MAX_PIECES = 6  # dyadic blocks per window before it is widened
-_PROMPT_RATIO = 1.15  # prompt-length classes of a bucket (geometric)
-_OUTPUT_RATIO = 1.3  # output-length classes of a bucket (geometric)
+_MAX_PIECES = 8  # dyadic blocks per window before it is widened
+_TANGENTS = 4  # supporting lines of a group's "y cheapest" prefill work
+_TANGENTS_DECODE = 2  # ... and of its decode work (checked only against the run's end)
 
 
 class BoundError(QLMError):
@@ -184,6 +215,7 @@ class _ModelOnPool:
     swap_s: float
     f_min: float  # smallest speed factor (1 on a steady machine)
     max_iter_s: float  # longest possible iteration (end-of-run slack)
+    kv_tokens: int  # KV tokens an iteration can read at most (whole blocks)
 
 
 @dataclass(slots=True)
@@ -238,6 +270,7 @@ def _model_on(fleet: Fleet, model: str, gpu: str, tp: int) -> _ModelOnPool:
         swap_s=swap_s(cat, model, gpu, tp, fleet.warm_swaps, fleet.perf),
         f_min=max(0.0, f_min),
         max_iter_s=longest * max(1.0, f_max) + im.overhead_s,
+        kv_tokens=max(bs, (kv_cap // bs) * bs),
     )
 
 
@@ -250,7 +283,8 @@ class _Need:
     end_at: float  # its prefill must end by then
     prefill_work_s: float  # compute charge of its prefill
     compute_work_s: float  # compute charge, prefill + decode
-    memory_work_s: float  # memory charge, prefill + decode
+    memory_work_s: float  # memory charge by seats, prefill + decode
+    kv_work_s: float  # memory charge by KV capacity, prefill + decode
 
 
 def _min_prefill_tokens(r: Request, caching: bool) -> int:
@@ -296,10 +330,25 @@ def _need(r: Request, mp: _ModelOnPool, holds_at_start: bool, fleet: Fleet,
     per_tok = im.c_tok + im.overhead_s / big_b
     pre = f * (per_tok * pre_tok + im.s_seq * n_pre)
     dec = f * (per_tok + im.s_seq) * n_dec
-    per_seq_mem = (im.overhead_s + im.m0) / eng.max_num_seqs + im.s_seq
-    mem = f * (per_seq_mem * (n_pre + n_dec)
-               + im.m_kv * (n_dec * p + n_dec * (n_dec - 1) / 2.0))
-    return _Need(start, end, pre, pre + dec, mem)
+    # KV tokens its decode iterations read at least: its own prompt tokens (a shared cached
+    # unit counts once in the engine's KV, so none of its full units is counted) and the
+    # tokens it generated so far.
+    kv_read = n_dec * _own_kv_tokens(r, eng.enable_prefix_caching) + n_dec * (n_dec - 1) / 2.0
+    fixed = im.overhead_s + im.m0
+    mem = f * ((fixed / eng.max_num_seqs + im.s_seq) * (n_pre + n_dec) + im.m_kv * kv_read)
+    kvw = f * (im.s_seq * (n_pre + n_dec) + (fixed / mp.kv_tokens + im.m_kv) * kv_read)
+    return _Need(start, end, pre, pre + dec, mem, kvw)
+
+
+def _own_kv_tokens(r: Request, caching: bool) -> int:
+    """Prompt tokens of ``r`` in the KV cache that no other request can share: with prefix
+    caching, all but its full units."""
+    p = r.prompt_tokens
+    hashes = getattr(r, "prefix_hashes", None)
+    ut = getattr(r, "hash_block_tokens", 0)
+    if not (caching and hashes and ut > 0):
+        return p
+    return p - min(len(hashes), p // ut) * ut
 
 
 # -- a small sparse LP builder ------------------------------------------------------------------
@@ -426,6 +475,26 @@ def _primal_of_fixed(lp: _LP, y_vars: list[int],
     return (val if st == "optimal" else None), time.perf_counter() - t0
 
 
+def _cheapest(lp: _LP, y: int, w: np.ndarray,
+              lines: int = _TANGENTS) -> tuple[list[int], list[float]]:
+    """A linear expression, in ``y`` and perhaps one new variable, that is at most the sum of
+    the ``y`` smallest of the charges ``w`` (sorted): on time on a pool, any ``y`` requests of
+    a group need at least that much. That sum is convex and piecewise linear in ``y``; the
+    new variable lies above a few of its supporting lines (each below the function), so it
+    can only be lower than the real work."""
+    n = len(w)
+    lo = float(w[0])
+    if n == 1 or float(w[-1]) <= lo * 1.02:
+        return [y], [lo]
+    cs = np.concatenate(([0.0], np.cumsum(w)))
+    big_w = lp.var(ub=float(cs[-1]))
+    kk = min(n, lines)
+    for k in sorted({int(round(j * n / kk)) for j in range(kk)}):
+        slope = float(w[k])  # the (k+1)-th cheapest
+        lp.row([big_w, y], [1.0, -slope], lo=float(cs[k]) - slope * k)
+    return [big_w], [1.0]
+
+
 # -- the segment tree over slots ----------------------------------------------------------------
 def _pieces(s: int, e: int, size: int) -> list[int]:
     """Canonical segment-tree nodes (heap ids, leaves at ``size + i``) covering [s, e]."""
@@ -443,15 +512,18 @@ def _pieces(s: int, e: int, size: int) -> list[int]:
     return out
 
 
-def _widen(s: int, e: int, size: int, n_slots: int) -> tuple[int, int]:
-    """Widen [s, e] to aligned blocks until it is at most ``_MAX_PIECES`` tree nodes, then
-    clip it to the last slot (still a superset of [s, e])."""
+def _widen(s: int, e: int, size: int, last: int) -> tuple[int, int]:
+    """Widen [s, e] to aligned blocks until it is at most ``_MAX_PIECES`` tree nodes, never
+    past ``last`` (a superset of [s, e] when ``e <= last``). The caller passes the last
+    uniform slot for a window that ends before the tail: widening a window into the long
+    tail slot would hand it the whole drain period."""
+    s0, e0 = s, e
     k = 0
-    while len(_pieces(s, e, size)) > _MAX_PIECES:
+    while len(_pieces(s, e, size)) > _MAX_PIECES and (s > 0 or e < last):
         k += 1
-        s = (s >> k) << k
-        e = (((e >> k) + 1) << k) - 1
-    return s, min(e, n_slots - 1)
+        s = (s0 >> k) << k
+        e = min((((e0 >> k) + 1) << k) - 1, last)
+    return s, e
 
 
 def _node_range(x: int, size: int) -> tuple[int, int]:
@@ -527,24 +599,51 @@ def compute_bound(
     iso_total = sum(iso_cls.values())
     iso_frac = {c: (iso_cls[c] / cls_count[c] if cls_count[c] else None) for c in cls_count}
 
-    # Slots: uniform up to the last prefill end, then one tail slot to the run's end.
+    # Slots: up to the last prefill end, then one tail slot to the run's end. Each class's
+    # windows get slots of at most max(slot_s, its TTFT / 8) while any of its windows is
+    # open (the default slot_s is half the tightest target), so a long-target class that
+    # outlives the tight ones does not multiply the slots.
+    ends: dict[str, float] = {}
+    for r, row in zip(requests, needs):
+        for x in row:
+            if x is not None and x.end_at > ends.get(r.slo_class, -1.0):
+                ends[r.slo_class] = x.end_at
+    explicit = slot_s is not None
     if slot_s is None:
         tight = min(workload.classes[c].ttft_s for c in cls_count if cls_count[c])
         slot_s = tight / 2.0
-    last_end = max((x.end_at for row in needs for x in row if x is not None), default=0.0)
+    last_end = max(ends.values(), default=0.0)
     uniform_end = min(horizon_at, max(last_end, slot_s))
     slot_s = max(slot_s, uniform_end / max_slots)
-    n_uni = max(1, math.ceil(uniform_end / slot_s - 1e-9))
-    has_tail = horizon_at > n_uni * slot_s + 1e-9
-    n_slots = n_uni + (1 if has_tail else 0)
-    slot_len = np.full(n_slots, slot_s)
+    if explicit:
+        regions = [(uniform_end, slot_s)]
+    else:
+        regions = []  # (end of region, step)
+        for c, e in sorted(ends.items(), key=lambda kv: kv[1]):
+            step = min(max(slot_s, workload.classes[k].ttft_s / 8.0)
+                       for k, ek in ends.items() if ek >= e)
+            regions.append((min(e, uniform_end), step))
+        regions.append((uniform_end, regions[-1][1] if regions else slot_s))
+    edges = [0.0]
+    for end, step in regions:
+        while edges[-1] < end - 1e-9 * max(1.0, end) and len(edges) <= 4 * max_slots:
+            edges.append(min(end, edges[-1] + step) if end - edges[-1] > 1.5 * step
+                         else end)
+    n_uni = len(edges) - 1
+    if n_uni == 0:
+        edges.append(slot_s)
+        n_uni = 1
+    has_tail = horizon_at > edges[-1] + 1e-9
     if has_tail:
-        slot_len[-1] = horizon_at - n_uni * slot_s
+        edges.append(horizon_at)
+    n_slots = len(edges) - 1
+    edges_a = np.asarray(edges)
+    slot_len = np.diff(edges_a)
 
     def slot_of(t: float) -> int:
-        if t >= n_uni * slot_s:
+        if t >= edges[n_uni]:
             return n_slots - 1
-        return max(0, int(t // slot_s))
+        return max(0, min(n_uni - 1, int(np.searchsorted(edges_a, t, side="right")) - 1))
 
     size = 1 << max(0, (n_slots - 1).bit_length())
     ck_every = max(1, n_slots // 128)
@@ -553,22 +652,34 @@ def compute_bound(
     n_ep = len(ep_first) - 1
     ep_len = [float(slot_len[ep_first[e]:ep_first[e + 1]].sum()) for e in range(n_ep)]
 
-    # Buckets: requests alike in class, model, windows on every pool and length class.
+    def _window(s: int, e: int) -> tuple[int, int]:
+        return _widen(s, e, size, n_uni - 1 if e < n_uni else n_slots - 1)
+
+    # Groups: requests alike in class, model and windows on every pool. Within a group the
+    # LP counts how many are on time per pool; their work is bounded below by the convex
+    # "sum of the y smallest" of each charge (see _cheapest).
     t_build = time.perf_counter()
-    buckets: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for k, (r, row) in enumerate(zip(requests, needs)):
         if not feasible[k]:
             continue
         win = tuple(
-            None if x is None else _widen(slot_of(x.start_at), slot_of(x.end_at), size, n_slots)
+            None if x is None else _window(slot_of(x.start_at), slot_of(x.end_at))
             for x in row
         )
-        key = (r.slo_class, r.model, win,
-               int(math.log(r.prompt_tokens + 1) / math.log(_PROMPT_RATIO)),
-               int(math.log(r.output_tokens + 1) / math.log(_OUTPUT_RATIO)))
-        buckets.setdefault(key, []).append(k)
+        groups.setdefault((r.slo_class, r.model, win), []).append(k)
         if progress and k % step == 0:
-            progress("buckets", k, n_req)
+            progress("groups", k, n_req)
+    # Per group and pool: the sorted charges, shared by both builds.
+    charges: dict[tuple[int, int], list[np.ndarray]] = {}
+    for gi, ((_, _, win), members) in enumerate(groups.items()):
+        for g, w in enumerate(win):
+            if w is None:
+                continue
+            ns = [needs[k][g] for k in members]
+            charges[gi, g] = [np.sort(np.fromiter((getattr(x, a) for x in ns), float, len(ns)))
+                              for a in ("prefill_work_s", "compute_work_s", "memory_work_s",
+                                        "kv_work_s")]
 
     def build(fixed: bool) -> tuple[_LP, list[int], list[str]]:
         """The LP; ``fixed`` pins the placement to the initial one (no swaps)."""
@@ -577,33 +688,31 @@ def compute_bound(
         y_vars: list[int] = []
         # per (pool, model): own work per tree node, suffix work per checkpoint
         own: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
-        suff_c: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
-        suff_m: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
-        nb = len(buckets)
-        for bi, ((cls, model, win, _, _), members) in enumerate(buckets.items()):
+        suffix = [{}, {}, {}]  # compute, memory by seats, memory by KV
+        nb = len(groups)
+        for gi, ((cls, model, win), members) in enumerate(groups.items()):
             ys = []
             for g, w in enumerate(win):
                 if w is None:
                     continue
-                ns = [needs[k][g] for k in members]
-                pre = min(x.prefill_work_s for x in ns)
-                comp = min(x.compute_work_s for x in ns)
-                mem = min(x.memory_work_s for x in ns)
+                pre_s, comp_s, mem_s, kvw_s = charges[gi, g]
                 y = lp.var(ub=float(len(members)))
                 ys.append(y)
                 y_vars.append(y)
                 y_class.append(cls)
                 key = (g, model)
+                pre_i, pre_c = _cheapest(lp, y, pre_s)
                 pieces = _pieces(w[0], w[1], size)
                 node_own = own.setdefault(key, {})
                 if len(pieces) == 1:
                     vi, vc = node_own.setdefault(pieces[0], ([], []))
-                    vi.append(y)
-                    vc.append(pre)
+                    vi.extend(pre_i)
+                    vc.extend(pre_c)
                 else:
-                    idx, cf = [y], [-pre]
+                    idx, cf = list(pre_i), [-c for c in pre_c]
+                    cap = float(pre_s.sum())
                     for nd in pieces:
-                        v = lp.var(ub=pre * len(members))
+                        v = lp.var(ub=cap)
                         vi, vc = node_own.setdefault(nd, ([], []))
                         vi.append(v)
                         vc.append(1.0)
@@ -611,14 +720,15 @@ def compute_bound(
                         cf.append(1.0)
                     lp.row(idx, cf, lo=0.0, hi=0.0)
                 blk = w[0] // ck_every
-                for table, amount in ((suff_c, comp), (suff_m, mem)):
+                for table, sorted_w in zip(suffix, (comp_s, mem_s, kvw_s)):
                     ti, tc = table.setdefault(key, {}).setdefault(blk, ([], []))
-                    ti.append(y)
-                    tc.append(amount)
+                    a_i, a_c = _cheapest(lp, y, sorted_w, _TANGENTS_DECODE)
+                    ti.extend(a_i)
+                    tc.extend(a_c)
             if ys:
                 lp.row(ys, [1.0] * len(ys), hi=float(len(members)))
-            if progress and bi % max(1, nb // 50) == 0:
-                progress("build LP", bi, nb + len(pools))
+            if progress and gi % max(1, nb // 50) == 0:
+                progress("build LP", gi, nb + len(pools))
 
         # Model placement, swap credit, held time per pool and model.
         for g, p in enumerate(pools):
@@ -709,7 +819,7 @@ def compute_bound(
                     lp.row([wv] + hi_idx, [1.0] + [-c for c in hi_cf], hi=0.0)
                     sub[nd] = wv
                 # Suffix capacity (all work of requests released from a checkpoint on).
-                for table in (suff_c, suff_m):
+                for table in suffix:
                     blocks = table.get((g, m))
                     if not blocks:
                         continue
@@ -758,7 +868,7 @@ def compute_bound(
     if progress:
         progress("solve LP", 0, len(todo) + 1)
     lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
-               "buckets": len(buckets), "pools": len(pools), "placement": "initial"}
+               "groups": len(groups), "pools": len(pools), "placement": "initial"}
     fixed_val, fixed_s = _primal_of_fixed(lp, y_vars, time_limit_s)
     solve_s += fixed_s
     if fixed_val is not None and fixed_val >= iso_total - 1e-6:
@@ -768,9 +878,9 @@ def compute_bound(
         lp, y_vars, y_class = build(False)
         build_s += time.perf_counter() - t_b
         lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
-                   "buckets": len(buckets), "pools": len(pools), "placement": "free"}
-        log.info("bound LP: %d vars, %d rows, %d nonzeros, %d buckets, %d slots of %.3f s",
-                 lp.num_vars, lp.num_rows, len(lp.coef), len(buckets), n_slots, slot_s)
+                   "groups": len(groups), "pools": len(pools), "placement": "free"}
+        log.info("bound LP: %d vars, %d rows, %d nonzeros, %d groups, %d slots of %.3f s",
+                 lp.num_vars, lp.num_rows, len(lp.coef), len(groups), n_slots, slot_s)
         for i, c in enumerate(todo):
             if progress:
                 progress("solve LP", i + 1, len(todo) + 1)

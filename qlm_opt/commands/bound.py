@@ -40,9 +40,9 @@ def register(app: typer.Typer) -> None:
                                             "tightest TTFT target).")
         ] = None,
         time_limit: Annotated[
-            float | None, typer.Option(help="Seconds per LP solve before falling back to "
-                                            "the (weaker) isolation bound.")
-        ] = None,
+            float, typer.Option(help="Seconds per LP solve; after a time-out U comes from "
+                                     "the duals reached so far (still a bound, maybe weaker).")
+        ] = 20.0,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Also write the result as JSON here.")
         ] = None,
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
                 _fail("--drain must be >= 0")
             if slot is not None and not slot > 0:
                 _fail("--slot must be > 0")
-            if time_limit is not None and not time_limit > 0:
+            if not time_limit > 0:
                 _fail("--time-limit must be > 0")
             wl = load_workload(workload, duration, rate_scale)
             fl = Fleet.load(fleet or example_path("fleet.toml"))
