@@ -151,8 +151,8 @@ Progress = Callable[[str, int, int], None]
 
 _EPS = 1e-9  # Request.attained's tolerance on the TTFT and TPOT targets
 _MAX_PIECES = 8  # dyadic blocks per window before it is widened
+_PROMPT_RATIO = 1.25  # prompt-length classes of a group served by several pools (geometric)
 _TANGENTS = 4  # supporting lines of a group's "y cheapest" prefill work
-_TANGENTS_DECODE = 2  # ... and of its decode work (checked only against the run's end)
 
 
 class BoundError(QLMError):
@@ -285,6 +285,9 @@ class _Need:
     compute_work_s: float  # compute charge, prefill + decode
     memory_work_s: float  # memory charge by seats, prefill + decode
     kv_work_s: float  # memory charge by KV capacity, prefill + decode
+    prefill_tokens: int  # prompt tokens it must compute at least
+    prefill_per_token_s: float  # its prefill charge is at least this per token ...
+    prefill_per_request_s: float  # ... plus this
 
 
 def _min_prefill_tokens(r: Request, caching: bool) -> int:
@@ -337,7 +340,7 @@ def _need(r: Request, mp: _ModelOnPool, holds_at_start: bool, fleet: Fleet,
     fixed = im.overhead_s + im.m0
     mem = f * ((fixed / eng.max_num_seqs + im.s_seq) * (n_pre + n_dec) + im.m_kv * kv_read)
     kvw = f * (im.s_seq * (n_pre + n_dec) + (fixed / mp.kv_tokens + im.m_kv) * kv_read)
-    return _Need(start, end, pre, pre + dec, mem, kvw)
+    return _Need(start, end, pre, pre + dec, mem, kvw, pre_tok, f * per_tok, f * im.s_seq)
 
 
 def _own_kv_tokens(r: Request, caching: bool) -> int:
@@ -455,6 +458,7 @@ def _solve_lp(lp: _LP, obj: np.ndarray, time_limit_s: float | None,
     certified = rows_part + cols_part
     if optimal:
         primal_v = s.objective_value()
+        log.info("bound: primal %.6g, dual certificate %.6g", primal_v, certified)
         if not math.isfinite(certified) or certified < primal_v - 1e-6 * max(1.0, abs(primal_v)):
             log.warning("bound: dual certificate %.6g below the primal %.6g; using the primal",
                         certified, primal_v)
@@ -462,17 +466,6 @@ def _solve_lp(lp: _LP, obj: np.ndarray, time_limit_s: float | None,
     if not math.isfinite(certified):
         return None, st
     return certified, ("optimal" if optimal else st)
-
-
-def _primal_of_fixed(lp: _LP, y_vars: list[int],
-                     time_limit_s: float | None) -> tuple[float | None, float]:
-    """The fast path's LP value (a primal value: only used to show that every request passing
-    step 1 fits; None when it did not solve) and the seconds it took."""
-    t0 = time.perf_counter()
-    obj = np.zeros(lp.num_vars)
-    obj[np.asarray(y_vars, dtype=np.int64)] = 1.0
-    val, st = _solve_lp(lp, obj, time_limit_s, primal=True)
-    return (val if st == "optimal" else None), time.perf_counter() - t0
 
 
 def _cheapest(lp: _LP, y: int, w: np.ndarray,
@@ -493,6 +486,18 @@ def _cheapest(lp: _LP, y: int, w: np.ndarray,
         slope = float(w[k])  # the (k+1)-th cheapest
         lp.row([big_w, y], [1.0, -slope], lo=float(cs[k]) - slope * k)
     return [big_w], [1.0]
+
+
+def _cheapest_joint(lp: _LP, ys: list[int], ts: list[int], w: np.ndarray) -> None:
+    """Rows ``Σ ts >= (sum of the Σ ys smallest of w)``, by supporting lines (see
+    ``_cheapest``): the pools' on-time sets of a group are disjoint."""
+    n = len(w)
+    cs = np.concatenate(([0.0], np.cumsum(w)))
+    kk = min(n, _TANGENTS)
+    for k in sorted({int(round(j * n / kk)) for j in range(kk)}):
+        slope = float(w[k])
+        lp.row(list(ts) + list(ys), [1.0] * len(ts) + [-slope] * len(ys),
+               lo=float(cs[k]) - slope * k)
 
 
 # -- the segment tree over slots ----------------------------------------------------------------
@@ -542,7 +547,6 @@ def compute_bound(
     drain_s: float = 3600.0,
     slot_s: float | None = None,
     max_slots: int = 4096,
-    epoch_slots: int = 16,
     per_class: bool = True,
     time_limit_s: float | None = 20.0,
     progress: Progress | None = None,
@@ -560,8 +564,6 @@ def compute_bound(
     """
     t_start = time.perf_counter()
     _check(requests, workload, fleet, drain_s, slot_s, max_slots)
-    if epoch_slots < 1:
-        raise BoundError(f"epoch_slots must be >= 1, got {epoch_slots}")
     classes = list(workload.classes)
     n_req = len(requests)
     cls_count = {c: 0 for c in classes}
@@ -647,10 +649,6 @@ def compute_bound(
 
     size = 1 << max(0, (n_slots - 1).bit_length())
     ck_every = max(1, n_slots // 128)
-    # Placement epochs: swaps are paid per epoch of ``epoch_slots`` slots.
-    ep_first = list(range(0, n_slots, epoch_slots)) + [n_slots]
-    n_ep = len(ep_first) - 1
-    ep_len = [float(slot_len[ep_first[e]:ep_first[e + 1]].sum()) for e in range(n_ep)]
 
     def _window(s: int, e: int) -> tuple[int, int]:
         return _widen(s, e, size, n_uni - 1 if e < n_uni else n_slots - 1)
@@ -672,47 +670,70 @@ def compute_bound(
             progress("groups", k, n_req)
     # Per group and pool: the sorted charges, shared by both builds.
     charges: dict[tuple[int, int], list[np.ndarray]] = {}
+    tokens: dict[int, np.ndarray] = {}  # per group: its prefill tokens, sorted
+    prefill_rate: dict[tuple[int, int], tuple[float, float]] = {}
     for gi, ((_, _, win), members) in enumerate(groups.items()):
+        tokens[gi] = np.sort(np.fromiter((next(x for x in needs[k] if x is not None)
+                                          .prefill_tokens for k in members), float,
+                                         len(members)))
+        for g, w in enumerate(win):
+            if w is not None:
+                x = needs[members[0]][g]
+                prefill_rate[gi, g] = (x.prefill_per_token_s, x.prefill_per_request_s)
         for g, w in enumerate(win):
             if w is None:
                 continue
             ns = [needs[k][g] for k in members]
             charges[gi, g] = [np.sort(np.fromiter((getattr(x, a) for x in ns), float, len(ns)))
-                              for a in ("prefill_work_s", "compute_work_s", "memory_work_s",
-                                        "kv_work_s")]
+                              for a in ("compute_work_s", "memory_work_s", "kv_work_s")]
 
-    def build(fixed: bool) -> tuple[_LP, list[int], list[str]]:
-        """The LP; ``fixed`` pins the placement to the initial one (no swaps)."""
+    # Suffix checkpoints: every ``ck_every`` slots; the run ends at horizon_at.
+    slot_start = edges_a[:-1]
+    pool_cnt = [float(p.count) for p in pools]
+
+    def build() -> tuple[_LP, list[int], list[str]]:
+        """The LP: per pool, prefill work in the blocks of a segment tree and all work from
+        each checkpoint on fit in the pool's instance-seconds (step 4)."""
         lp = _LP()
         y_class: list[str] = []  # class of each y variable, by position in y_vars
         y_vars: list[int] = []
-        # per (pool, model): own work per tree node, suffix work per checkpoint
-        own: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
-        suffix = [{}, {}, {}]  # compute, memory by seats, memory by KV
+        # per pool: own work per tree node, suffix work per checkpoint
+        own: list[dict[int, tuple[list[int], list[float]]]] = [{} for _ in pools]
+        suffix: list[list[dict[int, tuple[list[int], list[float]]]]] = [
+            [{}, {}, {}] for _ in pools]  # compute, memory by seats, memory by KV
         nb = len(groups)
-        for gi, ((cls, model, win), members) in enumerate(groups.items()):
+        for gi, ((cls, _model, win), members) in enumerate(groups.items()):
             ys = []
+            toks = tokens[gi]
+            spread = float(toks[-1]) > float(toks[0]) * 1.02
+            ts = []
             for g, w in enumerate(win):
                 if w is None:
                     continue
-                pre_s, comp_s, mem_s, kvw_s = charges[gi, g]
+                comp_s, mem_s, kvw_s = charges[gi, g]
+                a, b = prefill_rate[gi, g]
                 y = lp.var(ub=float(len(members)))
                 ys.append(y)
                 y_vars.append(y)
                 y_class.append(cls)
-                key = (g, model)
-                pre_i, pre_c = _cheapest(lp, y, pre_s)
+                # prefill work on this pool >= a·(its prefill tokens) + b·(its requests)
+                if spread:
+                    t_i, t_c = _cheapest(lp, y, toks)
+                    ts.append(t_i[0])
+                    pre_i, pre_c = [t_i[0], y], [a, b]
+                else:
+                    pre_i, pre_c = [y], [a * float(toks[0]) + b]
+                pre_cap = a * float(toks.sum()) + b * len(members)
                 pieces = _pieces(w[0], w[1], size)
-                node_own = own.setdefault(key, {})
+                node_own = own[g]
                 if len(pieces) == 1:
                     vi, vc = node_own.setdefault(pieces[0], ([], []))
                     vi.extend(pre_i)
                     vc.extend(pre_c)
                 else:
                     idx, cf = list(pre_i), [-c for c in pre_c]
-                    cap = float(pre_s.sum())
                     for nd in pieces:
-                        v = lp.var(ub=cap)
+                        v = lp.var(ub=pre_cap)
                         vi, vc = node_own.setdefault(nd, ([], []))
                         vi.append(v)
                         vc.append(1.0)
@@ -720,119 +741,59 @@ def compute_bound(
                         cf.append(1.0)
                     lp.row(idx, cf, lo=0.0, hi=0.0)
                 blk = w[0] // ck_every
-                for table, sorted_w in zip(suffix, (comp_s, mem_s, kvw_s)):
-                    ti, tc = table.setdefault(key, {}).setdefault(blk, ([], []))
-                    a_i, a_c = _cheapest(lp, y, sorted_w, _TANGENTS_DECODE)
-                    ti.extend(a_i)
-                    tc.extend(a_c)
+                for table, sorted_w in zip(suffix[g], (comp_s, mem_s, kvw_s)):
+                    ti, tc = table.setdefault(blk, ([], []))
+                    ti.append(y)
+                    tc.append(float(sorted_w[0]))  # the group's cheapest, for each one
             if ys:
                 lp.row(ys, [1.0] * len(ys), hi=float(len(members)))
+            if len(ts) > 1:
+                # The pools' sets are disjoint: together they hold at least the tokens of
+                # the (Σ y) smallest prompts, not the y smallest on every pool.
+                _cheapest_joint(lp, ys, ts, toks)
             if progress and gi % max(1, nb // 50) == 0:
                 progress("build LP", gi, nb + len(pools))
 
-        # Model placement, swap credit, held time per pool and model.
-        for g, p in enumerate(pools):
-            cnt = float(p.count)
-            models = sorted(set(p.models) | set(p.init))
-            held: dict[str, list[int]] = {}  # prefix of held seconds per slot
-            incs: dict[str, list[int]] = {}  # rise of the epoch average, per epoch
-            ws: dict[str, list[int]] = {}
-            for m in models:
-                if fixed:
-                    k0 = float(p.init.get(m, 0))
-                    ws[m] = [lp.var(ub=k0, lb=k0) for _ in range(n_slots)]
-                else:
-                    ws[m] = [lp.var(ub=cnt) for _ in range(n_slots)]
-                held[m] = [lp.var(ub=cnt * horizon_at) for _ in range(n_slots)]
-                incs[m] = [lp.var(ub=cnt) for _ in range(n_ep)]
-                prev_h = None
-                for t in range(n_slots):
-                    idx = [held[m][t], ws[m][t]] + ([prev_h] if prev_h is not None else [])
-                    cf = [1.0, -float(slot_len[t])] + ([-1.0] if prev_h is not None else [])
-                    lp.row(idx, cf, lo=0.0, hi=0.0)
-                    prev_h = held[m][t]
-                # inc[e] >= avg[e] - avg[e-1], the epoch averages of the instances holding m
-                for e in range(n_ep):
-                    idx, cf = [incs[m][e]], [-1.0]
-                    for ee, sign in ((e, 1.0), (e - 1, -1.0)):
-                        if ee < 0:
-                            continue
-                        t0, t1 = ep_first[ee], ep_first[ee + 1] - 1
-                        scale = sign / ep_len[ee]
-                        idx.append(held[m][t1])
-                        cf.append(scale)
-                        if t0 > 0:
-                            idx.append(held[m][t0 - 1])
-                            cf.append(-scale)
-                    lp.row(idx, cf, hi=float(p.init.get(m, 0)) if e == 0 else 0.0)
-            uss = []
-            for t in range(n_slots):
-                us = lp.var(ub=cnt * float(slot_len[t]))
-                uss.append(us)
-                idx = [ws[m][t] for m in models] + [us]
-                cf = [float(slot_len[t])] * len(models) + [1.0]
-                lp.row(idx, cf, hi=cnt * float(slot_len[t]))
-            # Swap credit: swapping time up to the end of epoch e pays for every rise so far.
-            prev_cr = None
-            for e in range(n_ep):
-                cr = lp.var(ub=cnt * horizon_at)
-                idx = [cr] + uss[ep_first[e]:ep_first[e + 1]]
-                cf = [1.0] + [-1.0] * (ep_first[e + 1] - ep_first[e])
-                idx += [incs[m][e] for m in models if m in p.models]
-                cf += [p.models[m].swap_s for m in models if m in p.models]
-                if prev_cr is not None:
-                    idx.append(prev_cr)
-                    cf.append(-1.0)
-                lp.row(idx, cf, hi=0.0)
-                prev_cr = cr
-
-            def held_terms(m: str, s: int, e: int) -> tuple[list[int], list[float]]:
-                hs = held[m]
-                if s <= 0:
-                    return [hs[e]], [1.0]
-                return [hs[e], hs[s - 1]], [1.0, -1.0]
-
-            # Segment-tree capacity (prefill windows).
-            for m in p.models:
-                node_own = own.get((g, m))
-                if not node_own:
+        for g in range(len(pools)):
+            cnt = pool_cnt[g]
+            # Segment-tree capacity (prefill windows): the work of the windows inside a node
+            # fits in the node's instance-seconds.
+            node_own = own[g]
+            active = set()
+            for nd in node_own:
+                while nd >= 1 and nd not in active:
+                    active.add(nd)
+                    nd >>= 1
+            sub: dict[int, int] = {}
+            for nd in sorted(active, reverse=True):
+                kids = [sub[c] for c in (2 * nd, 2 * nd + 1) if c in sub]
+                mine = node_own.get(nd)
+                if mine is None and len(kids) == 1:
+                    sub[nd] = kids[0]  # same work; the child's (smaller) capacity rules
                     continue
-                active = set()
-                for nd in node_own:
-                    while nd >= 1 and nd not in active:
-                        active.add(nd)
-                        nd >>= 1
-                sub: dict[int, int] = {}
-                for nd in sorted(active, reverse=True):
-                    kids = [sub[c] for c in (2 * nd, 2 * nd + 1) if c in sub]
-                    mine = node_own.get(nd)
-                    if mine is None and len(kids) == 1:
-                        sub[nd] = kids[0]
-                        continue
-                    s, e = _node_range(nd, size)
-                    e = min(e, n_slots - 1)
-                    wv = lp.var(ub=cnt * horizon_at)
-                    idx = list(mine[0]) if mine else []
-                    cf = list(mine[1]) if mine else []
-                    lp.row(idx + kids + [wv], cf + [1.0] * len(kids) + [-1.0], hi=0.0)
-                    hi_idx, hi_cf = held_terms(m, s, e)
-                    lp.row([wv] + hi_idx, [1.0] + [-c for c in hi_cf], hi=0.0)
-                    sub[nd] = wv
-                # Suffix capacity (all work of requests released from a checkpoint on).
-                for table in suffix:
-                    blocks = table.get((g, m))
-                    if not blocks:
-                        continue
-                    nxt = None
-                    for blk in range(max(blocks), -1, -1):
-                        rv = lp.var(ub=cnt * horizon_at * 10.0)
-                        bi_, bc_ = blocks.get(blk, ([], []))
-                        idx = list(bi_) + ([nxt] if nxt is not None else []) + [rv]
-                        cf = list(bc_) + ([1.0] if nxt is not None else []) + [-1.0]
-                        lp.row(idx, cf, hi=0.0)
-                        hi_idx, hi_cf = held_terms(m, blk * ck_every, n_slots - 1)
-                        lp.row([rv] + hi_idx, [1.0] + [-c for c in hi_cf], hi=0.0)
-                        nxt = rv
+                s, e = _node_range(nd, size)
+                e = min(e, n_slots - 1)
+                cap = cnt * float(edges_a[e + 1] - edges_a[s])
+                wv = lp.var(ub=cap)
+                idx = list(mine[0]) if mine else []
+                cf = list(mine[1]) if mine else []
+                lp.row(idx + kids + [wv], cf + [1.0] * len(kids) + [-1.0], lo=0.0, hi=0.0)
+                sub[nd] = wv
+            # Suffix capacity: all work of requests released from a checkpoint on fits in the
+            # pool's instance-seconds from the checkpoint to the run's end.
+            for table in suffix[g]:
+                if not table:
+                    continue
+                nxt = None
+                for blk in range(max(table), -1, -1):
+                    cap = cnt * float(horizon_at - slot_start[min(blk * ck_every,
+                                                                  n_slots - 1)])
+                    rv = lp.var(ub=max(0.0, cap))
+                    bi_, bc_ = table.get(blk, ([], []))
+                    idx = list(bi_) + ([nxt] if nxt is not None else []) + [rv]
+                    cf = list(bc_) + ([1.0] if nxt is not None else []) + [-1.0]
+                    lp.row(idx, cf, lo=0.0, hi=0.0)
+                    nxt = rv
             if progress:
                 progress("build LP", nb + g + 1, nb + len(pools))
         return lp, y_vars, y_class
@@ -861,38 +822,26 @@ def compute_bound(
                         c or "all classes", st, val)
         return val
 
-    # Fast path: with the placement pinned to the initial one the LP can only be lower; when
-    # it already puts every request that passes step 1 on time, so does the full LP.
-    lp, y_vars, y_class = build(True)
+    lp, y_vars, y_class = build()
     build_s = time.perf_counter() - t_build
-    if progress:
-        progress("solve LP", 0, len(todo) + 1)
     lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
-               "groups": len(groups), "pools": len(pools), "placement": "initial"}
-    fixed_val, fixed_s = _primal_of_fixed(lp, y_vars, time_limit_s)
-    solve_s += fixed_s
-    if fixed_val is not None and fixed_val >= iso_total - 1e-6:
-        results = {c: float(iso_total if c is None else iso_cls[c]) for c in todo}
-    else:
-        t_b = time.perf_counter()
-        lp, y_vars, y_class = build(False)
-        build_s += time.perf_counter() - t_b
-        lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
-                   "groups": len(groups), "pools": len(pools), "placement": "free"}
-        log.info("bound LP: %d vars, %d rows, %d nonzeros, %d groups, %d slots of %.3f s",
-                 lp.num_vars, lp.num_rows, len(lp.coef), len(groups), n_slots, slot_s)
-        for i, c in enumerate(todo):
-            if progress:
-                progress("solve LP", i + 1, len(todo) + 1)
-            results[c] = solve(lp, y_vars, y_class, c)
-            if results[c] is None:
-                status = "isolation"
-            if c is None and results[c] is not None and results[c] >= iso_total - 1e-6:
-                # every request passing step 1 fits at once: each class's bound is its own
-                results.update({k: float(iso_cls[k]) for k in todo if k is not None})
-                break
+               "groups": len(groups), "pools": len(pools)}
+    log.info("bound LP: %d vars, %d rows, %d nonzeros, %d groups, %d slots of %.3f s",
+             lp.num_vars, lp.num_rows, len(lp.coef), len(groups), n_slots, slot_s)
     if progress:
-        progress("solve LP", len(todo) + 1, len(todo) + 1)
+        progress("solve LP", 0, len(todo))
+    for i, c in enumerate(todo):
+        results[c] = solve(lp, y_vars, y_class, c)
+        if progress:
+            progress("solve LP", i + 1, len(todo))
+        if results[c] is None:
+            status = "isolation"
+        if c is None and results[c] is not None and results[c] >= iso_total - 1e-6:
+            # every request passing step 1 fits at once: each class's bound is its own
+            results.update({k: float(iso_cls[k]) for k in todo if k is not None})
+            break
+    if progress:
+        progress("solve LP", len(todo), len(todo))
 
     def whole(v: float | None, cap: int) -> int:
         # A run's on-time count is an integer: floor, with room for LP round-off.
