@@ -66,43 +66,46 @@ The relaxation (each step can only raise attainment)
    identical instance types, across instances: both only enlarge the set of feasible
    schedules.
    *Groups.* Requests alike in class, model and (widened) window on every pool form a
-   group; the LP chooses how many of a group are on time on each pool, ``y``. Any ``y`` of
-   them need at least the sum of the ``y`` smallest charges of the group (for each charge
-   separately); that sum is convex and piecewise linear in ``y``, and the LP charges a
-   variable that lies above a few of its supporting lines, which are all below it. So the
-   LP never charges a group more than its cheapest members would really cost.
-3. **Time in slots, windows widened.** Time is cut into slots of ``slot_s`` up to the last
-   prefill deadline; one tail slot reaches the end of the run. A window becomes the slots it
+   group; the LP chooses how many of a group are on time on each pool, ``y_g``. A
+   request's prefill charge on pool g is at least ``a_g·(its prefill tokens) + b_g`` with
+   ``a_g = f_min·(c_tok + overhead/B)`` and ``b_g = f_min·s_seq`` (one iteration at least).
+   The LP charges pool g ``a_g·t_g + b_g·y_g``, where the token variable ``t_g`` lies above
+   a few supporting lines of "the sum of the ``y_g`` smallest prompts of the group" (a
+   convex, piecewise linear function of ``y_g``; its supporting lines lie below it), and,
+   because the pools' on-time sets are disjoint, ``Σ_g t_g`` lies above the supporting
+   lines of "the sum of the ``Σ_g y_g`` smallest". Any real on-time set satisfies both, so
+   the LP never charges more prefill than the real schedule does. Decode charges of a
+   group are taken at its cheapest member's (they are only checked against the run's end,
+   step 4).
+3. **Time in slots, windows widened.** Time is cut into slots up to the last prefill
+   deadline (``slot_s``, by default half the tightest TTFT target, while windows of that
+   class are open; later, at most ``max(slot_s, TTFT/8)`` of the classes still open); one
+   tail slot reaches the end of the run. A window becomes the slots it
    touches; long windows are widened further to a few aligned dyadic blocks, never into the
    tail slot when they end before it. Wider windows only allow more.
 4. **Capacity as necessary conditions.** For a family of time intervals I (the blocks of a
    binary segment tree over the slots, and every suffix ``[k·K slots, end]``), the work of
-   on-time requests whose window lies inside I fits in the time the pool holds their
-   model during I (Horn's necessary condition; for the laminar segment-tree family, with the
-   LP free to split each window into its canonical blocks, it is the exact fluid
-   transportation problem). Only a subset of all intervals is checked: fewer constraints,
-   a larger feasible set. Prefill work counts in the tree; decode work only in the suffix
+   on-time requests whose window lies inside I fits in the pool's instance-seconds during
+   I (Horn's necessary condition; for the laminar segment-tree family, with the LP free to
+   split each window into its canonical blocks, it is the exact fluid transportation
+   problem). Only a subset of all intervals is checked: fewer constraints, a larger
+   feasible set. Prefill work counts in the tree; decode work only in the suffix
    constraints (the compute charge and, separately, each memory charge fits).
-5. **Model placement as a fraction.** ``w[g,m,t]`` is the average number of instances of
-   pool g holding model m during slot t (any real run defines it), ``Σ_m w + swapping <=
-   count``. Swaps are paid per *epoch* (a run of consecutive slots): every rise of the epoch
-   average of ``w`` is paid with swap time before it. The total positive variation of the
-   epoch averages of an on/off signal, up to epoch e, is at most the number of its rising
-   edges by the end of epoch e, and each rising edge of m is preceded by ``swap_s(m)`` of
-   swapping on that instance (no iteration runs meanwhile), so the swap time up to the end of
-   epoch e is at least ``Σ_m swap_s(m) · Σ_{e'<=e} (avg_e'(w) - avg_e'-1(w))^+`` (with the
-   initial placement before epoch 0). Fractions allow time-sharing a GPU between models, and
-   switching inside an epoch is free: again only a relaxation.
+5. **Model placement relaxed away.** Inside a pool, any instance may serve any model it
+   can, at any time, with no swap time, except that a model no instance of the pool holds
+   at time 0 cannot be served there before its ``swap_s`` (step 1). Dropping constraints
+   only enlarges the feasible set. (An earlier version charged swaps for rises of a
+   fractional placement per epoch; a fraction can time-share a GPU between models without
+   ever rising, so that charge bought almost nothing and made the LP several times larger.)
 6. **Rounding and certification.** The LP optimum over the on-time count is certified by
    weak duality from GLOP's dual values (any dual vector bounds the maximum, since every
    variable has a finite box), so solver tolerances or a time-out cannot make U too low;
    then it is floored: a run's on-time count is an integer. Per class, the LP is re-solved
    with only that class's requests in the objective, so ``U_class`` bounds that class under
-   any policy, including ones that sacrifice the other classes. Two shortcuts are exact:
-   the LP with the placement pinned to the initial one is a restriction (its optimum is at
-   most the full LP's), and when it, or the full LP, already puts on time every request that
-   passes step 1, U equals that count and the per-class bounds are the classes' step-1
-   counts (no policy can do better than all of them at once).
+   any policy, including ones that sacrifice the other classes. One shortcut is exact: when
+   the LP puts on time every request that passes step 1, U equals that count and the
+   per-class bounds are the classes' step-1 counts (no policy can do better than all of
+   them at once).
 7. **Prefix caching.** When the engine caches prefixes, a request carrying
    ``prefix_hashes`` is charged only the prompt tokens no cache hit could skip (all its full
    units may hit, leaving at least one token to compute), as if another request had just
@@ -458,7 +461,7 @@ def _solve_lp(lp: _LP, obj: np.ndarray, time_limit_s: float | None,
     certified = rows_part + cols_part
     if optimal:
         primal_v = s.objective_value()
-        log.info("bound: primal %.6g, dual certificate %.6g", primal_v, certified)
+        log.debug("bound: primal %.6g, dual certificate %.6g", primal_v, certified)
         if not math.isfinite(certified) or certified < primal_v - 1e-6 * max(1.0, abs(primal_v)):
             log.warning("bound: dual certificate %.6g below the primal %.6g; using the primal",
                         certified, primal_v)
