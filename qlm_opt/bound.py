@@ -122,13 +122,14 @@ holds KV only while it is prefilled. So the only valid place for decode work (an
 recompute an eviction costs) is "before the run ends", which is where the suffix
 constraints put it, with the KV-capacity charge above; with the scenario suite's hour-long
 drain those constraints rarely bind, and U is then set by prefill capacity within the TTFT
-windows, by swaps and by the isolation test. Requests that are not on time cost nothing in
+windows, by the first swap of a model no instance holds, and by the isolation test. Requests that are not on time cost nothing in
 the LP although a real run still serves them: ignoring work only raises U.
 (``benchmarks/bound_scale/evict_defer.py`` runs such a policy: 99.9% on the mooncake
 scenario at x4.23, where the planner attains 83.9%.)
 
 What it does not model (and therefore never counts against a policy): seats and KV as
-limits on concurrency within a window (see above), preemption and recompute, the in-flight
+limits on concurrency within a window (see above), swaps after the first (step 5),
+preemption and recompute, the in-flight
 iteration an arrival waits for, the order of chunks within an iteration, and any TPOT
 interaction beyond the per-request test. These are where U is loose, most of all when
 misses come from decode congestion rather than from prefill capacity.
