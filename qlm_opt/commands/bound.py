@@ -40,9 +40,9 @@ def register(app: typer.Typer) -> None:
                                             "tightest TTFT target).")
         ] = None,
         time_limit: Annotated[
-            float | None, typer.Option(help="Seconds per LP solve before falling back to "
-                                            "the (weaker) isolation bound.")
-        ] = None,
+            float, typer.Option(help="Seconds per LP solve; after a time-out U comes from "
+                                     "the duals reached so far (still a bound, maybe weaker).")
+        ] = 20.0,
         json_out: Annotated[
             Path | None, typer.Option("--json", help="Also write the result as JSON here.")
         ] = None,
@@ -51,11 +51,10 @@ def register(app: typer.Typer) -> None:
         """Bound SLO attainment from above: no policy can attain more on this trace, workload
         and fleet under the simulator's engine model (see qlm_opt/whatif/bound.py for why)."""
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
         from qlm_opt.whatif.bound import bound_for_whatif
-        from qlm_opt.commands.common import fail, load_workload
+        from qlm_opt.commands.common import fail, load_workload, progress_bar
         from qlm_opt.config import example_path
         from qlm_opt.config import Fleet
         from qlm_opt.errors import QLMError
@@ -70,27 +69,12 @@ def register(app: typer.Typer) -> None:
                 fail("--drain must be >= 0")
             if slot is not None and not slot > 0:
                 fail("--slot must be > 0")
-            if time_limit is not None and not time_limit > 0:
+            if not time_limit > 0:
                 fail("--time-limit must be > 0")
             wl = load_workload(workload, duration, rate_scale)
             fl = Fleet.load(fleet or example_path("fleet.toml"))
             tr = None if trace == "synthetic" else load_trace(trace)
-            console = Console(stderr=True, quiet=quiet)
-            with Progress(
-                TextColumn("{task.description:>10}"),
-                BarColumn(),
-                TextColumn("{task.percentage:>3.0f}%"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            ) as prog:
-                tasks: dict[str, int] = {}
-
-                def progress(stage: str, done: int, total: int) -> None:
-                    if stage not in tasks:
-                        tasks[stage] = prog.add_task(stage, total=max(1, total))
-                    prog.update(tasks[stage], completed=done, total=max(1, total))
-
+            with progress_bar(quiet) as progress:
                 res = bound_for_whatif(tr, wl, fl, seed=seed, drain_s=drain, slot_s=slot,
                                        time_limit_s=time_limit, progress=progress)
         except QLMError as e:

@@ -43,59 +43,96 @@ The relaxation (each step can only raise attainment)
    no instance type misses under every policy; the LP drops it. The test is exact
    arithmetic on the simulator's own formulas, loosened only in the direction of "faster".
 2. **Fluid work instead of iterations.** Each iteration's duration is at least the sum of
-   linear per-request charges: with ``T <= B`` and ``n <= S``,
-   ``overhead >= overhead·T/B`` and ``overhead + m0 >= (overhead + m0)·n/S``, so
+   linear per-request charges: with ``T <= B`` tokens, ``n <= S`` sequences and ``kv <= K``
+   KV tokens read (``K``: the engine's KV capacity in whole blocks; admission and
+   preemption keep every iteration's KV within it), ``overhead >= overhead·T/B``,
+   ``overhead + m0 >= (overhead + m0)·n/S`` and ``overhead + m0 >= (overhead + m0)·kv/K``, so
      - *compute charge*: ``f_min·((c_tok + overhead/B)·tokens + s_seq·(iterations it is in))``;
-     - *memory charge*: ``f_min·(((overhead + m0)/S + s_seq)·(iterations it is in)
-       + m_kv·(KV tokens it reads))``,
-   and an iteration lasts at least the sum of either charge over its requests. A request's
-   prefill charges lie in the time span of its prefill iterations, inside
-   ``[earliest, deadline - overhead_r]`` when it is on time; its decode charges lie before
-   the run's end (``last arrival + drain_s``, plus one longest iteration that may start at
-   the end). The LP lets this work be split freely in time (preemptively, fluidly) and,
-   inside a pool of identical instance types, across instances: both only enlarge the set
-   of feasible schedules. Charges are computed with the smallest prompt and output of the
-   requests in a bucket (bucketing never raises work).
-3. **Time in slots, windows widened.** Time is cut into slots of ``slot_s`` (the last slot
-   reaches the end of the run). A window becomes the slots it touches; long windows are
-   widened further to a few aligned dyadic blocks. Wider windows only allow more.
+     - *memory charge by seats*: ``f_min·(((overhead + m0)/S + s_seq)·(iterations it is in)
+       + m_kv·(KV tokens it reads))``;
+     - *memory charge by KV*: ``f_min·(s_seq·(iterations it is in)
+       + ((overhead + m0)/K + m_kv)·(KV tokens it reads))``,
+   and an iteration lasts at least the sum of any one of the three charges over its
+   requests (the KV charge makes a long-context decode pay for the weights read of an
+   iteration in proportion to the KV it occupies: at most ``K / context`` such decodes
+   share an iteration). "KV tokens it reads" counts only its decode iterations, each
+   reading its own prompt tokens plus the tokens generated so far; with prefix caching, a
+   full prompt unit may be shared with other requests and counted once by the engine, so
+   only the prompt tokens outside full units count as its own. A request's prefill charges
+   lie in the time span of its prefill iterations, inside ``[earliest, deadline -
+   overhead_r]`` when it is on time; its decode charges lie before the run's end (``last
+   arrival + drain_s``, plus one longest iteration that may start at the end). The LP lets
+   this work be split freely in time (preemptively, fluidly) and, inside a pool of
+   identical instance types, across instances: both only enlarge the set of feasible
+   schedules.
+   *Groups.* Requests alike in class, model and (widened) window on every pool form a
+   group; the LP chooses how many of a group are on time on each pool, ``y_g``. A
+   request's prefill charge on pool g is at least ``a_g·(its prefill tokens) + b_g`` with
+   ``a_g = f_min·(c_tok + overhead/B)`` and ``b_g = f_min·s_seq`` (one iteration at least).
+   The LP charges pool g ``a_g·t_g + b_g·y_g``, where the token variable ``t_g`` lies above
+   a few supporting lines of "the sum of the ``y_g`` smallest prompts of the group" (a
+   convex, piecewise linear function of ``y_g``; its supporting lines lie below it), and,
+   because the pools' on-time sets are disjoint, ``Σ_g t_g`` lies above the supporting
+   lines of "the sum of the ``Σ_g y_g`` smallest". Any real on-time set satisfies both, so
+   the LP never charges more prefill than the real schedule does. Decode charges of a
+   group are taken at its cheapest member's (they are only checked against the run's end,
+   step 4).
+3. **Time in slots, windows widened.** Time is cut into slots up to the last prefill
+   deadline (``slot_s``, by default half the tightest TTFT target, while windows of that
+   class are open; later, at most ``max(slot_s, TTFT/8)`` of the classes still open); one
+   tail slot reaches the end of the run. A window becomes the slots it
+   touches; long windows are widened further to a few aligned dyadic blocks, never into the
+   tail slot when they end before it. Wider windows only allow more.
 4. **Capacity as necessary conditions.** For a family of time intervals I (the blocks of a
    binary segment tree over the slots, and every suffix ``[k·K slots, end]``), the work of
-   on-time requests whose window lies inside I fits in the time the pool holds their
-   model during I (Horn's necessary condition; for the laminar segment-tree family, with the
-   LP free to split each window into its canonical blocks, it is the exact fluid
-   transportation problem). Only a subset of all intervals is checked: fewer constraints,
-   a larger feasible set. Prefill work counts in the tree; decode work only in the suffix
-   constraints (the compute charge and, separately, the memory charge each fit).
-5. **Model placement as a fraction.** ``w[g,m,t]`` is the average number of instances of
-   pool g holding model m during slot t (any real run defines it), ``Σ_m w + swapping <=
-   count``. Swaps are paid per *epoch* (a run of consecutive slots): every rise of the epoch
-   average of ``w`` is paid with swap time before it. The total positive variation of the
-   epoch averages of an on/off signal, up to epoch e, is at most the number of its rising
-   edges by the end of epoch e, and each rising edge of m is preceded by ``swap_s(m)`` of
-   swapping on that instance (no iteration runs meanwhile), so the swap time up to the end of
-   epoch e is at least ``Σ_m swap_s(m) · Σ_{e'<=e} (avg_e'(w) - avg_e'-1(w))^+`` (with the
-   initial placement before epoch 0). Fractions allow time-sharing a GPU between models, and
-   switching inside an epoch is free: again only a relaxation.
+   on-time requests whose window lies inside I fits in the pool's instance-seconds during
+   I (Horn's necessary condition; for the laminar segment-tree family, with the LP free to
+   split each window into its canonical blocks, it is the exact fluid transportation
+   problem). Only a subset of all intervals is checked: fewer constraints, a larger
+   feasible set. Prefill work counts in the tree; decode work only in the suffix
+   constraints (the compute charge and, separately, each memory charge fits).
+5. **Model placement relaxed away.** Inside a pool, any instance may serve any model it
+   can, at any time, with no swap time, except that a model no instance of the pool holds
+   at time 0 cannot be served there before its ``swap_s`` (step 1). Dropping constraints
+   only enlarges the feasible set. (An earlier version charged swaps for rises of a
+   fractional placement per epoch; a fraction can time-share a GPU between models without
+   ever rising, so that charge bought almost nothing and made the LP several times larger.)
 6. **Rounding and certification.** The LP optimum over the on-time count is certified by
    weak duality from GLOP's dual values (any dual vector bounds the maximum, since every
    variable has a finite box), so solver tolerances or a time-out cannot make U too low;
    then it is floored: a run's on-time count is an integer. Per class, the LP is re-solved
    with only that class's requests in the objective, so ``U_class`` bounds that class under
-   any policy, including ones that sacrifice the other classes. Two shortcuts are exact:
-   the LP with the placement pinned to the initial one is a restriction (its optimum is at
-   most the full LP's), and when it, or the full LP, already puts on time every request that
-   passes step 1, U equals that count and the per-class bounds are the classes' step-1
-   counts (no policy can do better than all of them at once).
+   any policy, including ones that sacrifice the other classes. One shortcut is exact: when
+   the LP puts on time every request that passes step 1, U equals that count and the
+   per-class bounds are the classes' step-1 counts (no policy can do better than all of
+   them at once).
 7. **Prefix caching.** When the engine caches prefixes, a request carrying
    ``prefix_hashes`` is charged only the prompt tokens no cache hit could skip (all its full
    units may hit, leaving at least one token to compute), as if another request had just
    computed its prefix.
 
-What it does not model (and therefore never counts against a policy): KV capacity and
-seats as limits on concurrency, preemption and recompute, the in-flight iteration an arrival
-waits for, the order of chunks within an iteration, and any TPOT interaction beyond the
-per-request test. These are where U is loose, most of all under overload.
+Why decode is not charged inside TTFT windows
+---------------------------------------------
+A request occupies a seat and KV memory from its admission until it finishes, so in a
+real run its decode slows later requests' admission. The bound cannot count that against a
+policy: the runtime's ``evict`` lets a policy abort a request right after its first token
+(the request keeps ``first_token_at`` and its generated tokens) and re-dispatch it later,
+when it recomputes its prompt and decodes, for example in the drain period. Such a request
+holds KV only while it is prefilled. So the only valid place for decode work (and for the
+recompute an eviction costs) is "before the run ends", which is where the suffix
+constraints put it, with the KV-capacity charge above; with the scenario suite's hour-long
+drain those constraints rarely bind, and U is then set by prefill capacity within the TTFT
+windows, by the first swap of a model no instance holds, and by the isolation test. Requests that are not on time cost nothing in
+the LP although a real run still serves them: ignoring work only raises U.
+(``benchmarks/bound_scale/evict_defer.py`` runs such a policy: 99.9% on the mooncake
+scenario at x4.23, where the planner attains 83.9%.)
+
+What it does not model (and therefore never counts against a policy): seats and KV as
+limits on concurrency within a window (see above), swaps after the first (step 5),
+preemption and recompute, the in-flight
+iteration an arrival waits for, the order of chunks within an iteration, and any TPOT
+interaction beyond the per-request test. These are where U is loose, most of all when
+misses come from decode congestion rather than from prefill capacity.
 """
 
 from __future__ import annotations
@@ -119,9 +156,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 _EPS = 1e-9  # Request.attained's tolerance on the TTFT and TPOT targets
-_MAX_PIECES = 6  # dyadic blocks per window before it is widened
-_PROMPT_RATIO = 1.15  # prompt-length classes of a bucket (geometric)
-_OUTPUT_RATIO = 1.3  # output-length classes of a bucket (geometric)
+_MAX_PIECES = 8  # dyadic blocks per window before it is widened
+_PROMPT_RATIO = 1.25  # prompt-length classes of a group served by several pools (geometric)
+_TANGENTS = 4  # supporting lines of a group's "y cheapest" prefill work
 
 
 class BoundError(QLMError):
@@ -184,6 +221,7 @@ class _ModelOnPool:
     swap_s: float
     f_min: float  # smallest speed factor (1 on a steady machine)
     max_iter_s: float  # longest possible iteration (end-of-run slack)
+    kv_tokens: int  # KV tokens an iteration can read at most (whole blocks)
 
 
 @dataclass(slots=True)
@@ -238,6 +276,7 @@ def _model_on(fleet: Fleet, model: str, gpu: str, tp: int) -> _ModelOnPool:
         swap_s=swap_s(cat, model, gpu, tp, fleet.warm_swaps, fleet.perf),
         f_min=max(0.0, f_min),
         max_iter_s=longest * max(1.0, f_max) + im.overhead_s,
+        kv_tokens=max(bs, (kv_cap // bs) * bs),
     )
 
 
@@ -250,7 +289,11 @@ class _Need:
     end_at: float  # its prefill must end by then
     prefill_work_s: float  # compute charge of its prefill
     compute_work_s: float  # compute charge, prefill + decode
-    memory_work_s: float  # memory charge, prefill + decode
+    memory_work_s: float  # memory charge by seats, prefill + decode
+    kv_work_s: float  # memory charge by KV capacity, prefill + decode
+    prefill_tokens: int  # prompt tokens it must compute at least
+    prefill_per_token_s: float  # its prefill charge is at least this per token ...
+    prefill_per_request_s: float  # ... plus this
 
 
 def _min_prefill_tokens(r: Request, caching: bool) -> int:
@@ -296,10 +339,25 @@ def _need(r: Request, mp: _ModelOnPool, holds_at_start: bool, fleet: Fleet,
     per_tok = im.c_tok + im.overhead_s / big_b
     pre = f * (per_tok * pre_tok + im.s_seq * n_pre)
     dec = f * (per_tok + im.s_seq) * n_dec
-    per_seq_mem = (im.overhead_s + im.m0) / eng.max_num_seqs + im.s_seq
-    mem = f * (per_seq_mem * (n_pre + n_dec)
-               + im.m_kv * (n_dec * p + n_dec * (n_dec - 1) / 2.0))
-    return _Need(start, end, pre, pre + dec, mem)
+    # KV tokens its decode iterations read at least: its own prompt tokens (a shared cached
+    # unit counts once in the engine's KV, so none of its full units is counted) and the
+    # tokens it generated so far.
+    kv_read = n_dec * _own_kv_tokens(r, eng.enable_prefix_caching) + n_dec * (n_dec - 1) / 2.0
+    fixed = im.overhead_s + im.m0
+    mem = f * ((fixed / eng.max_num_seqs + im.s_seq) * (n_pre + n_dec) + im.m_kv * kv_read)
+    kvw = f * (im.s_seq * (n_pre + n_dec) + (fixed / mp.kv_tokens + im.m_kv) * kv_read)
+    return _Need(start, end, pre, pre + dec, mem, kvw, pre_tok, f * per_tok, f * im.s_seq)
+
+
+def _own_kv_tokens(r: Request, caching: bool) -> int:
+    """Prompt tokens of ``r`` in the KV cache that no other request can share: with prefix
+    caching, all but its full units."""
+    p = r.prompt_tokens
+    hashes = getattr(r, "prefix_hashes", None)
+    ut = getattr(r, "hash_block_tokens", 0)
+    if not (caching and hashes and ut > 0):
+        return p
+    return p - min(len(hashes), p // ut) * ut
 
 
 # -- a small sparse LP builder ------------------------------------------------------------------
@@ -406,6 +464,7 @@ def _solve_lp(lp: _LP, obj: np.ndarray, time_limit_s: float | None,
     certified = rows_part + cols_part
     if optimal:
         primal_v = s.objective_value()
+        log.debug("bound: primal %.6g, dual certificate %.6g", primal_v, certified)
         if not math.isfinite(certified) or certified < primal_v - 1e-6 * max(1.0, abs(primal_v)):
             log.warning("bound: dual certificate %.6g below the primal %.6g; using the primal",
                         certified, primal_v)
@@ -415,15 +474,36 @@ def _solve_lp(lp: _LP, obj: np.ndarray, time_limit_s: float | None,
     return certified, ("optimal" if optimal else st)
 
 
-def _primal_of_fixed(lp: _LP, y_vars: list[int],
-                     time_limit_s: float | None) -> tuple[float | None, float]:
-    """The fast path's LP value (a primal value: only used to show that every request passing
-    step 1 fits; None when it did not solve) and the seconds it took."""
-    t0 = time.perf_counter()
-    obj = np.zeros(lp.num_vars)
-    obj[np.asarray(y_vars, dtype=np.int64)] = 1.0
-    val, st = _solve_lp(lp, obj, time_limit_s, primal=True)
-    return (val if st == "optimal" else None), time.perf_counter() - t0
+def _cheapest(lp: _LP, y: int, w: np.ndarray,
+              lines: int = _TANGENTS) -> tuple[list[int], list[float]]:
+    """A linear expression, in ``y`` and perhaps one new variable, that is at most the sum of
+    the ``y`` smallest of the charges ``w`` (sorted): on time on a pool, any ``y`` requests of
+    a group need at least that much. That sum is convex and piecewise linear in ``y``; the
+    new variable lies above a few of its supporting lines (each below the function), so it
+    can only be lower than the real work."""
+    n = len(w)
+    lo = float(w[0])
+    if n == 1 or float(w[-1]) <= lo * 1.02:
+        return [y], [lo]
+    cs = np.concatenate(([0.0], np.cumsum(w)))
+    big_w = lp.var(ub=float(cs[-1]))
+    kk = min(n, lines)
+    for k in sorted({int(round(j * n / kk)) for j in range(kk)}):
+        slope = float(w[k])  # the (k+1)-th cheapest
+        lp.row([big_w, y], [1.0, -slope], lo=float(cs[k]) - slope * k)
+    return [big_w], [1.0]
+
+
+def _cheapest_joint(lp: _LP, ys: list[int], ts: list[int], w: np.ndarray) -> None:
+    """Rows ``Σ ts >= (sum of the Σ ys smallest of w)``, by supporting lines (see
+    ``_cheapest``): the pools' on-time sets of a group are disjoint."""
+    n = len(w)
+    cs = np.concatenate(([0.0], np.cumsum(w)))
+    kk = min(n, _TANGENTS)
+    for k in sorted({int(round(j * n / kk)) for j in range(kk)}):
+        slope = float(w[k])
+        lp.row(list(ts) + list(ys), [1.0] * len(ts) + [-slope] * len(ys),
+               lo=float(cs[k]) - slope * k)
 
 
 # -- the segment tree over slots ----------------------------------------------------------------
@@ -443,15 +523,18 @@ def _pieces(s: int, e: int, size: int) -> list[int]:
     return out
 
 
-def _widen(s: int, e: int, size: int, n_slots: int) -> tuple[int, int]:
-    """Widen [s, e] to aligned blocks until it is at most ``_MAX_PIECES`` tree nodes, then
-    clip it to the last slot (still a superset of [s, e])."""
+def _widen(s: int, e: int, size: int, last: int) -> tuple[int, int]:
+    """Widen [s, e] to aligned blocks until it is at most ``_MAX_PIECES`` tree nodes, never
+    past ``last`` (a superset of [s, e] when ``e <= last``). The caller passes the last
+    uniform slot for a window that ends before the tail: widening a window into the long
+    tail slot would hand it the whole drain period."""
+    s0, e0 = s, e
     k = 0
-    while len(_pieces(s, e, size)) > _MAX_PIECES:
+    while len(_pieces(s, e, size)) > _MAX_PIECES and (s > 0 or e < last):
         k += 1
-        s = (s >> k) << k
-        e = (((e >> k) + 1) << k) - 1
-    return s, min(e, n_slots - 1)
+        s = (s0 >> k) << k
+        e = min((((e0 >> k) + 1) << k) - 1, last)
+    return s, e
 
 
 def _node_range(x: int, size: int) -> tuple[int, int]:
@@ -470,7 +553,6 @@ def compute_bound(
     drain_s: float = 3600.0,
     slot_s: float | None = None,
     max_slots: int = 4096,
-    epoch_slots: int = 16,
     per_class: bool = True,
     time_limit_s: float | None = 20.0,
     progress: Progress | None = None,
@@ -488,8 +570,6 @@ def compute_bound(
     """
     t_start = time.perf_counter()
     _check(requests, workload, fleet, drain_s, slot_s, max_slots)
-    if epoch_slots < 1:
-        raise BoundError(f"epoch_slots must be >= 1, got {epoch_slots}")
     classes = list(workload.classes)
     n_req = len(requests)
     cls_count = {c: 0 for c in classes}
@@ -527,83 +607,139 @@ def compute_bound(
     iso_total = sum(iso_cls.values())
     iso_frac = {c: (iso_cls[c] / cls_count[c] if cls_count[c] else None) for c in cls_count}
 
-    # Slots: uniform up to the last prefill end, then one tail slot to the run's end.
+    # Slots: up to the last prefill end, then one tail slot to the run's end. Each class's
+    # windows get slots of at most max(slot_s, its TTFT / 8) while any of its windows is
+    # open (the default slot_s is half the tightest target), so a long-target class that
+    # outlives the tight ones does not multiply the slots.
+    ends: dict[str, float] = {}
+    for r, row in zip(requests, needs):
+        for x in row:
+            if x is not None and x.end_at > ends.get(r.slo_class, -1.0):
+                ends[r.slo_class] = x.end_at
+    explicit = slot_s is not None
     if slot_s is None:
         tight = min(workload.classes[c].ttft_s for c in cls_count if cls_count[c])
         slot_s = tight / 2.0
-    last_end = max((x.end_at for row in needs for x in row if x is not None), default=0.0)
+    last_end = max(ends.values(), default=0.0)
     uniform_end = min(horizon_at, max(last_end, slot_s))
     slot_s = max(slot_s, uniform_end / max_slots)
-    n_uni = max(1, math.ceil(uniform_end / slot_s - 1e-9))
-    has_tail = horizon_at > n_uni * slot_s + 1e-9
-    n_slots = n_uni + (1 if has_tail else 0)
-    slot_len = np.full(n_slots, slot_s)
+    if explicit:
+        regions = [(uniform_end, slot_s)]
+    else:
+        regions = []  # (end of region, step)
+        for c, e in sorted(ends.items(), key=lambda kv: kv[1]):
+            step = min(max(slot_s, workload.classes[k].ttft_s / 8.0)
+                       for k, ek in ends.items() if ek >= e)
+            regions.append((min(e, uniform_end), step))
+        regions.append((uniform_end, regions[-1][1] if regions else slot_s))
+    edges = [0.0]
+    for end, step in regions:
+        while edges[-1] < end - 1e-9 * max(1.0, end) and len(edges) <= 4 * max_slots:
+            edges.append(min(end, edges[-1] + step) if end - edges[-1] > 1.5 * step
+                         else end)
+    n_uni = len(edges) - 1
+    if n_uni == 0:
+        edges.append(slot_s)
+        n_uni = 1
+    has_tail = horizon_at > edges[-1] + 1e-9
     if has_tail:
-        slot_len[-1] = horizon_at - n_uni * slot_s
+        edges.append(horizon_at)
+    n_slots = len(edges) - 1
+    edges_a = np.asarray(edges)
+    slot_len = np.diff(edges_a)
 
     def slot_of(t: float) -> int:
-        if t >= n_uni * slot_s:
+        if t >= edges[n_uni]:
             return n_slots - 1
-        return max(0, int(t // slot_s))
+        return max(0, min(n_uni - 1, int(np.searchsorted(edges_a, t, side="right")) - 1))
 
     size = 1 << max(0, (n_slots - 1).bit_length())
     ck_every = max(1, n_slots // 128)
-    # Placement epochs: swaps are paid per epoch of ``epoch_slots`` slots.
-    ep_first = list(range(0, n_slots, epoch_slots)) + [n_slots]
-    n_ep = len(ep_first) - 1
-    ep_len = [float(slot_len[ep_first[e]:ep_first[e + 1]].sum()) for e in range(n_ep)]
 
-    # Buckets: requests alike in class, model, windows on every pool and length class.
+    def _window(s: int, e: int) -> tuple[int, int]:
+        return _widen(s, e, size, n_uni - 1 if e < n_uni else n_slots - 1)
+
+    # Groups: requests alike in class, model and windows on every pool. Within a group the
+    # LP counts how many are on time per pool; their work is bounded below by the convex
+    # "sum of the y smallest" of each charge (see _cheapest).
     t_build = time.perf_counter()
-    buckets: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}
     for k, (r, row) in enumerate(zip(requests, needs)):
         if not feasible[k]:
             continue
         win = tuple(
-            None if x is None else _widen(slot_of(x.start_at), slot_of(x.end_at), size, n_slots)
+            None if x is None else _window(slot_of(x.start_at), slot_of(x.end_at))
             for x in row
         )
-        key = (r.slo_class, r.model, win,
-               int(math.log(r.prompt_tokens + 1) / math.log(_PROMPT_RATIO)),
-               int(math.log(r.output_tokens + 1) / math.log(_OUTPUT_RATIO)))
-        buckets.setdefault(key, []).append(k)
+        groups.setdefault((r.slo_class, r.model, win), []).append(k)
         if progress and k % step == 0:
-            progress("buckets", k, n_req)
+            progress("groups", k, n_req)
+    # Per group and pool: the sorted charges, shared by both builds.
+    charges: dict[tuple[int, int], list[np.ndarray]] = {}
+    tokens: dict[int, np.ndarray] = {}  # per group: its prefill tokens, sorted
+    prefill_rate: dict[tuple[int, int], tuple[float, float]] = {}
+    for gi, ((_, _, win), members) in enumerate(groups.items()):
+        tokens[gi] = np.sort(np.fromiter((next(x for x in needs[k] if x is not None)
+                                          .prefill_tokens for k in members), float,
+                                         len(members)))
+        for g, w in enumerate(win):
+            if w is not None:
+                x = needs[members[0]][g]
+                prefill_rate[gi, g] = (x.prefill_per_token_s, x.prefill_per_request_s)
+        for g, w in enumerate(win):
+            if w is None:
+                continue
+            ns = [needs[k][g] for k in members]
+            charges[gi, g] = [np.sort(np.fromiter((getattr(x, a) for x in ns), float, len(ns)))
+                              for a in ("compute_work_s", "memory_work_s", "kv_work_s")]
 
-    def build(fixed: bool) -> tuple[_LP, list[int], list[str]]:
-        """The LP; ``fixed`` pins the placement to the initial one (no swaps)."""
+    # Suffix checkpoints: every ``ck_every`` slots; the run ends at horizon_at.
+    slot_start = edges_a[:-1]
+    pool_cnt = [float(p.count) for p in pools]
+
+    def build() -> tuple[_LP, list[int], list[str]]:
+        """The LP: per pool, prefill work in the blocks of a segment tree and all work from
+        each checkpoint on fit in the pool's instance-seconds (step 4)."""
         lp = _LP()
         y_class: list[str] = []  # class of each y variable, by position in y_vars
         y_vars: list[int] = []
-        # per (pool, model): own work per tree node, suffix work per checkpoint
-        own: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
-        suff_c: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
-        suff_m: dict[tuple[int, str], dict[int, tuple[list[int], list[float]]]] = {}
-        nb = len(buckets)
-        for bi, ((cls, model, win, _, _), members) in enumerate(buckets.items()):
+        # per pool: own work per tree node, suffix work per checkpoint
+        own: list[dict[int, tuple[list[int], list[float]]]] = [{} for _ in pools]
+        suffix: list[list[dict[int, tuple[list[int], list[float]]]]] = [
+            [{}, {}, {}] for _ in pools]  # compute, memory by seats, memory by KV
+        nb = len(groups)
+        for gi, ((cls, _model, win), members) in enumerate(groups.items()):
             ys = []
+            toks = tokens[gi]
+            spread = float(toks[-1]) > float(toks[0]) * 1.02
+            ts = []
             for g, w in enumerate(win):
                 if w is None:
                     continue
-                ns = [needs[k][g] for k in members]
-                pre = min(x.prefill_work_s for x in ns)
-                comp = min(x.compute_work_s for x in ns)
-                mem = min(x.memory_work_s for x in ns)
+                comp_s, mem_s, kvw_s = charges[gi, g]
+                a, b = prefill_rate[gi, g]
                 y = lp.var(ub=float(len(members)))
                 ys.append(y)
                 y_vars.append(y)
                 y_class.append(cls)
-                key = (g, model)
+                # prefill work on this pool >= a·(its prefill tokens) + b·(its requests)
+                if spread:
+                    t_i, t_c = _cheapest(lp, y, toks)
+                    ts.append(t_i[0])
+                    pre_i, pre_c = [t_i[0], y], [a, b]
+                else:
+                    pre_i, pre_c = [y], [a * float(toks[0]) + b]
+                pre_cap = a * float(toks.sum()) + b * len(members)
                 pieces = _pieces(w[0], w[1], size)
-                node_own = own.setdefault(key, {})
+                node_own = own[g]
                 if len(pieces) == 1:
                     vi, vc = node_own.setdefault(pieces[0], ([], []))
-                    vi.append(y)
-                    vc.append(pre)
+                    vi.extend(pre_i)
+                    vc.extend(pre_c)
                 else:
-                    idx, cf = [y], [-pre]
+                    idx, cf = list(pre_i), [-c for c in pre_c]
                     for nd in pieces:
-                        v = lp.var(ub=pre * len(members))
+                        v = lp.var(ub=pre_cap)
                         vi, vc = node_own.setdefault(nd, ([], []))
                         vi.append(v)
                         vc.append(1.0)
@@ -611,118 +747,59 @@ def compute_bound(
                         cf.append(1.0)
                     lp.row(idx, cf, lo=0.0, hi=0.0)
                 blk = w[0] // ck_every
-                for table, amount in ((suff_c, comp), (suff_m, mem)):
-                    ti, tc = table.setdefault(key, {}).setdefault(blk, ([], []))
+                for table, sorted_w in zip(suffix[g], (comp_s, mem_s, kvw_s)):
+                    ti, tc = table.setdefault(blk, ([], []))
                     ti.append(y)
-                    tc.append(amount)
+                    tc.append(float(sorted_w[0]))  # the group's cheapest, for each one
             if ys:
                 lp.row(ys, [1.0] * len(ys), hi=float(len(members)))
-            if progress and bi % max(1, nb // 50) == 0:
-                progress("build LP", bi, nb + len(pools))
+            if len(ts) > 1:
+                # The pools' sets are disjoint: together they hold at least the tokens of
+                # the (Σ y) smallest prompts, not the y smallest on every pool.
+                _cheapest_joint(lp, ys, ts, toks)
+            if progress and gi % max(1, nb // 50) == 0:
+                progress("build LP", gi, nb + len(pools))
 
-        # Model placement, swap credit, held time per pool and model.
-        for g, p in enumerate(pools):
-            cnt = float(p.count)
-            models = sorted(set(p.models) | set(p.init))
-            held: dict[str, list[int]] = {}  # prefix of held seconds per slot
-            incs: dict[str, list[int]] = {}  # rise of the epoch average, per epoch
-            ws: dict[str, list[int]] = {}
-            for m in models:
-                if fixed:
-                    k0 = float(p.init.get(m, 0))
-                    ws[m] = [lp.var(ub=k0, lb=k0) for _ in range(n_slots)]
-                else:
-                    ws[m] = [lp.var(ub=cnt) for _ in range(n_slots)]
-                held[m] = [lp.var(ub=cnt * horizon_at) for _ in range(n_slots)]
-                incs[m] = [lp.var(ub=cnt) for _ in range(n_ep)]
-                prev_h = None
-                for t in range(n_slots):
-                    idx = [held[m][t], ws[m][t]] + ([prev_h] if prev_h is not None else [])
-                    cf = [1.0, -float(slot_len[t])] + ([-1.0] if prev_h is not None else [])
-                    lp.row(idx, cf, lo=0.0, hi=0.0)
-                    prev_h = held[m][t]
-                # inc[e] >= avg[e] - avg[e-1], the epoch averages of the instances holding m
-                for e in range(n_ep):
-                    idx, cf = [incs[m][e]], [-1.0]
-                    for ee, sign in ((e, 1.0), (e - 1, -1.0)):
-                        if ee < 0:
-                            continue
-                        t0, t1 = ep_first[ee], ep_first[ee + 1] - 1
-                        scale = sign / ep_len[ee]
-                        idx.append(held[m][t1])
-                        cf.append(scale)
-                        if t0 > 0:
-                            idx.append(held[m][t0 - 1])
-                            cf.append(-scale)
-                    lp.row(idx, cf, hi=float(p.init.get(m, 0)) if e == 0 else 0.0)
-            uss = []
-            for t in range(n_slots):
-                us = lp.var(ub=cnt * float(slot_len[t]))
-                uss.append(us)
-                idx = [ws[m][t] for m in models] + [us]
-                cf = [float(slot_len[t])] * len(models) + [1.0]
-                lp.row(idx, cf, hi=cnt * float(slot_len[t]))
-            # Swap credit: swapping time up to the end of epoch e pays for every rise so far.
-            prev_cr = None
-            for e in range(n_ep):
-                cr = lp.var(ub=cnt * horizon_at)
-                idx = [cr] + uss[ep_first[e]:ep_first[e + 1]]
-                cf = [1.0] + [-1.0] * (ep_first[e + 1] - ep_first[e])
-                idx += [incs[m][e] for m in models if m in p.models]
-                cf += [p.models[m].swap_s for m in models if m in p.models]
-                if prev_cr is not None:
-                    idx.append(prev_cr)
-                    cf.append(-1.0)
-                lp.row(idx, cf, hi=0.0)
-                prev_cr = cr
-
-            def held_terms(m: str, s: int, e: int) -> tuple[list[int], list[float]]:
-                hs = held[m]
-                if s <= 0:
-                    return [hs[e]], [1.0]
-                return [hs[e], hs[s - 1]], [1.0, -1.0]
-
-            # Segment-tree capacity (prefill windows).
-            for m in p.models:
-                node_own = own.get((g, m))
-                if not node_own:
+        for g in range(len(pools)):
+            cnt = pool_cnt[g]
+            # Segment-tree capacity (prefill windows): the work of the windows inside a node
+            # fits in the node's instance-seconds.
+            node_own = own[g]
+            active = set()
+            for nd in node_own:
+                while nd >= 1 and nd not in active:
+                    active.add(nd)
+                    nd >>= 1
+            sub: dict[int, int] = {}
+            for nd in sorted(active, reverse=True):
+                kids = [sub[c] for c in (2 * nd, 2 * nd + 1) if c in sub]
+                mine = node_own.get(nd)
+                if mine is None and len(kids) == 1:
+                    sub[nd] = kids[0]  # same work; the child's (smaller) capacity rules
                     continue
-                active = set()
-                for nd in node_own:
-                    while nd >= 1 and nd not in active:
-                        active.add(nd)
-                        nd >>= 1
-                sub: dict[int, int] = {}
-                for nd in sorted(active, reverse=True):
-                    kids = [sub[c] for c in (2 * nd, 2 * nd + 1) if c in sub]
-                    mine = node_own.get(nd)
-                    if mine is None and len(kids) == 1:
-                        sub[nd] = kids[0]
-                        continue
-                    s, e = _node_range(nd, size)
-                    e = min(e, n_slots - 1)
-                    wv = lp.var(ub=cnt * horizon_at)
-                    idx = list(mine[0]) if mine else []
-                    cf = list(mine[1]) if mine else []
-                    lp.row(idx + kids + [wv], cf + [1.0] * len(kids) + [-1.0], hi=0.0)
-                    hi_idx, hi_cf = held_terms(m, s, e)
-                    lp.row([wv] + hi_idx, [1.0] + [-c for c in hi_cf], hi=0.0)
-                    sub[nd] = wv
-                # Suffix capacity (all work of requests released from a checkpoint on).
-                for table in (suff_c, suff_m):
-                    blocks = table.get((g, m))
-                    if not blocks:
-                        continue
-                    nxt = None
-                    for blk in range(max(blocks), -1, -1):
-                        rv = lp.var(ub=cnt * horizon_at * 10.0)
-                        bi_, bc_ = blocks.get(blk, ([], []))
-                        idx = list(bi_) + ([nxt] if nxt is not None else []) + [rv]
-                        cf = list(bc_) + ([1.0] if nxt is not None else []) + [-1.0]
-                        lp.row(idx, cf, hi=0.0)
-                        hi_idx, hi_cf = held_terms(m, blk * ck_every, n_slots - 1)
-                        lp.row([rv] + hi_idx, [1.0] + [-c for c in hi_cf], hi=0.0)
-                        nxt = rv
+                s, e = _node_range(nd, size)
+                e = min(e, n_slots - 1)
+                cap = cnt * float(edges_a[e + 1] - edges_a[s])
+                wv = lp.var(ub=cap)
+                idx = list(mine[0]) if mine else []
+                cf = list(mine[1]) if mine else []
+                lp.row(idx + kids + [wv], cf + [1.0] * len(kids) + [-1.0], lo=0.0, hi=0.0)
+                sub[nd] = wv
+            # Suffix capacity: all work of requests released from a checkpoint on fits in the
+            # pool's instance-seconds from the checkpoint to the run's end.
+            for table in suffix[g]:
+                if not table:
+                    continue
+                nxt = None
+                for blk in range(max(table), -1, -1):
+                    cap = cnt * float(horizon_at - slot_start[min(blk * ck_every,
+                                                                  n_slots - 1)])
+                    rv = lp.var(ub=max(0.0, cap))
+                    bi_, bc_ = table.get(blk, ([], []))
+                    idx = list(bi_) + ([nxt] if nxt is not None else []) + [rv]
+                    cf = list(bc_) + ([1.0] if nxt is not None else []) + [-1.0]
+                    lp.row(idx, cf, lo=0.0, hi=0.0)
+                    nxt = rv
             if progress:
                 progress("build LP", nb + g + 1, nb + len(pools))
         return lp, y_vars, y_class
@@ -751,38 +828,26 @@ def compute_bound(
                         c or "all classes", st, val)
         return val
 
-    # Fast path: with the placement pinned to the initial one the LP can only be lower; when
-    # it already puts every request that passes step 1 on time, so does the full LP.
-    lp, y_vars, y_class = build(True)
+    lp, y_vars, y_class = build()
     build_s = time.perf_counter() - t_build
-    if progress:
-        progress("solve LP", 0, len(todo) + 1)
     lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
-               "buckets": len(buckets), "pools": len(pools), "placement": "initial"}
-    fixed_val, fixed_s = _primal_of_fixed(lp, y_vars, time_limit_s)
-    solve_s += fixed_s
-    if fixed_val is not None and fixed_val >= iso_total - 1e-6:
-        results = {c: float(iso_total if c is None else iso_cls[c]) for c in todo}
-    else:
-        t_b = time.perf_counter()
-        lp, y_vars, y_class = build(False)
-        build_s += time.perf_counter() - t_b
-        lp_size = {"variables": lp.num_vars, "rows": lp.num_rows, "nonzeros": len(lp.coef),
-                   "buckets": len(buckets), "pools": len(pools), "placement": "free"}
-        log.info("bound LP: %d vars, %d rows, %d nonzeros, %d buckets, %d slots of %.3f s",
-                 lp.num_vars, lp.num_rows, len(lp.coef), len(buckets), n_slots, slot_s)
-        for i, c in enumerate(todo):
-            if progress:
-                progress("solve LP", i + 1, len(todo) + 1)
-            results[c] = solve(lp, y_vars, y_class, c)
-            if results[c] is None:
-                status = "isolation"
-            if c is None and results[c] is not None and results[c] >= iso_total - 1e-6:
-                # every request passing step 1 fits at once: each class's bound is its own
-                results.update({k: float(iso_cls[k]) for k in todo if k is not None})
-                break
+               "groups": len(groups), "pools": len(pools)}
+    log.info("bound LP: %d vars, %d rows, %d nonzeros, %d groups, %d slots of %.3f s",
+             lp.num_vars, lp.num_rows, len(lp.coef), len(groups), n_slots, slot_s)
     if progress:
-        progress("solve LP", len(todo) + 1, len(todo) + 1)
+        progress("solve LP", 0, len(todo))
+    for i, c in enumerate(todo):
+        results[c] = solve(lp, y_vars, y_class, c)
+        if progress:
+            progress("solve LP", i + 1, len(todo))
+        if results[c] is None:
+            status = "isolation"
+        if c is None and results[c] is not None and results[c] >= iso_total - 1e-6:
+            # every request passing step 1 fits at once: each class's bound is its own
+            results.update({k: float(iso_cls[k]) for k in todo if k is not None})
+            break
+    if progress:
+        progress("solve LP", len(todo), len(todo))
 
     def whole(v: float | None, cap: int) -> int:
         # A run's on-time count is an integer: floor, with room for LP round-off.

@@ -8,6 +8,7 @@ priority order) and against every policy, on random tiny instances.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import subprocess
 import sys
@@ -320,3 +321,62 @@ def test_cli_bound_and_whatif_bound(tmp_path):
         for c in ("interactive", "batch"):
             assert rep["bound"]["per_class"][c]["slo_attainment"] >= \
                 m["per_class"][c]["slo_attainment"]
+
+
+def test_kv_capacity_charge_hand_worked():
+    """Three 10,000-token prompts of llama-3.1-8b on one A10 (46,208 KV tokens), a TTFT
+    target far away and a short drain, so that only the work before the run's end matters.
+
+    Decoding 399 tokens reads ``kv = 399·10,000 + 399·398/2`` KV tokens; an iteration lasts
+    at least ``overhead + m0 + m_kv·KV`` and holds at most 46,208 KV tokens, so each decode
+    costs at least ``((overhead + m0)/46,208 + m_kv)·kv`` ≈ 4.4 s. The drain makes the run
+    1.5 such decodes long: U = 1/3, where the compute and per-seat charges (2.7 s and 3.0 s)
+    would allow 2/3."""
+    fleet = _fleet([{"gpu": "A10", "model": "llama-3.1-8b", "count": 1}])
+    im = iteration_model(fleet.catalog, "llama-3.1-8b", "A10", 1, fleet.perf)
+    eng = fleet.engine
+    cap = fleet.catalog.kv_capacity_tokens("llama-3.1-8b", "A10", 1)
+    k_tok = (cap // eng.block_size) * eng.block_size
+    p, o = 10_000, 400
+    n_dec = o - 1
+    kv = n_dec * p + n_dec * (n_dec - 1) / 2
+    kv_charge = ((im.overhead_s + im.m0) / k_tok + im.m_kv) * kv
+    per_tok = im.c_tok + im.overhead_s / eng.max_num_batched_tokens
+    compute = per_tok * (p + n_dec)
+    longest = im.iteration_s(eng.max_num_batched_tokens, cap, eng.max_num_seqs) + im.overhead_s
+    drain = 1.5 * kv_charge - longest  # the run: last arrival + drain + one last iteration
+    assert 2 * compute < drain + longest < 2 * kv_charge  # only the KV charge bites
+    wl = _workload({"batch": {"ttft_s": 100.0, "share": 1}}, {"llama-3.1-8b": 1.0})
+    spec = [(0.0, "llama-3.1-8b", "batch", p, o) for _ in range(3)]
+    res = compute_bound(_fresh(spec, wl), wl, fleet, drain_s=drain)
+    assert res.isolation == 1.0
+    assert res.num_on_time_max == 1
+    for name in ("fcfs", "edf"):
+        m = run_policy(name, fleet, wl, _fresh(spec, wl), drain_s=drain,
+                       track_rwt=False).metrics
+        assert res.slo_attainment >= m["slo_attainment"], name
+
+
+def test_windows_do_not_reach_into_the_drain():
+    """100 prompts of 6,000 tokens in 5 s, each due within 10 s, on one A10, with an hour of
+    drain: only about 60 prefills fit before the last deadline. (Widening a window into the
+    tail slot, the drain, used to let all of them fit: U was 100%.)"""
+    fleet = _fleet([{"gpu": "A10", "model": "llama-3.2-1b", "count": 1}])
+    wl = _workload({"batch": {"ttft_s": 10.0, "share": 1}}, {"llama-3.2-1b": 1.0})
+    spec = [(round(0.05 * k, 3), "llama-3.2-1b", "batch", 6000, 5) for k in range(100)]
+    res = compute_bound(_fresh(spec, wl), wl, fleet, drain_s=3600.0)
+    im = iteration_model(fleet.catalog, "llama-3.2-1b", "A10", 1, fleet.perf)
+    per = 6000 * (im.c_tok + im.overhead_s / fleet.engine.max_num_batched_tokens)
+    assert res.isolation == 1.0
+    assert res.num_on_time_max <= math.ceil(15.0 / per) + 2
+    assert res.slo_attainment < 0.8
+    for name in POLICIES:
+        m = run_policy(name, fleet, wl, _fresh(spec, wl), drain_s=3600.0,
+                       track_rwt=False).metrics
+        assert res.slo_attainment >= m["slo_attainment"], name
+
+
+def test_cli_time_limit_default_is_20_s():
+    p = _cli("bound", "--help")
+    assert p.returncode == 0
+    assert "--time-limit" in p.stdout and "20.0" in p.stdout
