@@ -216,8 +216,10 @@ def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
     p.num_workers = preset.num_workers
     if preset.deterministic and preset.time_limit_s > 0:
         p.max_deterministic_time = preset.time_limit_s
-        # a safety net only: hit on a loaded machine, it makes the run non-reproducible
-        p.max_time_in_seconds = max(2.0, 50 * preset.time_limit_s)
+        # A safety net only: where it is hit the run is no longer reproducible. On a 2-core
+        # machine at load 9, 0.1 deterministic s took 2 s of wall time (the old net was
+        # max(1, 20 x limit) s and was hit in most hard epochs).
+        p.max_time_in_seconds = max(10.0, 100 * preset.time_limit_s)
         p.num_workers = 1  # one worker is deterministic, and cheaper per deterministic second
     else:
         p.max_time_in_seconds = preset.time_limit_s
@@ -611,77 +613,42 @@ class KnapsackModel:
         for lits in per_inst.values():
             m.add_exactly_one(lits)
         # Jackson's rule per (instance, model) block, one constraint per level.
-        self.loads: list[tuple[cp_model.IntVar, int, int]] = []
         if not len(self.y_pairs):
             return
         rows, cols = self.y_pairs[:, 0], self.y_pairs[:, 1]
         svc = self.service[rows, cols]
         cuts = np.flatnonzero(np.diff(self.y_block)) + 1
         spans = list(zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(rows)]))))
-        # Prefix sums are chained through integer load variables, one per level that gets a
-        # constraint: load[n] = load[n-1] + (service * y of the levels in between). Each y
-        # appears in one chain equation instead of in every later level's constraint (5,880
-        # -> ~900 nonzeros on a 256-group epoch); the LP relaxation and the bounds
-        # propagation are the same, each search step is cheaper. `self.loads` keeps
-        # (variable, first row, end row) of each load for the hint.
-        self.svc = svc
-        # instance column -> (load variable, total service) of its current model's groups
-        current: dict[int, tuple[cp_model.IntVar, int]] = {}
-        pending: list[tuple] = []
+        # instance column -> (y literals, services) of its current model's groups
+        current: dict[int, tuple[list, list[int]]] = {}
         for lo, hi in spans:
             c, k = int(cols[lo]), int(self.g_model[rows[lo]])
             if k == self.cur[c]:
-                pending.insert(0, (lo, hi))  # current blocks first: the others refer to them
-            else:
-                pending.append((lo, hi))
-        for lo, hi in pending:
+                current[c] = (self.y[lo:hi], svc[lo:hi].tolist())
+        for lo, hi in spans:
             c, k = int(cols[lo]), int(self.g_model[rows[lo]])
             base = int(self.busy[c] + self.swap[c, k])
             lv = self.y_level_ms[lo:hi]
             sv = svc[lo:hi]
             cum = np.cumsum(sv)
+            lits = self.y[lo:hi]
             w = self.hold[c, k]
             ends = np.flatnonzero(np.diff(np.append(lv, -1))) + 1  # end of each level's run
             first = current.get(c) if k != self.cur[c] else None
-            first_total = first[1] if first else 0
-            prev: tuple[cp_model.IntVar, int] | None = None  # (load, end) of the last one
-
-            def load_to(end: int, prev=None, lo=lo, sv=sv, cum=cum, c=c, k=k):
-                start = 0 if prev is None else prev[1]
-                v = m.new_int_var(0, int(cum[end - 1]), f"load[i{self.insts[c].id},{k},{end}]")
-                terms = list(self.y[lo + start:lo + end])
-                coefs = sv[start:end].tolist()
-                if prev is not None:
-                    terms.append(prev[0])
-                    coefs.append(1)
-                m.add(_LinearExpr.weighted_sum(terms, coefs) == v)
-                self.loads.append((v, lo, lo + end))
-                return v
-
+            first_total = sum(first[1]) if first else 0
             for n, end in enumerate(ends):
                 cap = max(0, int(lv[end - 1]) - base)
-                last = n == len(ends) - 1
                 if k == self.cur[c]:
                     # served first, whatever the instance holds at the end
                     if cum[end - 1] > cap:
-                        v = load_to(end, prev)
-                        prev = (v, end)
-                        m.add(v <= cap)
-                    if last:
-                        v = prev[0] if prev is not None and prev[1] == end else load_to(end, prev)
-                        current[c] = (v, int(cum[-1]))
+                        m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap)
                     continue
-                need_w = last or cum[end - 1] > cap
-                need_f = bool(first) and first_total + cum[end - 1] > cap
-                if not (need_w or need_f):
-                    continue
-                v = load_to(end, prev)
-                prev = (v, end)
-                if need_w:
-                    m.add(_LinearExpr.weighted_sum([v, w], [1, -cap]) <= 0)
-                if need_f:
-                    m.add(_LinearExpr.weighted_sum([first[0], v, w], [1, 1, first_total - cap])
-                          <= first_total)
+                if n == len(ends) - 1 or cum[end - 1] > cap:
+                    m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap * w)
+                if first and first_total + cum[end - 1] > cap:
+                    terms = [*first[0], *lits[:end], w]
+                    coefs = [*first[1], *sv[:end].tolist(), first_total - cap]
+                    m.add(_LinearExpr.weighted_sum(terms, coefs) <= first_total)
 
     def _add_objective(self) -> None:
         """On-time weight less swaps, in group-weight units: the plan's primary objective
@@ -751,10 +718,6 @@ class KnapsackModel:
         # variable cost ~20 us each, ~10% of the build.
         hint_vars: list[int] = self.y_index.tolist()
         hint_vals: list[int] = y_val.astype(np.int64).tolist()
-        if self.loads:
-            part = np.concatenate(([0], np.cumsum(np.where(y_val, self.svc, 0))))
-            hint_vars += [v.index for v, _lo, _end in self.loads]
-            hint_vals += [int(part[end] - part[lo]) for _v, lo, end in self.loads]
         hint_vars += [lit.index for lit in self.hold.values()]
         hint_vals += [int(hold_val[key]) for key in self.hold]
         m.proto.solution_hint.vars.extend(hint_vars)
