@@ -216,7 +216,10 @@ def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
     p.num_workers = preset.num_workers
     if preset.deterministic and preset.time_limit_s > 0:
         p.max_deterministic_time = preset.time_limit_s
-        p.max_time_in_seconds = max(1.0, 20 * preset.time_limit_s)  # a safety net only
+        # A safety net only: where it is hit the run is no longer reproducible. On a 2-core
+        # machine at load 9, 0.1 deterministic s took 2 s of wall time (the old net was
+        # max(1, 20 x limit) s and was hit in most hard epochs).
+        p.max_time_in_seconds = max(10.0, 100 * preset.time_limit_s)
         p.num_workers = 1  # one worker is deterministic, and cheaper per deterministic second
     else:
         p.max_time_in_seconds = preset.time_limit_s
@@ -663,7 +666,12 @@ class KnapsackModel:
             if k is not None and self.models[k] != cur_model and swap_cost:
                 terms.append(lit)
                 coefs.append(-swap_cost)
-        self.model.maximize(_LinearExpr.weighted_sum(terms, coefs))
+        # Written into the proto directly (what `maximize` writes: negated coefficients,
+        # scaling factor -1): `maximize` over ~1,000 terms took ~4 ms of the build.
+        obj = self.model.proto.objective
+        obj.vars.extend([v.index for v in terms])
+        obj.coeffs.extend([-c for c in coefs])
+        obj.scaling_factor = -1.0
 
     # ---------------------------------------------------------------- hint and answer
     def add_hint(self, sequences: Mapping[int, Sequence[str]]) -> None:
@@ -706,10 +714,14 @@ class KnapsackModel:
                     if total + s <= level - base:
                         total += s
                         y_val[j] = True
-        for j, v in enumerate(self.y):
-            m.add_hint(v, bool(y_val[j]))
-        for key, lit in self.hold.items():
-            m.add_hint(lit, hold_val[key])
+        # A complete hint (every variable), written in bulk: one `add_hint` call per
+        # variable cost ~20 us each, ~10% of the build.
+        hint_vars: list[int] = self.y_index.tolist()
+        hint_vals: list[int] = y_val.astype(np.int64).tolist()
+        hint_vars += [lit.index for lit in self.hold.values()]
+        hint_vals += [int(hold_val[key]) for key in self.hold]
+        m.proto.solution_hint.vars.extend(hint_vars)
+        m.proto.solution_hint.values.extend(hint_vals)
 
     def read_sequences(self, values: np.ndarray) -> dict[int, list[str]]:
         """On-time groups per instance in EDF order, then the late groups appended by the

@@ -158,19 +158,24 @@ class QLMPolicy(QLMRWTPolicy):
 
     # -- the planning epoch ------------------------------------------------------------------
     def _add_plan_group(self, pgroups: list, members: dict, gs: list, out_tokens: float,
-                        prompt: int, slack_ms: int, service_of) -> None:
-        """One planning group for the queue groups ``gs`` (same model and class)."""
+                        prompt: int, slack_ms: int, service_of, size: int | None = None
+                        ) -> None:
+        """One planning group for the queue groups ``gs`` (same model and class); ``size``
+        is their summed size when the caller has it."""
         g = gs[0]
-        service = service_of(g.model, out_tokens, float(prompt))
+        model = g.model
+        service = service_of(model, out_tokens, float(prompt))
         if not service:
             return
         cw = self._class_weight.get(g.slo_class, 1.0)
         gid = str(g.id) if len(gs) == 1 else f"a{g.id}+{len(gs) - 1}"
         prev = g.instance_id if g.instance_id != UNPLACED else None
         weight = sum(group_weight(x, cw) for x in gs)
+        if size is None:
+            size = sum(x.size for x in gs)
         # A TTFT deadline: the group must *start* by then, so it may end one service later,
         # on whichever instance serves it.
-        pgroups.append(PlanGroup(gid, g.model, sum(x.size for x in gs), weight,
+        pgroups.append(PlanGroup(gid, model, size, weight,
                                  slack_ms + min(service.values()), service, prev,
                                  start_deadline_ms=slack_ms))
         members[gid] = gs
@@ -228,8 +233,12 @@ class QLMPolicy(QLMRWTPolicy):
                 (a, b): ms for b, ms in to_ms.items() for a in (allowed | {held}) if a != b
             }
 
-        def service_of(model: str, out_tokens: float, prompt: float) -> dict[int, int]:
-            service: dict[int, int] = {}
+        # (seats, iteration s, prefill s per token) per (instance, model), fixed for the
+        # epoch: computed once, not once per group (hundreds of groups at overload)
+        rates: dict[str, list[tuple[int, float, float, float]]] = {}
+
+        def rates_of(model: str) -> list[tuple[int, float, float, float]]:
+            out = []
             for iid, (seats, iter_s, c_tok, inst) in per_inst.items():
                 pinst = insts[iid]
                 if model != pinst.current_model and not (
@@ -240,8 +249,15 @@ class QLMPolicy(QLMRWTPolicy):
                     s, it, ct = self._nominal(inst, model)
                 else:
                     s, it, ct = seats, iter_s, c_tok
-                service[iid] = max(1, int(1000 * (out_tokens * it / s + prompt * ct)))
-            return service
+                out.append((iid, s, it, ct))
+            return out
+
+        def service_of(model: str, out_tokens: float, prompt: float) -> dict[int, int]:
+            r = rates.get(model)
+            if r is None:
+                r = rates[model] = rates_of(model)
+            return {iid: max(1, int(1000 * (out_tokens * it / s + prompt * ct)))
+                    for iid, s, it, ct in r}
 
         # Queue groups far from their deadline are planned in aggregates of equal (model,
         # class, instance, deadline level): the planner's size follows the number of
@@ -254,31 +270,34 @@ class QLMPolicy(QLMRWTPolicy):
         min_ms = int(1000 * self.aggregate_min_slack_s)
         log_step = math.log(1.0 + self.aggregate_level_ratio)
         for g in groups:
+            model, deadline_at, size = g.model, g.deadline_at, g.size
             reqs = g.requests()
             if self.clairvoyant:
                 out_tokens = float(sum(r.output_tokens - r.num_generated for r in reqs))
             else:
-                mu = self.est.stats_for(g.model, g.bucket).mean
+                mu = self.est.stats_for(model, g.bucket).mean
                 out_tokens = float(sum(max(mu - r.num_generated, 1.0) for r in reqs))
-            slack_ms = int((g.deadline_at - now) * 1000)
+            slack_ms = int((deadline_at - now) * 1000)
             if slack_ms >= min_ms and self.aggregate_min_slack_s > 0:
-                key = (g.model, g.slo_class, g.instance_id, int(math.log(slack_ms) / log_step))
+                key = (model, g.slo_class, g.instance_id, int(math.log(slack_ms) / log_step))
                 bucket = agg.setdefault(key, [])
                 if not bucket or bucket[-1][1] >= self.aggregate_max_size:
-                    bucket.append([[], 0, 0.0, 0])  # groups, size, out tokens, prompt tokens
+                    # groups, size, out tokens, prompt tokens, earliest deadline
+                    bucket.append([[], 0, 0.0, 0, math.inf])
                 b = bucket[-1]
                 b[0].append(g)
-                b[1] += g.size
+                b[1] += size
                 b[2] += out_tokens
                 b[3] += g.prompt_tokens
+                b[4] = min(b[4], deadline_at)
                 continue
             self._add_plan_group(pgroups, members, [g], out_tokens, g.prompt_tokens,
-                                 slack_ms, service_of)
+                                 slack_ms, service_of, size)
         for bucket in agg.values():
-            for gs, _size, out_tokens, prompt in bucket:
-                slack_ms = int((min(g.deadline_at for g in gs) - now) * 1000)
+            for gs, size, out_tokens, prompt, first_due in bucket:
+                slack_ms = int((first_due - now) * 1000)
                 self._add_plan_group(pgroups, members, gs, out_tokens, prompt, slack_ms,
-                                     service_of)
+                                     service_of, size)
         self._members = members
         pgroups.extend(self._forecast_groups(now, service_of))
         if not pgroups:
