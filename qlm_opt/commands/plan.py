@@ -27,9 +27,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from qlm_opt.planner import PlanningInstance, load_preset, solve, validate_plan
+        from qlm_opt.planner import PlanningProblem, load_preset, solve, validate_plan
 
-        inst = PlanningInstance.load(snapshot)
+        inst = PlanningProblem.load(snapshot)
         pre = load_preset(preset)
         if time_limit is not None:
             if time_limit < 0:

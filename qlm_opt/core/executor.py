@@ -45,7 +45,7 @@ from qlm_opt.core.queue import UNPLACED, GlobalQueue, RequestGroup
 from qlm_opt.core.instance import InstanceState
 
 if TYPE_CHECKING:
-    from qlm_opt.planner import Plan, PlanningInstance
+    from qlm_opt.planner import Plan, PlanningProblem
     from qlm_opt.core.instance import Instance
     from qlm_opt.core.runtime import Runtime
 
@@ -289,7 +289,7 @@ class Executor:
         return self.swap(victim, model, rt.now())
 
     # -- plans -------------------------------------------------------------------------------
-    def apply(self, plan: Plan, pi: PlanningInstance, now_at: float,
+    def apply(self, plan: Plan, pi: PlanningProblem, now_at: float,
               members: Mapping[str, Sequence[RequestGroup]] | None = None) -> Counter[str]:
         """Issue the LSOs that move the fleet towards ``plan``; returns this epoch's counts.
         ``members`` maps a planning group's id to the queue groups it stands for (the

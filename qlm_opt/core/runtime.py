@@ -36,6 +36,11 @@ class Timers(Protocol):
     def call_at(self, at: float, fn: Callable, *args) -> None:
         """Run ``fn(*args)`` at clock time ``at`` (FIFO among equal times)."""
 
+    def offload(self, fn: Callable, args: tuple, on_done: Callable) -> None:
+        """Run the pure function ``fn(*args)`` (a planning solve), then ``on_done(result)``.
+        The simulator does both at once, at the current clock time; the live host runs
+        ``fn`` on a worker thread and ``on_done`` back on its loop when it is done."""
+
 
 class Runtime:
     """Fleet control shared by every policy; see the module docstring."""

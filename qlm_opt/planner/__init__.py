@@ -1,4 +1,4 @@
-"""The planner: plain-data planning instance in, frozen Plan out.
+"""The planner: plain-data planning problem in, frozen Plan out.
 
 Public entry points: `solve` (CP-SAT, exact or EDF-knapsack), `fallback_plan` (EDF/greedy),
 `validate_plan` (independent checker) and `load_preset` (solver/*.toml). OR-Tools is imported
@@ -6,7 +6,7 @@ only when `qlm_opt.planner.cpsat` is, so importing the data types stays cheap.
 """
 
 from qlm_opt.planner.fallback import fallback_plan
-from qlm_opt.planner.problem import ObjectiveWeights, PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import ObjectiveWeights, PlanGroup, PlanInstance, PlanningProblem
 from qlm_opt.planner.plan import GroupTiming, InstancePlan, Plan, PlanStatus
 from qlm_opt.planner.presets import SolverPreset, load_preset
 from qlm_opt.planner.validator import ValidationReport, validate_plan
@@ -15,7 +15,7 @@ __all__ = [
     "ObjectiveWeights",
     "PlanGroup",
     "PlanInstance",
-    "PlanningInstance",
+    "PlanningProblem",
     "Plan",
     "PlanStatus",
     "InstancePlan",

@@ -23,7 +23,7 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from qlm_opt.planner.fallback import edf_key, fallback_plan, fallback_sequences
-from qlm_opt.planner.problem import SWAP_SCALE, PlanGroup, PlanningInstance
+from qlm_opt.planner.problem import SWAP_SCALE, PlanGroup, PlanningProblem
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences, sequence_objective
 from qlm_opt.planner.presets import SolverPreset
 
@@ -37,14 +37,14 @@ _LinearExpr = cp_model.LinearExpr
 
 # ============================================================================ entry point
 def solve(
-    instance: PlanningInstance,
+    instance: PlanningProblem,
     preset: SolverPreset | None = None,
     hint: Plan | None = None,
 ) -> Plan:
     """Plan one epoch.
 
     Args:
-        instance: the epoch's planning instance (times in ms from now). Its objective weights
+        instance: the epoch's planning problem (times in ms from now). Its objective weights
             are replaced by the preset's, which are the source of truth.
         preset: solver settings (default: `SolverPreset()`, close to solver/balanced.toml).
         hint: the previous epoch's plan, used as a warm start (`add_hint`) where it still
@@ -133,13 +133,13 @@ def solve(
     return plan
 
 
-def primary_objective(instance: PlanningInstance, plan: Plan) -> int:
+def primary_objective(instance: PlanningProblem, plan: Plan) -> int:
     """The objective without its completion-time tie-break: weight on time less swaps."""
     w = instance.weights
     return w.on_time * plan.on_time_weight - w.swap_penalty * plan.num_swaps
 
 
-def choose_formulation(instance: PlanningInstance, preset: SolverPreset) -> str:
+def choose_formulation(instance: PlanningProblem, preset: SolverPreset) -> str:
     """"exact" or "knapsack", from the preset (or by size under "auto")."""
     if preset.formulation != "auto":
         return preset.formulation
@@ -150,7 +150,7 @@ def _ms_since(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000.0
 
 
-def _hint_sequences(instance: PlanningInstance, hint: Plan | None,
+def _hint_sequences(instance: PlanningProblem, hint: Plan | None,
                     greedy: dict[int, list[str]] | None = None,
                     greedy_objective: int | None = None) -> dict[int, list[str]]:
     """A complete starting solution: the previous plan where it still applies, completed by
@@ -261,7 +261,7 @@ class ExactModel:
     Public attributes are for tests; use `read_sequences` to get the answer out.
     """
 
-    def __init__(self, instance: PlanningInstance) -> None:
+    def __init__(self, instance: PlanningProblem) -> None:
         self.instance = instance
         self.model = cp_model.CpModel()
         self.groups = list(instance.groups)
@@ -460,7 +460,7 @@ class KnapsackModel:
 
     def __init__(
         self,
-        instance: PlanningInstance,
+        instance: PlanningProblem,
         preset: SolverPreset,
         hint_sequences: Mapping[int, Sequence[str]] | None = None,
     ) -> None:

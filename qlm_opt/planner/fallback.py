@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from qlm_opt.planner.problem import PlanGroup, PlanningInstance
+from qlm_opt.planner.problem import PlanGroup, PlanningProblem
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences
 
 __all__ = ["edf_key", "fallback_sequences", "fallback_plan"]
@@ -30,14 +30,14 @@ def edf_key(g: PlanGroup) -> tuple[int, int, str]:
 
 
 def fallback_sequences(
-    instance: PlanningInstance,
+    instance: PlanningProblem,
     groups: Iterable[PlanGroup] | None = None,
     base: Mapping[int, Sequence[str]] | None = None,
 ) -> dict[int, list[str]]:
     """Greedy per-instance service orders.
 
     Args:
-        instance: the planning instance.
+        instance: the planning problem.
         groups: the groups to place (default: all of `instance.groups`).
         base: sequences already fixed (e.g. the solver's plan for the capped groups); the new
             groups are appended after them.
@@ -122,7 +122,7 @@ def fallback_sequences(
     return seqs
 
 
-def fallback_plan(instance: PlanningInstance, build_ms: float = 0.0) -> Plan:
+def fallback_plan(instance: PlanningProblem, build_ms: float = 0.0) -> Plan:
     """The EDF/greedy plan for every group, status FALLBACK."""
     if not instance.groups:
         return plan_from_sequences(instance, {}, PlanStatus.EMPTY, "fallback", build_ms=build_ms)

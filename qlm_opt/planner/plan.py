@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Mapping, Sequence
 
-from qlm_opt.planner.problem import SWAP_SCALE, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import SWAP_SCALE, PlanInstance, PlanningProblem
 
 __all__ = [
     "PlanStatus",
@@ -73,7 +73,7 @@ class Plan:
     """One epoch's decision.
 
     Attributes:
-        instances: one entry per instance of the planning instance, in its order.
+        instances: one entry per instance of the planning problem, in its order.
         timings: group id -> predicted timing (every group appears once). Do not mutate.
         status: see PlanStatus.
         objective: the plan's objective, recomputed from its timings (see ObjectiveWeights);
@@ -118,9 +118,6 @@ class Plan:
         """instance id -> group ids in service order."""
         return {ip.instance_id: ip.group_ids for ip in self.instances}
 
-    def instance_of(self, group_id: str) -> int:
-        return self.timings[group_id].instance_id
-
     @property
     def num_swaps(self) -> int:
         return sum(ip.num_swaps for ip in self.instances)
@@ -131,7 +128,7 @@ class Plan:
 
 
 def plan_from_sequences(
-    instance: PlanningInstance,
+    instance: PlanningProblem,
     sequences: Mapping[int, Sequence[str]],
     status: PlanStatus,
     formulation: str,
@@ -184,7 +181,7 @@ def plan_from_sequences(
     )
 
 
-def sequence_objective(instance: PlanningInstance, inst: PlanInstance, seq: Sequence[str]) -> int:
+def sequence_objective(instance: PlanningProblem, inst: PlanInstance, seq: Sequence[str]) -> int:
     """One instance's share of the objective for service order `seq` (compact timings).
 
     The objective is a sum over instances, so orders can be compared instance by instance.

@@ -1,10 +1,10 @@
-"""The planning instance: plain data handed to the planner once per epoch.
+"""The planning problem: plain data handed to the planner once per epoch.
 
 Everything here is integer milliseconds relative to "now" = 0, so the planner never reads a
 clock and a saved snapshot replays exactly. The caller (queue + RWT estimator) fills it in;
 the planner only reads it.
 
-A snapshot can be saved and loaded as JSON (`PlanningInstance.to_json` / `from_json`) for
+A snapshot can be saved and loaded as JSON (`PlanningProblem.to_json` / `from_json`) for
 `qlm-opt plan --snapshot S.json` and for regression tests; pydantic only lives at that edge.
 """
 
@@ -22,7 +22,7 @@ __all__ = [
     "PlanGroup",
     "PlanInstance",
     "ObjectiveWeights",
-    "PlanningInstance",
+    "PlanningProblem",
     "SWAP_SCALE",
     "REQUEST_WEIGHT",
 ]
@@ -46,7 +46,6 @@ class PlanGroup:
         deadline_ms: slack until the group's SLO deadline, ms from now; negative = already late.
         service_ms: instance id -> estimated service time (ms) of the whole group on it;
             only instances whose GPU fits the model appear. Do not mutate.
-        prev_instance: the instance the previous plan gave it, if any (only used for hints).
         release_ms: the group cannot start before this, ms from now (a forecast group of
             requests expected to arrive then); 0 for queued requests.
         start_deadline_ms: a time-to-first-token deadline, ms from now: the group is on time
@@ -61,7 +60,6 @@ class PlanGroup:
     weight: int
     deadline_ms: int
     service_ms: Mapping[int, int]
-    prev_instance: int | None = None
     release_ms: int = 0
     start_deadline_ms: int | None = None
 
@@ -123,7 +121,7 @@ class ObjectiveWeights:
 
 
 @dataclass(frozen=True, slots=True)
-class PlanningInstance:
+class PlanningProblem:
     """Everything the planner needs for one epoch.
 
     Attributes:
@@ -149,10 +147,10 @@ class PlanningInstance:
     def __post_init__(self) -> None:
         group_ids = [g.id for g in self.groups]
         if len(set(group_ids)) != len(group_ids):
-            raise ValueError("duplicate group ids in planning instance")
+            raise ValueError("duplicate group ids in planning problem")
         inst_ids = [i.id for i in self.instances]
         if len(set(inst_ids)) != len(inst_ids):
-            raise ValueError("duplicate instance ids in planning instance")
+            raise ValueError("duplicate instance ids in planning problem")
         known = set(inst_ids)
         for g in self.groups:
             if g.weight < 0 or g.size < 0:
@@ -206,9 +204,9 @@ class PlanningInstance:
     def instance_by_id(self) -> dict[int, PlanInstance]:
         return {i.id: i for i in self.instances}
 
-    def with_weights(self, weights: ObjectiveWeights) -> PlanningInstance:
+    def with_weights(self, weights: ObjectiveWeights) -> PlanningProblem:
         """The same instance with other objective weights (presets carry their own)."""
-        return PlanningInstance(
+        return PlanningProblem(
             self.groups,
             self.instances,
             self.swap_ms,
@@ -217,9 +215,9 @@ class PlanningInstance:
             weights,
         )
 
-    def subset(self, group_ids: set[str]) -> PlanningInstance:
+    def subset(self, group_ids: set[str]) -> PlanningProblem:
         """The same fleet with only the named groups."""
-        return PlanningInstance(
+        return PlanningProblem(
             tuple(g for g in self.groups if g.id in group_ids),
             self.instances,
             self.swap_ms,
@@ -234,7 +232,7 @@ class PlanningInstance:
         return _SnapshotModel.from_instance(self).model_dump_json(indent=1)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "<snapshot>") -> PlanningInstance:
+    def from_json(cls, text: str, source: str = "<snapshot>") -> PlanningProblem:
         """Parse a snapshot; raises ConfigError naming `source` and the bad field."""
         try:
             snap = _SnapshotModel.model_validate_json(text)
@@ -247,7 +245,7 @@ class PlanningInstance:
             raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> PlanningInstance:
+    def load(cls, path: str | Path) -> PlanningProblem:
         """Read a snapshot JSON file."""
         p = Path(path)
         try:
@@ -266,7 +264,6 @@ class _GroupModel(BaseModel):
     weight: int
     deadline_ms: int
     service_ms: dict[int, int]
-    prev_instance: int | None = None
     release_ms: int = 0
     start_deadline_ms: int | None = None
 
@@ -297,7 +294,7 @@ class _WeightsModel(BaseModel):
 
 
 class _SnapshotModel(BaseModel):
-    """JSON layout of a saved planning instance. Swap times are a list because JSON object
+    """JSON layout of a saved planning problem. Swap times are a list because JSON object
     keys cannot be (from, to) pairs."""
 
     model_config = ConfigDict(extra="forbid")
@@ -309,7 +306,7 @@ class _SnapshotModel(BaseModel):
     weights: _WeightsModel = _WeightsModel()
 
     @classmethod
-    def from_instance(cls, inst: PlanningInstance) -> _SnapshotModel:
+    def from_instance(cls, inst: PlanningProblem) -> _SnapshotModel:
         swaps = [
             _SwapModel(from_model=f, to_model=t, ms=ms) for (f, t), ms in inst.swap_ms.items()
         ]
@@ -328,7 +325,6 @@ class _SnapshotModel(BaseModel):
                     weight=g.weight,
                     deadline_ms=g.deadline_ms,
                     service_ms=dict(g.service_ms),
-                    prev_instance=g.prev_instance,
                     release_ms=g.release_ms,
                     start_deadline_ms=g.start_deadline_ms,
                 )
@@ -352,16 +348,16 @@ class _SnapshotModel(BaseModel):
             ),
         )
 
-    def to_instance(self) -> PlanningInstance:
+    def to_instance(self) -> PlanningProblem:
         fleet: dict[tuple[str | None, str], int] = {}
         per: dict[int, dict[tuple[str | None, str], int]] = {}
         for s in self.swaps:
             table = fleet if s.instance is None else per.setdefault(s.instance, {})
             table[(s.from_model, s.to_model)] = s.ms
-        return PlanningInstance(
+        return PlanningProblem(
             groups=tuple(
                 PlanGroup(g.id, g.model, g.size, g.weight, g.deadline_ms, dict(g.service_ms),
-                          g.prev_instance, g.release_ms, g.start_deadline_ms)
+                          g.release_ms, g.start_deadline_ms)
                 for g in self.groups
             ),
             instances=tuple(

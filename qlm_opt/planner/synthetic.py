@@ -1,4 +1,4 @@
-"""Random planning instances for tests, benchmarks and `qlm-opt plan` demos.
+"""Random planning problems for tests, benchmarks and `qlm-opt plan` demos.
 
 The numbers are shaped like a real epoch: 4 models of different sizes (the largest fits only
 on the big GPU type), two GPU types (the small one ~1.6x slower), group service times of
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qlm_opt.planner.problem import ObjectiveWeights, PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import ObjectiveWeights, PlanGroup, PlanInstance, PlanningProblem
 
 __all__ = ["random_instance"]
 
@@ -27,7 +27,7 @@ def random_instance(
     num_models: int = 4,
     interactive_share: float = 0.4,
     weights: ObjectiveWeights | None = None,
-) -> PlanningInstance:
+) -> PlanningProblem:
     """A reproducible random instance.
 
     Args:
@@ -89,7 +89,7 @@ def random_instance(
         for b in models:
             if a != b:
                 swap[(a, b)] = _COLD_MS if a is None else _SWAP_MS[b]
-    return PlanningInstance(
+    return PlanningProblem(
         groups=tuple(groups),
         instances=tuple(instances),
         swap_ms=swap,

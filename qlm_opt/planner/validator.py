@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qlm_opt.planner.problem import SWAP_SCALE, PlanningInstance
+from qlm_opt.planner.problem import SWAP_SCALE, PlanningProblem
 from qlm_opt.planner.plan import Plan
 
 __all__ = ["ValidationReport", "validate_plan", "recompute_objective"]
@@ -33,7 +33,7 @@ class ValidationReport:
         return not self.errors
 
 
-def recompute_objective(instance: PlanningInstance, plan: Plan) -> int:
+def recompute_objective(instance: PlanningProblem, plan: Plan) -> int:
     """The objective of `plan`'s stated timings and swaps, per ObjectiveWeights."""
     w = instance.weights
     on_time_weight = 0
@@ -59,7 +59,7 @@ def recompute_objective(instance: PlanningInstance, plan: Plan) -> int:
     )
 
 
-def validate_plan(instance: PlanningInstance, plan: Plan) -> ValidationReport:
+def validate_plan(instance: PlanningProblem, plan: Plan) -> ValidationReport:
     """Check every constraint of the planning problem on `plan`.
 
     Checked: each group placed exactly once; the instance may serve it (fit, allowed model,

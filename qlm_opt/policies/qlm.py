@@ -1,7 +1,7 @@
 """``qlm``: the global queue, the RWT estimator, the CP-SAT planner and the executor.
 
 Every epoch:
-  1. snapshot the global queue's groups and the fleet into a ``PlanningInstance`` (integer
+  1. snapshot the global queue's groups and the fleet into a ``PlanningProblem`` (integer
      ms): each group's service time on each candidate instance (from the RWT estimator's
      engine model), its time-to-first-token deadline (a *start* deadline, so its end deadline
      differs per instance), each instance's busy-until (the estimated wait at the back of its
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qlm_opt.core.executor import ExecutorConfig, group_weight
-from qlm_opt.planner import PlanGroup, PlanInstance, PlanningInstance, load_preset, solve
+from qlm_opt.planner import PlanGroup, PlanInstance, PlanningProblem, load_preset, solve
 from qlm_opt.planner.problem import REQUEST_WEIGHT
 from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
 from qlm_opt.core.queue import UNPLACED
@@ -133,7 +133,7 @@ class QLMPolicy(QLMRWTPolicy):
         info = req._sched
         if (
             info is not None
-            and getattr(info, "pred_mean_s", None) is not None
+            and info.pred_mean_s is not None
             and info.placed_at is not None
             and info.placed_at + info.pred_mean_s > req.deadline_at
             and self._ttft_of(req) < self.plan_period_s * 4
@@ -169,14 +169,13 @@ class QLMPolicy(QLMRWTPolicy):
             return
         cw = self._class_weight.get(g.slo_class, 1.0)
         gid = str(g.id) if len(gs) == 1 else f"a{g.id}+{len(gs) - 1}"
-        prev = g.instance_id if g.instance_id != UNPLACED else None
         weight = sum(group_weight(x, cw) for x in gs)
         if size is None:
             size = sum(x.size for x in gs)
         # A TTFT deadline: the group must *start* by then, so it may end one service later,
         # on whichever instance serves it.
         pgroups.append(PlanGroup(gid, model, size, weight,
-                                 slack_ms + min(service.values()), service, prev,
+                                 slack_ms + min(service.values()), service,
                                  start_deadline_ms=slack_ms))
         members[gid] = gs
 
@@ -197,8 +196,8 @@ class QLMPolicy(QLMRWTPolicy):
             left_s += self.rt.swap_time_s(inst, held) if held else 0.0
         return held, int(left_s * 1000), False
 
-    def snapshot(self, now: float) -> PlanningInstance | None:
-        """The planning instance for the current queue and fleet (plain data, integer ms)."""
+    def snapshot(self, now: float) -> PlanningProblem | None:
+        """The planning problem for the current queue and fleet (plain data, integer ms)."""
         rt = self.rt
         groups = [g for g in self.gq.groups.values() if g.size > 0]
         if not groups:
@@ -302,7 +301,7 @@ class QLMPolicy(QLMRWTPolicy):
         pgroups.extend(self._forecast_groups(now, service_of))
         if not pgroups:
             return None
-        return PlanningInstance(tuple(pgroups), tuple(insts.values()),
+        return PlanningProblem(tuple(pgroups), tuple(insts.values()),
                                 swap_ms_by_instance=swap_ms, weights=self.preset.weights)
 
     def _ensure_swap(self, model: str) -> None:
@@ -469,17 +468,14 @@ class QLMPolicy(QLMRWTPolicy):
         members = self._members
         self.num_epochs += 1
         self.epoch_triggers[reason] += 1
-        offload = getattr(rt.host, "offload", None)
-        if offload is not None:
-            # Live: solve on a worker thread; the plan is applied when it arrives, to a state
-            # that has moved on meanwhile (the executor skips groups that are gone).
-            self._solving = True
-            offload(solve, (pi, self.preset, self.last_plan),
-                    lambda plan: self._apply(plan, pi, reason, members))
-            return
-        self._apply(solve(pi, self.preset, hint=self.last_plan), pi, reason, members)
+        # What-if: solved and applied at once, at the epoch's clock time. Live: solved on a
+        # worker thread and applied when it arrives, to a state that has moved on meanwhile
+        # (the executor skips groups that are gone).
+        self._solving = True
+        rt.host.offload(solve, (pi, self.preset, self.last_plan),
+                        lambda plan: self._apply(plan, pi, reason, members))
 
-    def _apply(self, plan: Plan, pi: PlanningInstance, reason: str,
+    def _apply(self, plan: Plan, pi: PlanningProblem, reason: str,
                members: dict | None = None) -> None:
         """Execute a plan: LSOs through the executor, then place and pull. ``members`` maps
         planning groups to the queue groups they stand for (see ``snapshot``)."""

@@ -9,7 +9,7 @@ from qlm_opt.planner.problem import (
     ObjectiveWeights,
     PlanGroup,
     PlanInstance,
-    PlanningInstance,
+    PlanningProblem,
 )
 from qlm_opt.planner.presets import SolverPreset
 
@@ -40,14 +40,14 @@ def inst(iid, model="a", busy_until_ms=0, can_swap=True, allowed=None) -> PlanIn
     return PlanInstance(iid, "gpu", model, busy_until_ms, can_swap, allowed)
 
 
-def planning(groups, instances, swap_ms=5, weights=WEIGHTS) -> PlanningInstance:
+def planning(groups, instances, swap_ms=5, weights=WEIGHTS) -> PlanningProblem:
     models = sorted({g.model for g in groups} | {i.current_model for i in instances if i.current_model})
     table = {(a, b): swap_ms for a in (None, *models) for b in models if a != b}
-    return PlanningInstance(tuple(groups), tuple(instances), table, weights=weights)
+    return PlanningProblem(tuple(groups), tuple(instances), table, weights=weights)
 
 
 # ---------------------------------------------------------------------- brute force
-def _score(pi: PlanningInstance, seqs: dict[int, tuple[str, ...]]) -> int | None:
+def _score(pi: PlanningProblem, seqs: dict[int, tuple[str, ...]]) -> int | None:
     """Objective of the compact schedule of `seqs`, None if some group cannot run there."""
     groups = {g.id: g for g in pi.groups}
     w = pi.weights
@@ -73,7 +73,7 @@ def _score(pi: PlanningInstance, seqs: dict[int, tuple[str, ...]]) -> int | None
     return total
 
 
-def brute_force_optimum(pi: PlanningInstance) -> int:
+def brute_force_optimum(pi: PlanningProblem) -> int:
     """Best objective over every assignment and every order (fine up to ~6 groups)."""
     ids = [g.id for g in pi.groups]
     inst_ids = [i.id for i in pi.instances]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from qlm_opt.planner.cpsat import solve
 from qlm_opt.planner.fallback import fallback_plan
-from qlm_opt.planner.problem import PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner.problem import PlanGroup, PlanInstance, PlanningProblem
 from qlm_opt.planner.plan import PlanStatus
 from qlm_opt.planner.validator import validate_plan
 from tests.planner.factories import WEIGHTS, brute_force_optimum, preset
@@ -18,7 +18,7 @@ MODELS = ("a", "b")
 
 
 @st.composite
-def tiny_instances(draw) -> PlanningInstance:
+def tiny_instances(draw) -> PlanningProblem:
     instances = tuple(
         PlanInstance(
             id=i,
@@ -48,7 +48,7 @@ def tiny_instances(draw) -> PlanningInstance:
     swap = {
         (a, b): draw(st.integers(0, 10)) for a in (None, *MODELS) for b in MODELS if a != b
     }
-    return PlanningInstance(tuple(groups), instances, swap, weights=WEIGHTS)
+    return PlanningProblem(tuple(groups), instances, swap, weights=WEIGHTS)
 
 
 FAST = settings(
@@ -58,7 +58,7 @@ FAST = settings(
 
 @FAST
 @given(tiny_instances())
-def test_exact_objective_equals_brute_force(pi: PlanningInstance):
+def test_exact_objective_equals_brute_force(pi: PlanningProblem):
     plan = solve(pi, preset(formulation="exact"))
     assert plan.status == PlanStatus.OPTIMAL
     report = validate_plan(pi, plan)
@@ -70,7 +70,7 @@ def test_exact_objective_equals_brute_force(pi: PlanningInstance):
 
 @FAST
 @given(tiny_instances())
-def test_knapsack_and_fallback_are_valid_and_bounded(pi: PlanningInstance):
+def test_knapsack_and_fallback_are_valid_and_bounded(pi: PlanningProblem):
     best = brute_force_optimum(pi)
     for plan in (solve(pi, preset(formulation="knapsack")), fallback_plan(pi)):
         report = validate_plan(pi, plan)

@@ -13,7 +13,7 @@ from tests.planner.factories import inst, planning, preset
 
 
 def _g(gid, service, deadline_ms, release_ms=0, start_deadline_ms=None, weight=1):
-    return PlanGroup(gid, "a", 1, weight, deadline_ms, service, None, release_ms,
+    return PlanGroup(gid, "a", 1, weight, deadline_ms, service, release_ms,
                      start_deadline_ms)
 
 

@@ -1,4 +1,4 @@
-"""Planning instances saved from real epochs of the scenario suite (``epochs/make.py``),
+"""Planning problems saved from real epochs of the scenario suite (``epochs/make.py``),
 checked by objective against a stored reference, never against an exact assignment."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qlm_opt.planner import PlanningInstance, load_preset
+from qlm_opt.planner import PlanningProblem, load_preset
 from qlm_opt.planner.cpsat import primary_objective, solve
 from qlm_opt.planner.plan import PlanStatus
 from qlm_opt.planner.validator import validate_plan
@@ -17,10 +17,10 @@ from qlm_opt.planner.validator import validate_plan
 EPOCHS = sorted((Path(__file__).parent / "epochs").glob("*.json"))
 
 
-def _load(path: Path) -> tuple[PlanningInstance, dict]:
+def _load(path: Path) -> tuple[PlanningProblem, dict]:
     doc = json.loads(path.read_text())
     ref = doc.pop("reference")
-    return PlanningInstance.from_json(json.dumps(doc), source=str(path)), ref
+    return PlanningProblem.from_json(json.dumps(doc), source=str(path)), ref
 
 
 def test_there_are_saved_epochs():

@@ -7,7 +7,7 @@ import pytest
 from qlm_opt.planner import cpsat
 from qlm_opt.planner.cpsat import choose_formulation, solve
 from qlm_opt.planner.fallback import fallback_plan
-from qlm_opt.planner.problem import PlanningInstance
+from qlm_opt.planner.problem import PlanningProblem
 from qlm_opt.planner.plan import PlanStatus
 from qlm_opt.planner.synthetic import random_instance
 from qlm_opt.planner.validator import validate_plan
@@ -15,7 +15,7 @@ from tests.planner.factories import WEIGHTS, group, inst, planning, preset
 
 
 @pytest.fixture(scope="module")
-def medium() -> PlanningInstance:
+def medium() -> PlanningProblem:
     return random_instance(40, 6, seed=3)
 
 
@@ -103,5 +103,5 @@ def test_exact_prefers_on_time_over_swaps():
 
 
 def test_snapshot_json_roundtrip(medium):
-    again = PlanningInstance.from_json(medium.to_json())
+    again = PlanningProblem.from_json(medium.to_json())
     assert again == medium

@@ -11,7 +11,7 @@ import pytest
 from qlm_opt.config import Fleet
 from qlm_opt.domain import Request
 from qlm_opt.core.executor import Executor, ExecutorConfig
-from qlm_opt.planner import PlanGroup, PlanInstance, PlanningInstance
+from qlm_opt.planner import PlanGroup, PlanInstance, PlanningProblem
 from qlm_opt.planner.problem import ObjectiveWeights
 from qlm_opt.planner.plan import PlanStatus, plan_from_sequences
 from qlm_opt.core.queue import UNPLACED, GlobalQueue
@@ -75,7 +75,7 @@ def _queue(rt, reqs, where: int):
 
 
 def _pi(groups, service, rt, deadline_ms=10_000, start_deadline=False):
-    """A planning instance for queue groups: the same service time on every instance."""
+    """A planning problem for queue groups: the same service time on every instance."""
     pgs = tuple(
         PlanGroup(str(g.id), g.model, g.size, 10 * g.size, deadline_ms,
                   {i.id: service for i in rt.instances
@@ -85,7 +85,7 @@ def _pi(groups, service, rt, deadline_ms=10_000, start_deadline=False):
     )
     insts = tuple(PlanInstance(i.id, i.spec.gpu, i.model, 0, True, None)
                   for i in rt.instances)
-    return PlanningInstance(pgs, insts, default_swap_ms=1000, weights=WEIGHTS)
+    return PlanningProblem(pgs, insts, default_swap_ms=1000, weights=WEIGHTS)
 
 
 def _plan(pi, seqs):

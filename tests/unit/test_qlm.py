@@ -82,7 +82,7 @@ def test_zero_time_limit_still_plans(fleet, workload):
 
 
 def test_snapshot_is_plain_data_and_round_trips(fleet, workload):
-    from qlm_opt.planner import PlanningInstance
+    from qlm_opt.planner import PlanningProblem
 
     sim = Simulator()
     rt = Runtime(fleet, sim)
@@ -97,7 +97,7 @@ def test_snapshot_is_plain_data_and_round_trips(fleet, workload):
         pol.on_arrival(r)
     pi = pol.snapshot(sim.now())
     assert pi is not None and len(pi.groups) > 0
-    again = PlanningInstance.from_json(pi.to_json())
+    again = PlanningProblem.from_json(pi.to_json())
     assert [g.id for g in again.groups] == [g.id for g in pi.groups]
     # every group can run somewhere, and only where its model fits
     for g in pi.groups:

@@ -1,10 +1,10 @@
-"""Save planning instances from real epochs of scenario-suite runs, with a reference value.
+"""Save planning problems from real epochs of scenario-suite runs, with a reference value.
 
     .venv/bin/python tests/planner/epochs/make.py
 
 For each (scenario, load) below it runs ``qlm`` for ``DURATION_S`` of trace time, keeps the
 epoch with the most groups (and one from the middle of the run), and writes
-``<scenario>-<k>.json``: the planning instance (``PlanningInstance.to_json``) plus
+``<scenario>-<k>.json``: the planning problem (``PlanningProblem.to_json``) plus
 ``reference``: the best primary objective (weight on time less swaps, ``primary_objective``)
 found by the ``thorough`` preset given 20 s, and the knapsack bound it proved. The tests
 check the default preset's plans against ``reference.best_primary``, never against an exact
