@@ -219,6 +219,44 @@ class OutputLengthModel:
                 return c.predict(x, self.ridge)
         return self.prior
 
+    def predict_many(self, reqs) -> tuple[list[float], list[float]]:
+        """``predict`` of every request in ``reqs``: (log-means, log-stds), the same floats,
+        with each cell's fit worked out once (``_LogFit.predict`` term by term)."""
+        ms: list[float] = []
+        ss: list[float] = []
+        fits: dict[tuple, tuple | None] = {}
+        ridge = self.ridge
+        log1p = math.log1p
+        sqrt = math.sqrt
+        pm, ps = self.prior
+        for req in reqs:
+            who = (req.model, req.slo_class, req.tenant)
+            f = fits.get(who, False)
+            if f is False:
+                f = None
+                for k in self._keys(req):
+                    c = self.cells.get(k)
+                    if c is not None and c.n >= self.min_n:
+                        n = c.n
+                        mx, my = c.sx / n, c.sy / n
+                        vxx = c.sxx / n - mx * mx
+                        vxy = c.sxy / n - mx * my
+                        vyy = max(c.syy / n - my * my, 0.0)
+                        b = vxy / (vxx + ridge)
+                        res = max(vyy - 2 * b * vxy + b * b * vxx, 1e-4)
+                        f = (mx, my, b, res, 1.0 + 1.0 / n, max(n * (vxx + ridge), 1e-9))
+                        break
+                fits[who] = f
+            if f is None:
+                ms.append(pm)
+                ss.append(ps)
+                continue
+            mx, my, b, res, a1, den = f
+            x = log1p(req.prompt_tokens)
+            ms.append(my + b * (x - mx))
+            ss.append(sqrt(res * (a1 + (x - mx) ** 2 / den)))
+        return ms, ss
+
     def observe(self, req: Request, n_out: float,
                 baseline: tuple[float, float] | None = None) -> None:
         """``req`` finished with ``n_out`` tokens; ``baseline`` is the bucket's (log-mean,
@@ -652,20 +690,21 @@ class RWTEstimator:
             ls = np.full(nr, 1e-3)
         else:
             cache: dict[int, tuple[float, float]] = {}
-            lm = np.empty(nr)
-            ls = np.empty(nr)
-            learned = cfg.output_lengths == "learned"
-            for k, r in enumerate(running):
-                if learned:
-                    lm[k], ls[k] = self.out_model.predict(r)
-                    continue
-                b = getattr(r._sched, "bucket", None)
-                if b is None:
-                    b = bucket_of(r)
-                ml = cache.get(b)
-                if ml is None:
-                    ml = cache[b] = self.stats_for(model, b).lognormal()
-                lm[k], ls[k] = ml
+            if cfg.output_lengths == "learned":
+                ms, ss = self.out_model.predict_many(running)
+                lm = np.array(ms, dtype=float) if nr else np.empty(0)
+                ls = np.array(ss, dtype=float) if nr else np.empty(0)
+            else:
+                lm = np.empty(nr)
+                ls = np.empty(nr)
+                for k, r in enumerate(running):
+                    b = getattr(r._sched, "bucket", None)
+                    if b is None:
+                        b = bucket_of(r)
+                    ml = cache.get(b)
+                    if ml is None:
+                        ml = cache[b] = self.stats_for(model, b).lognormal()
+                    lm[k], ls[k] = ml
         free = max(0.0, seats - len(running))
         # Grid over the transient: the longest likely residual, and two mean services.
         s_ln = math.sqrt(math.log1p(var / (mu * mu)))
@@ -749,18 +788,24 @@ class RWTEstimator:
         if c is not None and c[0] == key:
             return c[1]
         eng = inst.engine
-        b = 0
-        pend = 0
-        for r in eng.running_requests():
-            ft = r.first_token_at
-            # prefilling (its first token, if already set, lies at the end of the iteration
-            # in flight): prompt plus tokens to recompute after an eviction
-            if ft is None:
-                pend += r.prompt_tokens + r.num_generated
-            elif ft > now_at:
-                pend += r.prompt_tokens
-            else:
-                b += 1
+        # a simulated engine knows without a pass over its batch
+        summary = getattr(eng, "prefill_summary", None)
+        got = summary(now_at) if summary is not None else None
+        if got is not None:
+            b, pend = got
+        else:
+            b = 0
+            pend = 0
+            for r in eng.running_requests():
+                ft = r.first_token_at
+                # prefilling (its first token, if already set, lies at the end of the
+                # iteration in flight): prompt plus tokens to recompute after an eviction
+                if ft is None:
+                    pend += r.prompt_tokens + r.num_generated
+                elif ft > now_at:
+                    pend += r.prompt_tokens
+                else:
+                    b += 1
         out = (b, pend, float(st.kv_used_tokens))
         self._now_cache[inst.id] = (key, out)
         return out
