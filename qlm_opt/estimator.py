@@ -52,6 +52,7 @@ fraction from ``stats()`` samples.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -326,6 +327,9 @@ class _Profile:
     c_tok: float  # prefill seconds per prompt token
     pending_prefill_tokens: int  # running requests' prompts not yet prefilled
     base_s: float  # remaining swap time
+    # x, starts and var as lists (``start_iters`` reads single values: Python floats are
+    # cheaper than NumPy scalars and give the same results); None: not made
+    lists: tuple | None = None
 
 
 @dataclass(slots=True)
@@ -572,7 +576,7 @@ class RWTEstimator:
         measured throughput against the prior ``iter_model_of``), the KV footprint and the
         prefix-cache hit fraction."""
         st = inst.engine.stats()
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         a = self.config.ewma_alpha
         if st.num_running > 0 and st.kv_used_tokens > 0:
             fp = st.kv_used_tokens / st.num_running
@@ -608,7 +612,7 @@ class RWTEstimator:
         im = self.iter_model_of(inst) if self.iter_model_of else None
         if im is None:
             return None
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         dr, pr = cal.ratio, cal.prefill_ratio
         if abs(dr - 1.0) < 1e-9 and abs(pr - 1.0) < 1e-9:
             return im
@@ -640,7 +644,7 @@ class RWTEstimator:
     def basics(self, inst, st) -> tuple[float, float, float]:
         """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
         ``stats()``, the roofline prior and the calibration."""
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         model = st.model or inst.model
         mu = self.model_stats(model).mean if model else self.prior_mean
         fp = cal.footprint_tokens or (self.prompt_mean + mu / 2.0)
@@ -669,17 +673,21 @@ class RWTEstimator:
         cfg = self.config
         eng = inst.engine
         st = eng.stats()
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         model = st.model or inst.model
         mstats = self.model_stats(model) if model else LengthStats(1.0, self.prior_mean, self.prior_var)
         mu, var = max(mstats.mean, 1.0), max(mstats.var, 1.0)
         # Seats: max_num_seqs, or as many average sequences as the KV cache holds.
         seats, iter_s, c_tok = self.basics(inst, st)
-        running = eng.running_requests()
-        num_gen = getattr(eng, "num_generated", None)
+        both = getattr(eng, "running_generated", None)
+        if both is not None:
+            running, gens = both()
+        else:
+            running = eng.running_requests()
+            num_gen = getattr(eng, "num_generated", None)
+            gens = [num_gen(r) for r in running] if num_gen is not None else [
+                r.num_generated for r in running]
         nr = len(running)
-        gens = [num_gen(r) for r in running] if num_gen is not None else [
-            r.num_generated for r in running]
         g = np.asarray(gens, dtype=float)
         pending_prefill = sum(
             r.prompt_tokens for r, n in zip(running, gens) if n == 0 or r.first_token_at is None
@@ -762,22 +770,26 @@ class RWTEstimator:
         need = j + 1.0
         if need <= p.free + 1e-9:
             return 0.0, 0.0
-        starts = p.starts
+        lists = p.lists
+        if lists is None:
+            lists = p.lists = (p.x.tolist(), p.starts.tolist(), p.var.tolist())
+        xs, starts, var = lists
         if need <= starts[-1]:
-            k = int(np.searchsorted(starts, need))
+            # bisect_left on the non-decreasing starts is np.searchsorted's "left"
+            k = bisect.bisect_left(starts, need)
             k = max(k, 1)
             s0, s1 = starts[k - 1], starts[k]
             frac = (need - s0) / (s1 - s0) if s1 > s0 else 1.0
-            xm = p.x[k - 1] + frac * (p.x[k] - p.x[k - 1])
-            rate = (s1 - s0) / (p.x[k] - p.x[k - 1])
-            v = p.var[k - 1] + frac * (p.var[k] - p.var[k - 1])
+            xm = xs[k - 1] + frac * (xs[k] - xs[k - 1])
+            rate = (s1 - s0) / (xs[k] - xs[k - 1])
+            v = var[k - 1] + frac * (var[k] - var[k - 1])
             return xm, v / max(rate, 1e-9) ** 2
         # Asymptotic renewal: one start every mu / S iterations, CLT variance n sigma^2 / S^2.
-        h = p.x[-1]
+        h = xs[-1]
         rate = p.seats / p.mu_it
         extra = need - starts[-1]
         xm = h + extra / rate
-        v_end = p.var[-1] / rate ** 2
+        v_end = var[-1] / rate ** 2
         return xm, v_end + extra * p.var_it / (p.seats ** 2)
 
     def _engine_now(self, inst, st, now_at: float) -> tuple[int, int, float]:
@@ -844,7 +856,7 @@ class RWTEstimator:
             im = v._im = self.engine_model(inst)
         cal = v._cal
         if cal is None:
-            cal = v._cal = self._cal.setdefault(inst.id, _InstCal())
+            cal = v._cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         if im is None:
             _, iter_s, c_tok = self._view_basics(v)
             m = (tokens_ahead + own) * c_tok + iter_s

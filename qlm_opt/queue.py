@@ -93,6 +93,7 @@ class RequestGroup:
     _vkey: tuple | None = None
     _vn: int = 0
     _vp: int = 0
+    _reqs: list | None = None  # ``requests()`` until the members change
 
     @property
     def model(self) -> str:
@@ -127,10 +128,14 @@ class RequestGroup:
         self._dl = h[0][0] if h else float("inf")
 
     def requests(self) -> list[Request]:
-        return [r for _, _, r in self.members]
+        rs = self._reqs
+        if rs is None:
+            rs = self._reqs = [r for _, _, r in self.members]
+        return list(rs)
 
     def _add(self, req: Request) -> None:
         bisect.insort(self.members, (req.arrived_at, req.id, req))
+        self._reqs = None
         self._ids.add(req.id)
         self.prompt_tokens += req.prompt_tokens
         heapq.heappush(self._deadlines, (req.deadline_at, req.id))
@@ -143,6 +148,7 @@ class RequestGroup:
         i = bisect.bisect_left(self.members, (req.arrived_at, req.id))
         if i < len(self.members) and self.members[i][1] == req.id:
             del self.members[i]
+            self._reqs = None
         self._ids.discard(req.id)
         self.prompt_tokens -= req.prompt_tokens
         if req.deadline_at <= self._dl or not self._ids:
@@ -151,6 +157,7 @@ class RequestGroup:
 
     def _pop_first(self) -> Request:
         _, _, req = self.members.pop(0)
+        self._reqs = None
         self._ids.discard(req.id)
         self.prompt_tokens -= req.prompt_tokens
         if req.deadline_at <= self._dl or not self._ids:

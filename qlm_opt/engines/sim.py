@@ -261,6 +261,21 @@ class SimEngine:
                 b += 1
         return b, pend
 
+    def running_generated(self) -> tuple[list[Request], list[int]]:
+        """``running_requests()`` and ``num_generated`` of each, in one pass."""
+        running = list(self._running.values())
+        it = self.iters
+        gens = []
+        for r in running:
+            st = r._eng
+            gens.append(st.g0 + (it - st.s_iter) if st.s_iter >= 0 else r.num_generated)
+        return running, gens
+
+    def waiting_tokens(self) -> int:
+        """Prompt plus generated tokens (to recompute) of the waiting requests: the sum over
+        ``waiting_requests()`` without sorting them."""
+        return sum(r.prompt_tokens + r.num_generated for _, _, r in self._waiting)
+
     def seat_counts(self) -> tuple[int, int, int]:
         """(running, waiting, max_num_seqs): the part of ``stats()`` a pull reads."""
         return len(self._running), self._num_waiting, self.config.max_num_seqs

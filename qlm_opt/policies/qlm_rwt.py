@@ -173,6 +173,9 @@ class QLMRWTPolicy(Policy):
             return 0
         if st.waiting_prompt_tokens:
             return st.waiting_prompt_tokens
+        fast = getattr(inst.engine, "waiting_tokens", None)
+        if fast is not None:
+            return fast()
         return sum(r.prompt_tokens + r.num_generated for r in inst.engine.waiting_requests())
 
     def _wait_ctx(self, inst: Instance, g: RequestGroup, now: float,
