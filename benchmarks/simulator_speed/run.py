@@ -5,11 +5,21 @@ rate against a 16-instance fleet and times the simulation of each policy. Reques
 built before the clock starts; the time covers the event loop, engines, policy and metrics.
 
     .venv/bin/python benchmarks/simulator_speed/run.py [--trace PATH] [--sizes 10000,100000]
+
+Scenario-suite mode: rows of ``benchmarks/scenarios`` (scenario:rate-scale), each policy
+timed ``--reps`` times, interleaved (rep 1 of every policy, then rep 2, ...), so that a change
+in the machine's load hits every policy alike; the medians and each policy's speed relative
+to edf's in the same run:
+
+    .venv/bin/python benchmarks/simulator_speed/run.py \
+        --scenarios azure-conv:12,prompt-heavy:23.63 --policies qlm,qlm-rwt,edf --reps 3
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -41,13 +51,69 @@ def tiled(trace: Trace, n: int) -> Trace:
     return Trace(t, p, o, source=trace.source)
 
 
+def scenario_rows(specs: str, policies: list[str], reps: int,
+                  max_requests: int | None) -> None:
+    """Time each policy on each scenario-suite row; print medians and the ratio to edf."""
+    sys.path.insert(0, str(REPO / "benchmarks" / "scenarios"))
+    from run import _inputs  # the suite's own fleet, workload and trace per row
+
+    from qlm_opt.whatif import prepare_requests
+
+    print(f"{'scenario':>13} {'load':>6} {'policy':>8} {'requests':>8} {'wall s':>7} "
+          f"{'req/s':>7} {'req/CPU-s':>9} {'vs edf':>7} {'SLO att.':>9} {'swaps':>5} "
+          f"{'evict.':>6}", flush=True)
+    for spec in specs.split(","):
+        name, load = spec.split(":")
+        fleet, wl, trace = _inputs(name, float(load))
+        make = prepare_requests(trace, wl, None)
+        walls: dict[str, list[float]] = {p: [] for p in policies}
+        cpus: dict[str, list[float]] = {p: [] for p in policies}
+        last: dict[str, dict] = {}
+        n = 0
+        for _ in range(reps):
+            for pol in policies:
+                reqs = make()
+                if max_requests:
+                    reqs = reqs[:max_requests]
+                n = len(reqs)
+                t0, c0 = time.perf_counter(), time.process_time()
+                run = run_policy(pol, fleet, wl, reqs, drain_s=3600.0, track_rwt=False)
+                walls[pol].append(time.perf_counter() - t0)
+                cpus[pol].append(time.process_time() - c0)
+                m = run.metrics
+                if pol in last and last[pol]["slo_attainment"] != m["slo_attainment"]:
+                    raise SystemExit(f"{name} {pol}: attainment differs between reps")
+                last[pol] = m
+        ref = statistics.median(walls["edf"]) if "edf" in walls else None
+        for pol in policies:
+            w = statistics.median(walls[pol])
+            c = statistics.median(cpus[pol])
+            m = last[pol]
+            vs = f"{ref / w:>6.2f}x" if ref else f"{'-':>7}"
+            print(f"{name:>13} {float(load):>6g} {pol:>8} {n:>8} {w:>7.2f} {n / w:>7.0f} "
+                  f"{n / c:>9.0f} {vs} {100 * m['slo_attainment']:>8.2f}% "
+                  f"{m['num_swaps']:>5} {m['num_evictions']:>6}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--sizes", default="10000,100000")
-    ap.add_argument("--policies", default="fcfs,priority,shepherd,qlm-rwt")
+    ap.add_argument("--policies", default=None,
+                    help="default: fcfs,priority,shepherd,qlm-rwt (tiled trace), "
+                         "qlm,qlm-rwt,edf (--scenarios)")
     ap.add_argument("--rate-scale", type=float, default=24.0)
+    ap.add_argument("--scenarios", default=None,
+                    help="scenario-suite rows name:rate-scale[,...] instead of the tiled trace")
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per policy (--scenarios)")
+    ap.add_argument("--max-requests", type=int, default=None,
+                    help="only the first N arrivals of each row (--scenarios)")
     args = ap.parse_args()
+    if args.scenarios:
+        pols = (args.policies or "qlm,qlm-rwt,edf").split(",")
+        scenario_rows(args.scenarios, pols, args.reps, args.max_requests)
+        return
+    args.policies = args.policies or "fcfs,priority,shepherd,qlm-rwt"
     base = load_azure_csv(args.trace)
     fleet = Fleet.from_dict(FLEET)
     rows = []

@@ -52,6 +52,7 @@ fraction from ``stats()`` samples.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -219,6 +220,44 @@ class OutputLengthModel:
                 return c.predict(x, self.ridge)
         return self.prior
 
+    def predict_many(self, reqs) -> tuple[list[float], list[float]]:
+        """``predict`` of every request in ``reqs``: (log-means, log-stds), the same floats,
+        with each cell's fit worked out once (``_LogFit.predict`` term by term)."""
+        ms: list[float] = []
+        ss: list[float] = []
+        fits: dict[tuple, tuple | None] = {}
+        ridge = self.ridge
+        log1p = math.log1p
+        sqrt = math.sqrt
+        pm, ps = self.prior
+        for req in reqs:
+            who = (req.model, req.slo_class, req.tenant)
+            f = fits.get(who, False)
+            if f is False:
+                f = None
+                for k in self._keys(req):
+                    c = self.cells.get(k)
+                    if c is not None and c.n >= self.min_n:
+                        n = c.n
+                        mx, my = c.sx / n, c.sy / n
+                        vxx = c.sxx / n - mx * mx
+                        vxy = c.sxy / n - mx * my
+                        vyy = max(c.syy / n - my * my, 0.0)
+                        b = vxy / (vxx + ridge)
+                        res = max(vyy - 2 * b * vxy + b * b * vxx, 1e-4)
+                        f = (mx, my, b, res, 1.0 + 1.0 / n, max(n * (vxx + ridge), 1e-9))
+                        break
+                fits[who] = f
+            if f is None:
+                ms.append(pm)
+                ss.append(ps)
+                continue
+            mx, my, b, res, a1, den = f
+            x = log1p(req.prompt_tokens)
+            ms.append(my + b * (x - mx))
+            ss.append(sqrt(res * (a1 + (x - mx) ** 2 / den)))
+        return ms, ss
+
     def observe(self, req: Request, n_out: float,
                 baseline: tuple[float, float] | None = None) -> None:
         """``req`` finished with ``n_out`` tokens; ``baseline`` is the bucket's (log-mean,
@@ -288,6 +327,9 @@ class _Profile:
     c_tok: float  # prefill seconds per prompt token
     pending_prefill_tokens: int  # running requests' prompts not yet prefilled
     base_s: float  # remaining swap time
+    # x, starts and var as lists (``start_iters`` reads single values: Python floats are
+    # cheaper than NumPy scalars and give the same results); None: not made
+    lists: tuple | None = None
 
 
 @dataclass(slots=True)
@@ -534,7 +576,7 @@ class RWTEstimator:
         measured throughput against the prior ``iter_model_of``), the KV footprint and the
         prefix-cache hit fraction."""
         st = inst.engine.stats()
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         a = self.config.ewma_alpha
         if st.num_running > 0 and st.kv_used_tokens > 0:
             fp = st.kv_used_tokens / st.num_running
@@ -570,7 +612,7 @@ class RWTEstimator:
         im = self.iter_model_of(inst) if self.iter_model_of else None
         if im is None:
             return None
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         dr, pr = cal.ratio, cal.prefill_ratio
         if abs(dr - 1.0) < 1e-9 and abs(pr - 1.0) < 1e-9:
             return im
@@ -602,7 +644,7 @@ class RWTEstimator:
     def basics(self, inst, st) -> tuple[float, float, float]:
         """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
         ``stats()``, the roofline prior and the calibration."""
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         model = st.model or inst.model
         mu = self.model_stats(model).mean if model else self.prior_mean
         fp = cal.footprint_tokens or (self.prompt_mean + mu / 2.0)
@@ -631,17 +673,21 @@ class RWTEstimator:
         cfg = self.config
         eng = inst.engine
         st = eng.stats()
-        cal = self._cal.setdefault(inst.id, _InstCal())
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         model = st.model or inst.model
         mstats = self.model_stats(model) if model else LengthStats(1.0, self.prior_mean, self.prior_var)
         mu, var = max(mstats.mean, 1.0), max(mstats.var, 1.0)
         # Seats: max_num_seqs, or as many average sequences as the KV cache holds.
         seats, iter_s, c_tok = self.basics(inst, st)
-        running = eng.running_requests()
-        num_gen = getattr(eng, "num_generated", None)
+        both = getattr(eng, "running_generated", None)
+        if both is not None:
+            running, gens = both()
+        else:
+            running = eng.running_requests()
+            num_gen = getattr(eng, "num_generated", None)
+            gens = [num_gen(r) for r in running] if num_gen is not None else [
+                r.num_generated for r in running]
         nr = len(running)
-        gens = [num_gen(r) for r in running] if num_gen is not None else [
-            r.num_generated for r in running]
         g = np.asarray(gens, dtype=float)
         pending_prefill = sum(
             r.prompt_tokens for r, n in zip(running, gens) if n == 0 or r.first_token_at is None
@@ -652,20 +698,21 @@ class RWTEstimator:
             ls = np.full(nr, 1e-3)
         else:
             cache: dict[int, tuple[float, float]] = {}
-            lm = np.empty(nr)
-            ls = np.empty(nr)
-            learned = cfg.output_lengths == "learned"
-            for k, r in enumerate(running):
-                if learned:
-                    lm[k], ls[k] = self.out_model.predict(r)
-                    continue
-                b = getattr(r._sched, "bucket", None)
-                if b is None:
-                    b = bucket_of(r)
-                ml = cache.get(b)
-                if ml is None:
-                    ml = cache[b] = self.stats_for(model, b).lognormal()
-                lm[k], ls[k] = ml
+            if cfg.output_lengths == "learned":
+                ms, ss = self.out_model.predict_many(running)
+                lm = np.array(ms, dtype=float) if nr else np.empty(0)
+                ls = np.array(ss, dtype=float) if nr else np.empty(0)
+            else:
+                lm = np.empty(nr)
+                ls = np.empty(nr)
+                for k, r in enumerate(running):
+                    b = getattr(r._sched, "bucket", None)
+                    if b is None:
+                        b = bucket_of(r)
+                    ml = cache.get(b)
+                    if ml is None:
+                        ml = cache[b] = self.stats_for(model, b).lognormal()
+                    lm[k], ls[k] = ml
         free = max(0.0, seats - len(running))
         # Grid over the transient: the longest likely residual, and two mean services.
         s_ln = math.sqrt(math.log1p(var / (mu * mu)))
@@ -723,22 +770,26 @@ class RWTEstimator:
         need = j + 1.0
         if need <= p.free + 1e-9:
             return 0.0, 0.0
-        starts = p.starts
+        lists = p.lists
+        if lists is None:
+            lists = p.lists = (p.x.tolist(), p.starts.tolist(), p.var.tolist())
+        xs, starts, var = lists
         if need <= starts[-1]:
-            k = int(np.searchsorted(starts, need))
+            # bisect_left on the non-decreasing starts is np.searchsorted's "left"
+            k = bisect.bisect_left(starts, need)
             k = max(k, 1)
             s0, s1 = starts[k - 1], starts[k]
             frac = (need - s0) / (s1 - s0) if s1 > s0 else 1.0
-            xm = p.x[k - 1] + frac * (p.x[k] - p.x[k - 1])
-            rate = (s1 - s0) / (p.x[k] - p.x[k - 1])
-            v = p.var[k - 1] + frac * (p.var[k] - p.var[k - 1])
+            xm = xs[k - 1] + frac * (xs[k] - xs[k - 1])
+            rate = (s1 - s0) / (xs[k] - xs[k - 1])
+            v = var[k - 1] + frac * (var[k] - var[k - 1])
             return xm, v / max(rate, 1e-9) ** 2
         # Asymptotic renewal: one start every mu / S iterations, CLT variance n sigma^2 / S^2.
-        h = p.x[-1]
+        h = xs[-1]
         rate = p.seats / p.mu_it
         extra = need - starts[-1]
         xm = h + extra / rate
-        v_end = p.var[-1] / rate ** 2
+        v_end = var[-1] / rate ** 2
         return xm, v_end + extra * p.var_it / (p.seats ** 2)
 
     def _engine_now(self, inst, st, now_at: float) -> tuple[int, int, float]:
@@ -749,18 +800,24 @@ class RWTEstimator:
         if c is not None and c[0] == key:
             return c[1]
         eng = inst.engine
-        b = 0
-        pend = 0
-        for r in eng.running_requests():
-            ft = r.first_token_at
-            # prefilling (its first token, if already set, lies at the end of the iteration
-            # in flight): prompt plus tokens to recompute after an eviction
-            if ft is None:
-                pend += r.prompt_tokens + r.num_generated
-            elif ft > now_at:
-                pend += r.prompt_tokens
-            else:
-                b += 1
+        # a simulated engine knows without a pass over its batch
+        summary = getattr(eng, "prefill_summary", None)
+        got = summary(now_at) if summary is not None else None
+        if got is not None:
+            b, pend = got
+        else:
+            b = 0
+            pend = 0
+            for r in eng.running_requests():
+                ft = r.first_token_at
+                # prefilling (its first token, if already set, lies at the end of the
+                # iteration in flight): prompt plus tokens to recompute after an eviction
+                if ft is None:
+                    pend += r.prompt_tokens + r.num_generated
+                elif ft > now_at:
+                    pend += r.prompt_tokens
+                else:
+                    b += 1
         out = (b, pend, float(st.kv_used_tokens))
         self._now_cache[inst.id] = (key, out)
         return out
@@ -799,7 +856,7 @@ class RWTEstimator:
             im = v._im = self.engine_model(inst)
         cal = v._cal
         if cal is None:
-            cal = v._cal = self._cal.setdefault(inst.id, _InstCal())
+            cal = v._cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         if im is None:
             _, iter_s, c_tok = self._view_basics(v)
             m = (tokens_ahead + own) * c_tok + iter_s

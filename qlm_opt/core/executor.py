@@ -97,9 +97,8 @@ class Executor:
 
     # -- pull --------------------------------------------------------------------------------
     def has_seat(self, inst: Instance) -> bool:
-        st = inst.engine.stats()
-        return (st.num_waiting < self.config.engine_slack
-                and st.num_running + st.num_waiting < st.max_num_seqs)
+        nr, nw, mx = _seat_counts(inst.engine)
+        return nw < self.config.engine_slack and nr + nw < mx
 
     def pull(self, inst: Instance) -> None:
         """Feed ``inst`` from its virtual queue (then its model's late lane) while it has
@@ -119,14 +118,15 @@ class Executor:
         # no seat); a dispatch does not change them (engine events reach the policy later).
         basics = None
         waiting_at = None  # sorted deadlines waiting in the engine, once at the slack limit
+        eng = inst.engine
         while True:
-            st = inst.engine.stats()
-            if st.num_running + st.num_waiting >= st.max_num_seqs:
+            nr, nw, mx = _seat_counts(eng)
+            if nr + nw >= mx:
                 return
             g = vq.head()
-            if g is None and st.num_waiting < slack and self.steal(inst):
+            if g is None and nw < slack and self.steal(inst):
                 g = vq.head()
-            if st.num_waiting >= slack:
+            if nw >= slack:
                 if g is None:
                     return
                 if waiting_at is None:
@@ -385,6 +385,16 @@ class Executor:
             return False  # far from its deadline: stealing by idle instances balances it
         return (self.predicts_miss is not None and self.predicts_miss(g, cur)
                 and not self.predicts_miss(g, to))
+
+
+def _seat_counts(eng) -> tuple[int, int, int]:
+    """(running, waiting, max_num_seqs) of an engine: from ``seat_counts()`` where the engine
+    has it (the simulated one), else from ``stats()``."""
+    f = getattr(eng, "seat_counts", None)
+    if f is not None:
+        return f()
+    st = eng.stats()
+    return st.num_running, st.num_waiting, st.max_num_seqs
 
 
 def group_weight(g: RequestGroup, class_weight: float) -> int:

@@ -87,6 +87,13 @@ class RequestGroup:
     tier: int = 0  # 0: on time in the plan (or not planned yet); 1: the plan has it late
     _deadlines: list[tuple[float, int]] = field(default_factory=list)  # heap (deadline, id)
     _ids: set[int] = field(default_factory=set)
+    _dl: float = float("inf")  # earliest member deadline, kept up to date (``deadline_at``)
+    # its entry in its virtual queue's ``_AheadIndex`` and the (requests, prompt tokens) the
+    # index counts for it (None: not indexed)
+    _vkey: tuple | None = None
+    _vn: int = 0
+    _vp: int = 0
+    _reqs: list | None = None  # ``requests()`` until the members change
 
     @property
     def model(self) -> str:
@@ -110,19 +117,30 @@ class RequestGroup:
     @property
     def deadline_at(self) -> float:
         """Earliest member deadline; +inf for an empty group."""
+        return self._dl
+
+    def _refresh_deadline(self) -> None:
+        """Recompute ``_dl`` from the heap of member deadlines (lazy deletion)."""
         h = self._deadlines
-        while h and h[0][1] not in self._ids:
+        ids = self._ids
+        while h and h[0][1] not in ids:
             heapq.heappop(h)
-        return h[0][0] if h else float("inf")
+        self._dl = h[0][0] if h else float("inf")
 
     def requests(self) -> list[Request]:
-        return [r for _, _, r in self.members]
+        rs = self._reqs
+        if rs is None:
+            rs = self._reqs = [r for _, _, r in self.members]
+        return list(rs)
 
     def _add(self, req: Request) -> None:
         bisect.insort(self.members, (req.arrived_at, req.id, req))
+        self._reqs = None
         self._ids.add(req.id)
         self.prompt_tokens += req.prompt_tokens
         heapq.heappush(self._deadlines, (req.deadline_at, req.id))
+        if req.deadline_at < self._dl:
+            self._dl = req.deadline_at
 
     def _remove(self, req: Request) -> bool:
         if req.id not in self._ids:
@@ -130,20 +148,134 @@ class RequestGroup:
         i = bisect.bisect_left(self.members, (req.arrived_at, req.id))
         if i < len(self.members) and self.members[i][1] == req.id:
             del self.members[i]
+            self._reqs = None
         self._ids.discard(req.id)
         self.prompt_tokens -= req.prompt_tokens
+        if req.deadline_at <= self._dl or not self._ids:
+            self._refresh_deadline()
         return True
 
     def _pop_first(self) -> Request:
         _, _, req = self.members.pop(0)
+        self._reqs = None
         self._ids.discard(req.id)
         self.prompt_tokens -= req.prompt_tokens
+        if req.deadline_at <= self._dl or not self._ids:
+            self._refresh_deadline()
         return req
+
+
+class _AheadIndex:
+    """The groups of one virtual queue sorted by (tier, deadline, seq), in blocks of about
+    ``LOAD`` entries that know their requests and prompt tokens: the requests ahead of a key
+    cost a bisection, a sum over the blocks before it and a walk inside one block, instead
+    of a pass over every group. Entries are ``(tier, deadline, seq, group)``; seq is unique,
+    so a group is never compared. A group's counted sizes are ``_vn``/``_vp``."""
+
+    __slots__ = ("blocks", "maxes", "bn", "bp")
+    LOAD = 48
+
+    def __init__(self) -> None:
+        self.blocks: list[list[tuple]] = []
+        self.maxes: list[tuple] = []  # last entry of each block
+        self.bn: list[int] = []  # requests per block
+        self.bp: list[int] = []  # prompt tokens per block
+
+    def add(self, g: RequestGroup) -> None:
+        e = (g.tier, g._dl, g.seq, g)
+        n = len(g._ids)
+        pt = g.prompt_tokens
+        g._vkey, g._vn, g._vp = e, n, pt
+        blocks = self.blocks
+        if not blocks:
+            blocks.append([e])
+            self.maxes.append(e)
+            self.bn.append(n)
+            self.bp.append(pt)
+            return
+        maxes = self.maxes
+        i = bisect.bisect_left(maxes, e)
+        if i == len(blocks):
+            i -= 1
+            blocks[i].append(e)
+            maxes[i] = e
+        else:
+            bisect.insort(blocks[i], e)
+        self.bn[i] += n
+        self.bp[i] += pt
+        blk = blocks[i]
+        if len(blk) > 2 * self.LOAD:
+            half = blk[self.LOAD:]
+            del blk[self.LOAD:]
+            hn = hp = 0
+            for x in half:
+                hn += x[3]._vn
+                hp += x[3]._vp
+            blocks.insert(i + 1, half)
+            maxes[i] = blk[-1]
+            maxes.insert(i + 1, half[-1])
+            self.bn[i] -= hn
+            self.bp[i] -= hp
+            self.bn.insert(i + 1, hn)
+            self.bp.insert(i + 1, hp)
+
+    def _find(self, e: tuple) -> int:
+        return bisect.bisect_left(self.maxes, e)
+
+    def remove(self, g: RequestGroup) -> None:
+        e = g._vkey
+        if e is None:
+            return
+        i = self._find(e)
+        blk = self.blocks[i]
+        j = bisect.bisect_left(blk, e)
+        if blk[j] is not e:
+            raise RuntimeError(f"group {g.id} is not where its virtual queue indexed it")
+        del blk[j]
+        if blk:
+            self.maxes[i] = blk[-1]
+            self.bn[i] -= g._vn
+            self.bp[i] -= g._vp
+        else:
+            del self.blocks[i], self.maxes[i], self.bn[i], self.bp[i]
+        g._vkey = None
+        g._vn = g._vp = 0
+
+    def sync(self, g: RequestGroup) -> None:
+        """Bring ``g``'s entry and sizes up to date (after any change to the group)."""
+        e = g._vkey
+        if e is None or e[0] != g.tier or e[1] != g._dl:
+            self.remove(g)
+            self.add(g)
+            return
+        n = len(g._ids)
+        pt = g.prompt_tokens
+        if n != g._vn or pt != g._vp:
+            i = self._find(e)
+            self.bn[i] += n - g._vn
+            self.bp[i] += pt - g._vp
+            g._vn, g._vp = n, pt
+
+    def ahead(self, key: tuple) -> tuple[int, int]:
+        """(requests, prompt tokens) of the entries before ``key`` = (tier, deadline, seq)."""
+        i = bisect.bisect_left(self.maxes, key)
+        n = sum(self.bn[:i]) if i else 0
+        p = sum(self.bp[:i]) if i else 0
+        if i < len(self.blocks):
+            blk = self.blocks[i]
+            for e in blk[: bisect.bisect_left(blk, key)]:
+                g = e[3]
+                n += g._vn
+                p += g._vp
+        return n, p
+
+    def groups(self) -> list[RequestGroup]:
+        return [e[3] for blk in self.blocks for e in blk]
 
 
 class VirtualQueue:
     """Groups assigned to one instance, in (tier, deadline, seq) order; a heap with lazy
-    deletion."""
+    deletion, and an ``_AheadIndex`` for counting what lies ahead of a key."""
 
     def __init__(self, instance_id: int) -> None:
         self.instance_id = instance_id
@@ -152,6 +284,7 @@ class VirtualQueue:
         self.groups: dict[int, RequestGroup] = {}  # group id -> group
         self.num_requests = 0
         self.prompt_tokens = 0
+        self._index = _AheadIndex()
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -174,18 +307,12 @@ class VirtualQueue:
         return self._heap[0][4] if self._heap else None
 
     def ordered(self) -> list[RequestGroup]:
-        """Groups in queue order (O(G log G))."""
-        return sorted(self.groups.values(), key=lambda g: (g.tier, g.deadline_at, g.seq))
+        """Groups in queue order (O(G))."""
+        return self._index.groups()
 
     def requests_ahead(self, deadline_at: float, seq: int, tier: int = 0) -> tuple[int, int]:
         """(requests, prompt tokens) in groups ordered before (tier, deadline_at, seq)."""
-        n = p = 0
-        key = (tier, deadline_at, seq)
-        for g in self.groups.values():
-            if (g.tier, g.deadline_at, g.seq) < key:
-                n += g.size
-                p += g.prompt_tokens
-        return n, p
+        return self._index.ahead((tier, deadline_at, seq))
 
     def __iter__(self) -> Iterator[RequestGroup]:
         return iter(self.ordered())
@@ -304,11 +431,13 @@ class GlobalQueue:
             return
         old = self.vqs[g.instance_id]
         old.groups.pop(g.id, None)
+        old._index.remove(g)
         old.num_requests -= g.size
         old.prompt_tokens -= g.prompt_tokens
         g.instance_id = instance_id
         q = self.vq(instance_id)
         q.groups[g.id] = g
+        q._index.add(g)
         q.num_requests += g.size
         q.prompt_tokens += g.prompt_tokens
         q._push(g)
@@ -322,6 +451,7 @@ class GlobalQueue:
         self.groups[gid] = g
         q = self.vqs[UNPLACED]
         q.groups[gid] = g
+        q._index.add(g)
         return g
 
     def _insert(self, g: RequestGroup, req: Request) -> None:
@@ -335,6 +465,7 @@ class GlobalQueue:
             q.groups[g.id] = g
         q.num_requests += 1
         q.prompt_tokens += req.prompt_tokens
+        q._index.sync(g)
         if g.deadline_at != old_deadline or g.size == 1:
             q._push(g)
 
@@ -342,10 +473,12 @@ class GlobalQueue:
         q = self.vqs[g.instance_id]
         if g.size == 0:
             q.groups.pop(g.id, None)
+            q._index.remove(g)
             del self.groups[g.id]
             if self._open.get(g.key) is g:
                 del self._open[g.key]
             return
+        q._index.sync(g)
         if g.deadline_at != old_deadline_at:
             q._push(g)  # the deadline moved; the old heap entry goes stale
 
@@ -355,4 +488,6 @@ class GlobalQueue:
         if g.tier == tier or g.id not in self.groups:
             return
         g.tier = tier
-        self.vqs[g.instance_id]._push(g)
+        q = self.vqs[g.instance_id]
+        q._index.sync(g)
+        q._push(g)

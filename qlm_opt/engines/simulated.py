@@ -141,6 +141,10 @@ class SimEngine:
         self.num_prefix_evictions = 0  # units evicted
         self._wake_at: float | None = None
         self.wake_version = 0  # host bookkeeping for stale wake events
+        # ``prefill_summary``: decoders whose first token may still lie ahead of a query,
+        # (first_token_at, req, state, token); kept only once someone asked
+        self._recent: list[tuple] | None = None
+        self._recent_at = float("-inf")  # the latest query's time
 
     # -- configuration -----------------------------------------------------------------------
     def _set_model(
@@ -233,6 +237,60 @@ class SimEngine:
 
     def waiting_requests(self) -> list[Request]:
         return [r for _, _, r in sorted(self._waiting, key=lambda e: (e[0], e[1]))]
+
+    def prefill_summary(self, now_at: float) -> tuple[int, int] | None:
+        """What a pass over ``running_requests()`` finds at ``now_at``: (requests whose first
+        token is out by ``now_at``, prompt tokens still prefilling or whose first token lies
+        after ``now_at``, plus tokens to recompute of those not prefilled yet). It visits the
+        prefilling requests and the decoders that got their first token lately, not the
+        whole batch. None for a ``now_at`` before an earlier call's (the caller then does
+        the pass)."""
+        if now_at < self._recent_at:
+            return None
+        self._recent_at = now_at
+        rec = self._recent
+        if rec is None:
+            rec = [(r.first_token_at, r, r._eng, r._eng.token)
+                   for r in self._running.values() if r._eng.s_iter >= 0]
+        keep = []
+        n_late = 0
+        pend = 0
+        for e in rec:
+            ft, r, st, tok = e
+            if ft > now_at and r._eng is st and st.token == tok:
+                keep.append(e)
+                n_late += 1
+                pend += r.prompt_tokens
+        self._recent = keep
+        b = self._num_dec - n_late
+        for r in self._prefilling:
+            ft = r.first_token_at
+            if ft is None:
+                pend += r.prompt_tokens + r.num_generated
+            elif ft > now_at:
+                pend += r.prompt_tokens
+            else:
+                b += 1
+        return b, pend
+
+    def running_generated(self) -> tuple[list[Request], list[int]]:
+        """``running_requests()`` and ``num_generated`` of each, in one pass."""
+        running = list(self._running.values())
+        it = self.iters
+        gens = []
+        for r in running:
+            st = r._eng
+            gens.append(st.g0 + (it - st.s_iter) if st.s_iter >= 0 else r.num_generated)
+        return running, gens
+
+    def waiting_tokens(self) -> int:
+        """Prompt plus generated tokens (to recompute) of the waiting requests: the sum over
+        ``waiting_requests()`` without sorting them."""
+        return sum(r.prompt_tokens + r.num_generated for _, _, r in self._waiting)
+
+    def seat_counts(self) -> tuple[int, int, int]:
+        """(running, waiting, max_num_seqs): the part of ``stats()`` a pull reads."""
+        return len(self._running), self._num_waiting, self.config.max_num_seqs
 
     def num_generated(self, req: Request) -> int:
         st = req._eng
@@ -624,6 +682,8 @@ class SimEngine:
                 self._num_dec += 1
                 self._dec_kv_base += st.computed - iters
                 st.token += 1
+                if self._recent is not None:
+                    self._recent.append((r.first_token_at, r, st, st.token))
                 self._seq += 1
                 heapq.heappush(
                     self._done, (iters + st.out_cap - st.g0, self._seq, st, st.token, r)

@@ -75,6 +75,14 @@ class QLMRWTPolicy(Policy):
         # the first token comes
         self._raw_pred: dict[int, WaitEstimate] = {}
         self._servable: dict[str, bool] = {}  # model -> can some instance ever serve it
+        # the cut-in rate's inputs change only with arrivals, late-lane moves and the clock:
+        # (model, class) -> (now, arrivals seen, late moves seen, rate per second)
+        self._num_arrived = 0
+        self._num_went_late = 0
+        self._cut_cache: dict[tuple[str, str], tuple] = {}
+        # (group, instance id, clock time, wait context) of the instance ``_choose`` picked:
+        # ``_on_place`` of that group there, right after, predicts with it
+        self._chosen: tuple | None = None
 
     @classmethod
     def from_context(cls, workload=None, fleet=None, **kw) -> QLMRWTPolicy:
@@ -108,6 +116,7 @@ class QLMRWTPolicy(Policy):
         req._sched.pred_mean_s = None
         self._raw_pred.pop(req.id, None)
         self._late_at.setdefault((req.model, req.slo_class), deque()).append(self.rt.now())
+        self._num_went_late += 1
 
     def _bucket(self, req: Request) -> int:
         return length_bucket(req.prompt_tokens, self.gq.config.prompt_bucket_edges)
@@ -129,11 +138,18 @@ class QLMRWTPolicy(Policy):
         inst = self.rt.instances[g.instance_id]
         if inst.ready:
             self._predict_group(g, inst, self.rt.now())
+        self._chosen = None
 
     # -- estimates ---------------------------------------------------------------------------
     def _cut_in_per_s(self, model: str, slo_class: str, now: float) -> float:
         """Arrivals per second of tighter classes for ``model``, per instance holding it:
         under EDF they will overtake a request of ``slo_class`` while it waits."""
+        hit = self._cut_cache.get((model, slo_class))
+        if hit is not None and hit[0] == now and hit[1] == self._num_arrived \
+                and hit[2] == self._num_went_late:
+            rate = hit[3]
+            n = max(1, len(self.rt.ready_instances(model)))
+            return rate / n
         own = self._ttft.get(slo_class, 0.0)
         rate = 0.0
         for (m, c), q in self._arrivals.items():
@@ -148,6 +164,7 @@ class QLMRWTPolicy(Policy):
                     late.popleft()
                 n = max(0, n - len(late))
             rate += n / self.rate_window_s
+        self._cut_cache[(model, slo_class)] = (now, self._num_arrived, self._num_went_late, rate)
         n = max(1, len(self.rt.ready_instances(model)))
         return rate / n
 
@@ -157,6 +174,9 @@ class QLMRWTPolicy(Policy):
             return 0
         if st.waiting_prompt_tokens:
             return st.waiting_prompt_tokens
+        fast = getattr(inst.engine, "waiting_tokens", None)
+        if fast is not None:
+            return fast()
         return sum(r.prompt_tokens + r.num_generated for r in inst.engine.waiting_requests())
 
     def _wait_ctx(self, inst: Instance, g: RequestGroup, now: float,
@@ -221,6 +241,13 @@ class QLMRWTPolicy(Policy):
     def _predict_group(self, g: RequestGroup, inst: Instance, now: float) -> None:
         """Predict every member of ``g`` (placed on ``inst``) in one pass."""
         ctx = None
+        chosen = self._chosen
+        if chosen is not None:
+            self._chosen = None
+            if chosen[0] is g and chosen[1] == inst.id and chosen[2] == now:
+                # ``_choose`` just estimated this group here, and nothing changed since but
+                # the group's entry into this queue (it is not ahead of itself)
+                ctx = chosen[3]
         k = 0
         cum = 0
         for _, _, r in g.members:
@@ -233,18 +260,22 @@ class QLMRWTPolicy(Policy):
             cum += r.prompt_tokens
 
     def _choose(self, g: RequestGroup, now: float) -> Instance | None:
+        self._chosen = None
         insts = self.rt.ready_instances(g.model)
         if not insts:
             return None
         if len(insts) == 1:
             return insts[0]
         prompt = g.prompt_tokens // max(g.size, 1)
-        best, best_key = None, None
+        best, best_key, best_ctx = None, None, None
         for inst in insts:
-            est = self._wait(inst, g, 0, prompt, now)
+            ctx = self._wait_ctx(inst, g, now)
+            est = self._wait(inst, g, 0, prompt, now, ctx=ctx)
             key = (round(est.p_miss(g.deadline_at - now), 3), est.mean_s)
             if best_key is None or key < best_key:
-                best, best_key = inst, key
+                best, best_key, best_ctx = inst, key, ctx
+        if g.instance_id == UNPLACED:
+            self._chosen = (g, best.id, now, best_ctx)
         return best
 
     # -- events ------------------------------------------------------------------------------
@@ -262,6 +293,7 @@ class QLMRWTPolicy(Policy):
         if q is None:
             q = self._arrivals[(req.model, req.slo_class)] = deque()
         q.append(now)
+        self._num_arrived += 1
         g, new = self.gq.add(req, now)
         self._settle(g, new, req, now)
 
