@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlm_opt.core import estimator
+from qlm_opt.whatif import accuracy
 from qlm_opt.catalog import Catalog
 from qlm_opt.config import Fleet, FleetFile, Workload
 from qlm_opt.whatif.workload import load_trace
@@ -100,13 +100,13 @@ def main() -> None:
     loads_over = dict(x.split("=", 1) for x in a.loads)
     truth = _parse_truth(a.truth)
     trackers: list = []
-    orig = estimator.RWTTracker.__init__
+    orig = accuracy.RWTTracker.__init__
 
     def spy(self, *args, **kw):
         orig(self, *args, **kw)
         trackers.append(self)
 
-    estimator.RWTTracker.__init__ = spy
+    accuracy.RWTTracker.__init__ = spy
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"prior: {a.prior}; engines run [perf] {a.truth}; scored: admission prediction")
     print(f"{'trace':<9} {'load':>4} {'policy':<8} {'class':<12} {'n':>6} {'MdAPE':>6} "

@@ -57,7 +57,7 @@ def scenario_rows(specs: str, policies: list[str], reps: int,
     sys.path.insert(0, str(REPO / "benchmarks" / "scenarios"))
     from run import _inputs  # the suite's own fleet, workload and trace per row
 
-    from qlm_opt.whatif import prepare_requests
+    from qlm_opt.whatif.run import prepare_requests
 
     print(f"{'scenario':>13} {'load':>6} {'policy':>8} {'requests':>8} {'wall s':>7} "
           f"{'req/s':>7} {'req/CPU-s':>9} {'vs edf':>7} {'SLO att.':>9} {'swaps':>5} "

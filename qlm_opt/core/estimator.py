@@ -56,15 +56,16 @@ import bisect
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from qlm_opt.core.output_lengths import LengthStats, OutputLengthModel
+from qlm_opt.core.wait_calibration import WaitCalibrator, WaitEstimate
 from qlm_opt.domain import Request
+from qlm_opt.engines.base import prefill_pass
 
 log = logging.getLogger(__name__)
-
-Z90 = 1.6448536269514722  # two-sided 90% interval: mean +- Z90 * std
 
 
 def _norm_cdf(z: np.ndarray) -> np.ndarray:
@@ -75,227 +76,6 @@ def _norm_cdf(z: np.ndarray) -> np.ndarray:
                                                                           + t * 1.061405429))))
     erf = 1.0 - poly * np.exp(-x * x)
     return 0.5 * (1.0 + np.sign(z) * erf)
-
-
-def norm_sf(z: float) -> float:
-    """P(N(0,1) > z)."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-@dataclass(frozen=True, slots=True)
-class WaitEstimate:
-    """Predicted waiting time (seconds) until first token: approximately N(mean, std^2)."""
-
-    mean_s: float
-    std_s: float
-
-    def quantile(self, z: float) -> float:
-        """mean + z std, floored at 0 (use z = 1.28 for the 90th percentile)."""
-        return max(0.0, self.mean_s + z * self.std_s)
-
-    def interval(self, z: float = Z90) -> tuple[float, float]:
-        return max(0.0, self.mean_s - z * self.std_s), self.mean_s + z * self.std_s
-
-    def p_miss(self, slack_s: float) -> float:
-        """P(wait > slack_s)."""
-        if self.std_s <= 0:
-            return 1.0 if self.mean_s > slack_s else 0.0
-        return norm_sf((slack_s - self.mean_s) / self.std_s)
-
-
-@dataclass(slots=True)
-class LengthStats:
-    """Output-token mean/variance: Welford over observations, shrunk towards a prior worth
-    ``prior_n`` pseudo-observations (mean and variance pooled by weight; the prior's distance
-    from the data is not added to the variance, so a wrong prior washes out as 1/n)."""
-
-    prior_n: float
-    prior_mean: float
-    prior_var: float
-    n: float = 0.0
-    obs_mean: float = 0.0
-    m2: float = 0.0
-
-    @classmethod
-    def prior(cls, mean: float, var: float, weight: float) -> LengthStats:
-        return cls(weight, mean, var)
-
-    def update(self, x: float) -> None:
-        self.n += 1.0
-        d = x - self.obs_mean
-        self.obs_mean += d / self.n
-        self.m2 += d * (x - self.obs_mean)
-
-    @property
-    def mean(self) -> float:
-        w = self.prior_n + self.n
-        return (self.prior_n * self.prior_mean + self.n * self.obs_mean) / w if w else 0.0
-
-    @property
-    def var(self) -> float:
-        w = self.prior_n + self.n
-        return (self.prior_n * self.prior_var + self.m2) / w if w else 0.0
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(max(self.var, 0.0))
-
-    def lognormal(self) -> tuple[float, float]:
-        """(log-mean, log-std) of the lognormal with this mean and variance."""
-        m = max(self.mean, 1.0)
-        s2 = math.log1p(max(self.var, 1e-9) / (m * m))
-        return math.log(m) - s2 / 2.0, math.sqrt(s2)
-
-
-class _LogFit:
-    """Least squares of log(output) on log(prompt + 1), from running sums."""
-
-    __slots__ = ("n", "sx", "sy", "sxx", "sxy", "syy")
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.sx = self.sy = self.sxx = self.sxy = self.syy = 0.0
-
-    def add(self, x: float, y: float) -> None:
-        self.n += 1
-        self.sx += x
-        self.sy += y
-        self.sxx += x * x
-        self.sxy += x * y
-        self.syy += y * y
-
-    def predict(self, x: float, ridge: float) -> tuple[float, float]:
-        """(log-mean, log-std) at ``x``; the slope is shrunk to 0 by ``ridge`` (per row)."""
-        n = self.n
-        mx, my = self.sx / n, self.sy / n
-        vxx = self.sxx / n - mx * mx
-        vxy = self.sxy / n - mx * my
-        vyy = max(self.syy / n - my * my, 0.0)
-        b = vxy / (vxx + ridge)
-        res = max(vyy - 2 * b * vxy + b * b * vxx, 1e-4)
-        # the fit's own uncertainty: the intercept's and the slope's at x
-        var = res * (1.0 + 1.0 / n + (x - mx) ** 2 / max(n * (vxx + ridge), 1e-9))
-        return my + b * (x - mx), math.sqrt(var)
-
-
-class OutputLengthModel:
-    """Output-length prediction learned online, per (model, class, tenant), falling back to
-    (model, class), then (model), then the workload prior.
-
-    Each cell fits log(output) = a + b log(prompt + 1) + noise by least squares (a slope
-    shrunk towards 0, so a feature that carries no information costs nothing) and predicts a
-    lognormal: its log-mean and log-std, fitted in log space rather than matched to the
-    moments, which the heavy right tail of chat outputs distorts. A cell is used once it has
-    ``min_n`` completions. ``max_tokens`` is not used: in what-if runs the request's cap is
-    its true length.
-
-    Its own error is scored prequentially: at each completion, the prediction the model made
-    just before (and, beside it, the prompt-length bucket's) against the observed length:
-    the mean log score (log density of log(output) under the predicted lognormal: the
-    proper score of a predicted distribution, which is what the estimator uses), the
-    coverage of the 90% interval, and the median absolute % error of the predicted median
-    (a point score, which favours predicting low)."""
-
-    def __init__(self, prior_log_mu: float, prior_log_sigma: float, min_n: int = 30,
-                 ridge: float = 0.05) -> None:
-        self.prior = (prior_log_mu, prior_log_sigma)
-        self.min_n = min_n
-        self.ridge = ridge
-        self.cells: dict[tuple, _LogFit] = {}
-        self.errors: list[tuple[float, float, float, float, float]] = []
-        # (observed, log-mean, log-std, bucket log-mean, bucket log-std)
-
-    def _keys(self, req: Request) -> tuple[tuple, ...]:
-        if req.tenant is not None:
-            return ((req.model, req.slo_class, req.tenant), (req.model, req.slo_class),
-                    (req.model,))
-        return ((req.model, req.slo_class), (req.model,))
-
-    def predict(self, req: Request) -> tuple[float, float]:
-        """(log-mean, log-std) of ``req``'s output tokens."""
-        x = math.log1p(req.prompt_tokens)
-        for k in self._keys(req):
-            c = self.cells.get(k)
-            if c is not None and c.n >= self.min_n:
-                return c.predict(x, self.ridge)
-        return self.prior
-
-    def predict_many(self, reqs) -> tuple[list[float], list[float]]:
-        """``predict`` of every request in ``reqs``: (log-means, log-stds), the same floats,
-        with each cell's fit worked out once (``_LogFit.predict`` term by term)."""
-        ms: list[float] = []
-        ss: list[float] = []
-        fits: dict[tuple, tuple | None] = {}
-        ridge = self.ridge
-        log1p = math.log1p
-        sqrt = math.sqrt
-        pm, ps = self.prior
-        for req in reqs:
-            who = (req.model, req.slo_class, req.tenant)
-            f = fits.get(who, False)
-            if f is False:
-                f = None
-                for k in self._keys(req):
-                    c = self.cells.get(k)
-                    if c is not None and c.n >= self.min_n:
-                        n = c.n
-                        mx, my = c.sx / n, c.sy / n
-                        vxx = c.sxx / n - mx * mx
-                        vxy = c.sxy / n - mx * my
-                        vyy = max(c.syy / n - my * my, 0.0)
-                        b = vxy / (vxx + ridge)
-                        res = max(vyy - 2 * b * vxy + b * b * vxx, 1e-4)
-                        f = (mx, my, b, res, 1.0 + 1.0 / n, max(n * (vxx + ridge), 1e-9))
-                        break
-                fits[who] = f
-            if f is None:
-                ms.append(pm)
-                ss.append(ps)
-                continue
-            mx, my, b, res, a1, den = f
-            x = log1p(req.prompt_tokens)
-            ms.append(my + b * (x - mx))
-            ss.append(sqrt(res * (a1 + (x - mx) ** 2 / den)))
-        return ms, ss
-
-    def observe(self, req: Request, n_out: float,
-                baseline: tuple[float, float] | None = None) -> None:
-        """``req`` finished with ``n_out`` tokens; ``baseline`` is the bucket's (log-mean,
-        log-std) before this completion, scored beside."""
-        m, sd = self.predict(req)
-        bm, bs = baseline if baseline is not None else (math.nan, math.nan)
-        self.errors.append((max(n_out, 1.0), m, sd, bm, bs))
-        x, y = math.log1p(req.prompt_tokens), math.log(max(n_out, 1.0))
-        for k in self._keys(req):
-            c = self.cells.get(k)
-            if c is None:
-                c = self.cells[k] = _LogFit()
-            c.add(x, y)
-
-    def report(self) -> dict:
-        """``log_score`` (mean log density of log(output), higher is better), ``coverage_90``
-        and ``median_abs_pct_error`` of this model and of the prompt-length buckets
-        (``bucket_*``) over every completion seen."""
-        if not self.errors:
-            return {"num": 0}
-        a = np.asarray(self.errors, dtype=float)
-        y = np.log(a[:, 0])
-
-        def score(m, sd):
-            ok = ~np.isnan(m)
-            if not ok.any():
-                return None, None, None
-            m, sd, yy = m[ok], np.maximum(sd[ok], 1e-6), y[ok]
-            ls = -np.log(sd) - 0.5 * math.log(2 * math.pi) - 0.5 * ((yy - m) / sd) ** 2
-            cov = (np.abs(yy - m) <= Z90 * sd).mean()
-            ape = np.abs(np.exp(m) - np.exp(yy)) / np.exp(yy) * 100.0
-            return float(ls.mean()), float(cov), float(np.median(ape))
-
-        s_, c_, e_ = score(a[:, 1], a[:, 2])
-        bs_, bc_, be_ = score(a[:, 3], a[:, 4])
-        return {"num": len(a), "log_score": s_, "coverage_90": c_, "median_abs_pct_error": e_,
-                "bucket_log_score": bs_, "bucket_coverage_90": bc_,
-                "bucket_median_abs_pct_error": be_}
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +138,22 @@ class _InstCal:
     im_key: tuple = ()
 
 
+class _PrefillConsts:
+    """The per-engine part of ``prefill_phase`` on one view: decoders ``b``, prefill tokens
+    pending on running requests ``pend``, KV tokens ``kv``, the chunked-prefill ``budget``
+    per iteration, whether the engine is ``busy``, a ``full`` iteration's seconds, and the
+    (mean, variance) of the residual of the iteration in flight, with and without the pending
+    prefill in it (each computed on first use)."""
+
+    __slots__ = ("b", "pend", "kv", "budget", "busy", "full", "resid_with", "resid_without")
+
+    def __init__(self, b, pend, kv, budget, busy, full) -> None:
+        self.b, self.pend, self.kv = b, pend, kv
+        self.budget, self.busy, self.full = budget, busy, full
+        self.resid_with: tuple[float, float] | None = None
+        self.resid_without: tuple[float, float] | None = None
+
+
 class EngineView:
     """One instance's engine at one moment, shared by several estimates in a row.
 
@@ -378,124 +174,7 @@ class EngineView:
         self._im = self  # sentinel: not looked up yet
         self._cal: _InstCal | None = None
         self._now: tuple[int, int, float] | None = None
-        self._pp: list | None = None  # prefill-phase constants
-
-
-def sorted_median(xs: np.ndarray) -> float:
-    """``np.median`` of an ascending 1-d array, the same float without its overhead (the
-    mean of the two middle values for an even size)."""
-    n = len(xs)
-    h = n // 2
-    if n % 2:
-        return float(xs[h])
-    return float((xs[h - 1] + xs[h]) / 2)
-
-
-def sorted_quantile(xs: np.ndarray, q: float) -> float:
-    """``np.quantile(xs, q)`` (method "linear") of an ascending 1-d array, the same float:
-    NumPy's index ``(n - 1) q`` and its two-sided ``lerp``."""
-    n = len(xs)
-    vi = (n - 1) * q
-    if vi >= n - 1:
-        return float(xs[n - 1])
-    if vi < 0:
-        return float(xs[0])
-    lo = math.floor(vi)
-    t = vi - lo
-    a = xs[lo]
-    b = xs[lo + 1]
-    diff = b - a
-    return float(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
-
-
-class _Ring:
-    """The last ``size`` (mean, std, observed) triples of a calibration cell, in a numpy ring
-    (rows in rotated order once full), and how many arrived since the last fit."""
-
-    __slots__ = ("buf", "n", "pos", "new")
-
-    def __init__(self, size: int) -> None:
-        self.buf = np.empty((size, 3))
-        self.n = 0
-        self.pos = 0
-        self.new = 0
-
-    def append(self, m: float, s: float, o: float) -> None:
-        row = self.buf[self.pos]
-        row[0] = m
-        row[1] = s
-        row[2] = o
-        self.pos += 1
-        if self.pos == len(self.buf):
-            self.pos = 0
-        if self.n < len(self.buf):
-            self.n += 1
-
-
-class WaitCalibrator:
-    """Online (conformal-style) recalibration of wait predictions from completed ones.
-
-    Every prediction whose first token has been seen gives a triple (model mean, model std,
-    observed wait). Per ``(key, bin)`` — ``key`` an SLO class, ``bin`` the model mean in
-    factor-``bin_ratio`` bands — the last ``window`` triples give
-      * a bias factor ``c`` = exp(median log(observed / mean)), and
-      * an interval factor ``k`` = the 90% quantile of |observed - c mean| / (c std),
-    and a new prediction (m, s) becomes (c m, c s max(k, 1.645) / 1.645): its ±1.645 std
-    interval is then the split-conformal 90% interval of the recent past, never narrower
-    than the model's own. Cells with fewer than
-    ``min_n`` triples fall back to the key's pooled cell, then to the model as is. Only
-    predictions made before the observation use it (no look-ahead); the factors are
-    refreshed every ``refresh`` new triples."""
-
-    def __init__(self, window: int = 400, min_n: int = 30, refresh: int = 16,
-                 bin_ratio: float = 2.0, coverage: float = 0.9) -> None:
-        self.window = window
-        self.min_n = min_n
-        self.refresh = refresh
-        self.log_bin = math.log(bin_ratio)
-        self.coverage = coverage
-        self._data: dict[tuple, _Ring] = {}  # cell -> last ``window`` (m, s, o)
-        self._fit: dict[tuple, tuple[float, float]] = {}  # cell -> (c, k)
-
-    def _bin(self, mean_s: float) -> int:
-        return int(math.floor(math.log(max(mean_s, 1e-3) / 1e-3) / self.log_bin))
-
-    def observe(self, key: str, mean_s: float, std_s: float, observed_s: float) -> None:
-        m, sd, o = max(mean_s, 1e-6), max(std_s, 1e-6), max(observed_s, 1e-6)
-        for cell in ((key, self._bin(mean_s)), (key, None)):
-            d = self._data.get(cell)
-            if d is None:
-                d = self._data[cell] = _Ring(self.window)
-            d.append(m, sd, o)
-            d.new += 1
-            if d.new >= self.refresh or cell not in self._fit and d.n >= self.min_n:
-                self._refit(cell, d)
-
-    def _refit(self, cell, d: _Ring) -> None:
-        d.new = 0
-        if d.n < self.min_n:
-            return
-        # The ring holds the last ``window`` triples in rotated order; the median and the
-        # quantile do not depend on the order.
-        a = d.buf if d.n == self.window else d.buf[: d.n]
-        m, s, o = a[:, 0], a[:, 1], a[:, 2]
-        c = float(np.exp(sorted_median(np.sort(np.log(o / m)))))
-        score = np.abs(o - c * m) / (c * s)
-        k = sorted_quantile(np.sort(score), self.coverage)
-        # the interval only ever widens the model's: a backlog that builds up makes the
-        # recent past too optimistic about the spread of what comes next
-        self._fit[cell] = (c, max(k, Z90))
-
-    def factors(self, key: str, mean_s: float) -> tuple[float, float] | None:
-        f = self._fit.get((key, self._bin(mean_s)))
-        return f if f is not None else self._fit.get((key, None))
-
-    def adjust(self, key: str, est: WaitEstimate) -> WaitEstimate:
-        f = self.factors(key, est.mean_s)
-        if f is None:
-            return est
-        c, k = f
-        return WaitEstimate(c * est.mean_s, c * est.std_s * k / Z90)
+        self._pp: _PrefillConsts | None = None
 
 
 class RWTEstimator:
@@ -637,10 +316,6 @@ class RWTEstimator:
             self._profiles.pop(inst_id, None)
 
     # -- the profile -------------------------------------------------------------------------
-    def _service(self, req: Request, bucket: int) -> tuple[float, float]:
-        st = self.stats_for(req.model, bucket)
-        return st.lognormal()
-
     def basics(self, inst, st) -> tuple[float, float, float]:
         """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
         ``stats()``, the roofline prior and the calibration."""
@@ -673,20 +348,14 @@ class RWTEstimator:
         cfg = self.config
         eng = inst.engine
         st = eng.stats()
-        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
+        if inst.id not in self._cal:
+            self._cal[inst.id] = _InstCal()
         model = st.model or inst.model
         mstats = self.model_stats(model) if model else LengthStats(1.0, self.prior_mean, self.prior_var)
         mu, var = max(mstats.mean, 1.0), max(mstats.var, 1.0)
         # Seats: max_num_seqs, or as many average sequences as the KV cache holds.
         seats, iter_s, c_tok = self.basics(inst, st)
-        both = getattr(eng, "running_generated", None)
-        if both is not None:
-            running, gens = both()
-        else:
-            running = eng.running_requests()
-            num_gen = getattr(eng, "num_generated", None)
-            gens = [num_gen(r) for r in running] if num_gen is not None else [
-                r.num_generated for r in running]
+        running, gens = eng.running_generated()
         nr = len(running)
         g = np.asarray(gens, dtype=float)
         pending_prefill = sum(
@@ -801,23 +470,8 @@ class RWTEstimator:
             return c[1]
         eng = inst.engine
         # a simulated engine knows without a pass over its batch
-        summary = getattr(eng, "prefill_summary", None)
-        got = summary(now_at) if summary is not None else None
-        if got is not None:
-            b, pend = got
-        else:
-            b = 0
-            pend = 0
-            for r in eng.running_requests():
-                ft = r.first_token_at
-                # prefilling (its first token, if already set, lies at the end of the
-                # iteration in flight): prompt plus tokens to recompute after an eviction
-                if ft is None:
-                    pend += r.prompt_tokens + r.num_generated
-                elif ft > now_at:
-                    pend += r.prompt_tokens
-                else:
-                    b += 1
+        got = eng.prefill_summary(now_at)
+        b, pend = got if got is not None else prefill_pass(eng.running_requests(), now_at)
         out = (b, pend, float(st.kv_used_tokens))
         self._now_cache[inst.id] = (key, out)
         return out
@@ -864,25 +518,26 @@ class RWTEstimator:
         pp = v._pp
         if pp is None:
             b, pend, kv = v._now = self._engine_now(inst, v.st, v.now_at)
-            cfg = getattr(inst.engine, "config", None)
-            total = getattr(cfg, "max_num_batched_tokens", None) or self.batch_budget
+            total = inst.engine.config.max_num_batched_tokens or self.batch_budget
             budget = float(max(total - b, 1))
             st = v.st
             busy = st.num_running > 0 or st.num_waiting > 0
             full = im.iteration_s(int(b + budget), int(kv))
-            # (b, pend, kv, budget, busy, full, residual with pending, without)
-            pp = v._pp = [b, pend, kv, budget, busy, full, None, None]
-        b, pend, kv, budget, busy, full = pp[:6]
+            pp = v._pp = _PrefillConsts(b, pend, kv, budget, busy, full)
+        b, pend, kv, budget, busy, full = pp.b, pp.pend, pp.kv, pp.budget, pp.busy, pp.full
         keep = 1.0 - cal.hit_frac  # expected prefix-cache hits are not prefilled
         resid_m = resid_v = 0.0
         q = (tokens_ahead + own) * keep if keep != 1.0 else tokens_ahead + own
         if busy:
-            slot = 6 if include_pending else 7
-            r = pp[slot]
+            r = pp.resid_with if include_pending else pp.resid_without
             if r is None:
                 flight = min(float(pend), budget) if include_pending else 0.0
                 d = im.iteration_s(int(b + flight), int(kv))
-                r = pp[slot] = (0.5 * d, d * d / 12.0)
+                r = (0.5 * d, d * d / 12.0)
+                if include_pending:
+                    pp.resid_with = r
+                else:
+                    pp.resid_without = r
             resid_m, resid_v = r
             if include_pending:
                 q += max(0.0, pend * keep - budget)
@@ -957,192 +612,3 @@ class RWTEstimator:
         return WaitEstimate(mean, sd)
 
 
-@dataclass(slots=True)
-class AccuracyRecord:
-    slo_class: str
-    placed_at: float
-    mean_s: float
-    std_s: float
-    raw: WaitEstimate | None = None  # the model's estimate before calibration
-    calib: WaitCalibrator | None = None  # fed (raw, observed) at the first token
-    key: object = None  # calibration cell key
-
-
-@dataclass(slots=True)
-class RWTAccuracy:
-    """Predicted vs observed waiting time of requests.
-
-    Definition: the scored prediction of a request is its *admission* prediction, the first
-    one made for it: by a global-queue policy when it first places the request in an
-    instance's virtual queue (reported through ``Runtime.predict_hooks``), or, for policies
-    without their own predictions, by the observer when the request is first dispatched into
-    an engine's queue. Observed wait = first_token_at - admission time. It stays the scored
-    one whatever happens afterwards: re-placement, late lane, eviction, swap, engine failure
-    and re-queue. The *dispatch* prediction (the latest one in force when the request last
-    entered an engine before its first token, measured from that moment) is reported beside
-    it (``dispatch_*``), for the same requests.
-    """
-
-    records: dict[int, AccuracyRecord] = field(default_factory=dict)  # admission, by req id
-    dispatch: dict[int, AccuracyRecord] = field(default_factory=dict)  # latest dispatch
-    pairs: list[tuple[str, float, float, float]] = field(default_factory=list)
-    # (class, predicted mean s, predicted std s, observed s): admission predictions
-    dispatch_pairs: list[tuple[str, float, float, float]] = field(default_factory=list)
-    # the same requests' dispatch predictions (one per entry of ``pairs``, same order)
-
-    def predict(self, req: Request, placed_at: float, est: WaitEstimate,
-                raw: WaitEstimate | None = None, calib: WaitCalibrator | None = None,
-                key=None) -> None:
-        """An admission prediction: kept only when it is the request's first."""
-        if req.first_token_at is not None or req.id in self.records:
-            return
-        self.records[req.id] = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s,
-                                              raw, calib, key)
-
-    def predict_dispatch(self, req: Request, placed_at: float, est: WaitEstimate,
-                         raw: WaitEstimate | None = None, calib: WaitCalibrator | None = None,
-                         key=None) -> None:
-        """The prediction in force when ``req`` entered an engine (replaces earlier ones);
-        also the admission prediction when none was made before."""
-        if req.first_token_at is not None:
-            return
-        rec = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s, raw, calib, key)
-        self.dispatch[req.id] = rec
-        if req.id not in self.records:
-            self.records[req.id] = rec
-
-    def observe_first_token(self, req: Request) -> None:
-        rec = self.records.pop(req.id, None)
-        disp = self.dispatch.pop(req.id, None)
-        if rec is None or req.first_token_at is None:
-            return
-        obs = req.first_token_at - rec.placed_at
-        self.pairs.append((rec.slo_class, rec.mean_s, rec.std_s, obs))
-        d = disp if disp is not None else rec
-        self.dispatch_pairs.append((d.slo_class, d.mean_s, d.std_s,
-                                    req.first_token_at - d.placed_at))
-        # each calibrator learns from the prediction it adjusted
-        for r in (rec, disp) if disp is not rec else (rec,):
-            if r is not None and r.calib is not None and r.raw is not None:
-                r.calib.observe(r.key, r.raw.mean_s, r.raw.std_s,
-                                req.first_token_at - r.placed_at)
-
-    @staticmethod
-    def _stats(rows) -> dict:
-        if not rows:
-            return {"median_abs_pct_error": None, "coverage_90": None, "num": 0}
-        a = np.array([(m, s, o) for _, m, s, o in rows], dtype=float)
-        m, s, o = a[:, 0], a[:, 1], a[:, 2]
-        ape = np.abs(m - o) / np.maximum(o, 1e-3) * 100.0
-        inside = (o >= m - Z90 * s) & (o <= m + Z90 * s)
-        return {
-            "median_abs_pct_error": float(np.median(ape)),
-            "coverage_90": float(inside.mean()),
-            "num": len(rows),
-            "observed_p50_s": float(np.median(o)),
-            "predicted_p50_s": float(np.median(m)),
-        }
-
-    def summary(self) -> dict:
-        """``median_abs_pct_error`` (%), ``coverage_90`` (fraction of observed waits inside
-        mean +- 1.645 std), ``num``, of admission predictions; ``dispatch_*`` the same for
-        dispatch predictions; overall and ``per_class``."""
-
-        def both(idx) -> dict:
-            out = self._stats([self.pairs[i] for i in idx])
-            d = self._stats([self.dispatch_pairs[i] for i in idx])
-            out["dispatch_median_abs_pct_error"] = d["median_abs_pct_error"]
-            out["dispatch_coverage_90"] = d["coverage_90"]
-            return out
-
-        out = both(range(len(self.pairs)))
-        classes = sorted({c for c, *_ in self.pairs})
-        out["per_class"] = {c: both([i for i, r in enumerate(self.pairs) if r[0] == c])
-                            for c in classes}
-        return out
-
-
-class RWTTracker:
-    """Observer that records predicted vs observed waits for any policy (see
-    ``RWTAccuracy``). Attached to a ``Runtime`` through its hooks; it owns an estimator
-    calibrated from the run's completions. Policies that make their own predictions leave
-    them on ``Request._sched`` (``placed_at``, ``pred_mean_s``, ``pred_std_s``), and those win.
-    """
-
-    def __init__(self, rt, workload, estimator: RWTEstimator | None = None) -> None:
-        from qlm_opt.core.queue import length_bucket
-
-        self.rt = rt
-        im_of = rt.iteration_model
-
-        self.iter_model_of = im_of
-        self.est = estimator or RWTEstimator.from_workload(workload, iter_model_of=im_of)
-        self.acc = RWTAccuracy()
-        # Policies' admission predictions, recalibrated online (split-conformal, per class
-        # and band) from earlier admission predictions and their outcomes: a policy's own
-        # calibration learns from its latest placement, not from admission.
-        self.admission_calib = WaitCalibrator()
-        self.bucket_of = lambda r: length_bucket(r.prompt_tokens)
-        # instance id -> sorted [(priority, req id, req)] believed waiting in the engine
-        self._mirror: dict[int, list[tuple]] = {}
-        self._mirror_prompt: dict[int, int] = {}
-        rt.submit_hooks.append(self.on_submit)
-        if hasattr(rt, "predict_hooks"):
-            rt.predict_hooks.append(self.on_predict)
-        rt.first_token_hooks.append(self.acc.observe_first_token)
-        rt.finish_hooks.append(self.on_finish)
-
-    def on_finish(self, req: Request) -> None:
-        self.est.observe_completion(req, self.bucket_of(req))
-
-    def on_predict(self, req: Request, at: float, est: WaitEstimate) -> None:
-        """A policy predicted ``req``'s wait (placement): the first one is the admission
-        prediction, reported as recalibrated now by ``admission_calib``."""
-        if req.first_token_at is not None or req.id in self.acc.records:
-            return
-        key = req.slo_class
-        self.acc.predict(req, at, self.admission_calib.adjust(key, est), est,
-                         self.admission_calib, key)
-
-    def on_submit(self, req: Request, inst, priority: tuple) -> None:
-        import bisect
-
-        now = self.rt.now()
-        info = req._sched
-        pm = getattr(info, "pred_mean_s", None)
-        if pm is not None and getattr(info, "placed_at", None) is not None:
-            self.acc.predict_dispatch(req, info.placed_at,
-                                      WaitEstimate(pm, info.pred_std_s or 0.0))
-            return
-        if req.first_token_at is not None:
-            return
-        mirror = self._mirror.setdefault(inst.id, [])
-        prompt = self._mirror_prompt.get(inst.id, 0)
-        # Engines admit in priority order: entries that left the waiting queue sit in front.
-        drop = 0
-        while drop < len(mirror):
-            r = mirror[drop][2]
-            if r.state == 1 and r.instance_id == inst.id:  # RequestState.WAITING
-                break
-            prompt -= r.prompt_tokens
-            drop += 1
-        if drop:
-            del mirror[:drop]
-        entry = (priority, req.id, req)
-        k = bisect.bisect_left(mirror, entry[:2])
-        ahead_prompt = prompt * k / len(mirror) if mirror else 0.0
-        self.est.observe_engine(inst)
-        raw = self.est.wait_raw(inst, now, float(k), ahead_prompt, req.prompt_tokens,
-                                self.bucket_of)
-        key = req.slo_class
-        est = self.est.calib.adjust(key, raw)
-        self.acc.predict_dispatch(req, now, est, raw, self.est.calib, key)
-        if req.state == 1:
-            mirror.insert(k, entry)
-            prompt += req.prompt_tokens
-        self._mirror_prompt[inst.id] = prompt
-
-    def report(self) -> dict:
-        out = self.acc.summary()
-        out["output_length"] = self.est.out_model.report()
-        return out

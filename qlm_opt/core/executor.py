@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from qlm_opt.domain import Request
 from qlm_opt.planner.problem import REQUEST_WEIGHT
 from qlm_opt.core.queue import UNPLACED, GlobalQueue, RequestGroup
-from qlm_opt.core.instance import InstanceState
+from qlm_opt.core.instance import InstanceState, least_loaded_victim
 
 if TYPE_CHECKING:
     from qlm_opt.planner import Plan, PlanningProblem
@@ -97,7 +97,7 @@ class Executor:
 
     # -- pull --------------------------------------------------------------------------------
     def has_seat(self, inst: Instance) -> bool:
-        nr, nw, mx = _seat_counts(inst.engine)
+        nr, nw, mx = inst.engine.seat_counts()
         return nw < self.config.engine_slack and nr + nw < mx
 
     def pull(self, inst: Instance) -> None:
@@ -120,7 +120,7 @@ class Executor:
         waiting_at = None  # sorted deadlines waiting in the engine, once at the slack limit
         eng = inst.engine
         while True:
-            nr, nw, mx = _seat_counts(eng)
+            nr, nw, mx = eng.seat_counts()
             if nr + nw >= mx:
                 return
             g = vq.head()
@@ -202,7 +202,7 @@ class Executor:
         # a 256-token cap keeps the attainment of evicting and the throughput of not).
         cap = self.config.evict_max_recompute_tokens
         # a live engine knows only what it streamed back: Request.num_generated
-        gen = getattr(inst.engine, "num_generated", None) or (lambda r: r.num_generated)
+        gen = inst.engine.num_generated
         return sorted(
             (r for r in inst.engine.running_requests()
              if r.priority > pr and r.first_token_at is not None and r.tpot_s is None
@@ -275,16 +275,11 @@ class Executor:
         cands = [i for i in rt.instances if i.ready and rt.fleet.can_serve(i.spec, model)]
         if not cands:
             return None
-        held: dict[str | None, int] = {}
-        for i in rt.instances:
-            if i.ready:
-                held[i.model] = held.get(i.model, 0) + 1
-
-        def least_loaded(i: Instance) -> tuple:
-            load = i.engine.load() + self.gq.vq(i.id).num_requests
-            return (held.get(i.model, 0) <= 1 and load > 0, load, i.id)
-
-        victim = min(cands, key=cost or least_loaded)
+        if cost is not None:
+            victim = min(cands, key=cost)
+        else:  # engine and virtual-queue load
+            victim = least_loaded_victim(
+                cands, rt.instances, lambda i: i.engine.load() + self.gq.vq(i.id).num_requests)
         self.totals["cover_swap"] += 1
         return self.swap(victim, model, rt.now())
 
@@ -385,16 +380,6 @@ class Executor:
             return False  # far from its deadline: stealing by idle instances balances it
         return (self.predicts_miss is not None and self.predicts_miss(g, cur)
                 and not self.predicts_miss(g, to))
-
-
-def _seat_counts(eng) -> tuple[int, int, int]:
-    """(running, waiting, max_num_seqs) of an engine: from ``seat_counts()`` where the engine
-    has it (the simulated one), else from ``stats()``."""
-    f = getattr(eng, "seat_counts", None)
-    if f is not None:
-        return f()
-    st = eng.stats()
-    return st.num_running, st.num_waiting, st.max_num_seqs
 
 
 def group_weight(g: RequestGroup, class_weight: float) -> int:

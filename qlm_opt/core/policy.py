@@ -57,6 +57,10 @@ class Policy:
         """Requests held by the policy, in no engine."""
         return 0
 
+    def make_deterministic(self) -> None:
+        """What-if runs: make every decision reproducible from the seed (a solver's
+        deterministic time limit, say). Nothing to do by default."""
+
     def report(self) -> dict:
         """Numbers for ``report.json`` and ``/metrics`` (nested sections allowed)."""
         return {}

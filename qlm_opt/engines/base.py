@@ -144,6 +144,37 @@ class Engine(Protocol):
     def is_idle(self) -> bool:
         """True when the engine holds no request (a swap may start)."""
 
+    # -- the estimator's and the executor's hot reads (one pass, no sorting) -------------
+    def running_generated(self) -> tuple[list[Request], list[int]]:
+        """``running_requests()`` and ``num_generated`` of each, together."""
+
+    def prefill_summary(self, now_at: float) -> tuple[int, int] | None:
+        """``prefill_pass(running_requests(), now_at)``, possibly without visiting the whole
+        batch; None when the engine cannot answer for this ``now_at`` (the caller then runs
+        ``prefill_pass`` itself)."""
+
+    def waiting_tokens(self) -> int:
+        """Prompt plus generated tokens (to recompute) of the waiting requests."""
+
+    def seat_counts(self) -> tuple[int, int, int]:
+        """(running, waiting, max_num_seqs): the part of ``stats()`` a pull reads."""
+
+
+def prefill_pass(running: list[Request], now_at: float) -> tuple[int, int]:
+    """(decoders: requests whose first token is out by ``now_at``; prefill tokens: prompts
+    still prefilling or whose first token lies after ``now_at`` (at the end of the iteration
+    in flight), plus the tokens to recompute of those not prefilled yet after an eviction)."""
+    b = pend = 0
+    for r in running:
+        ft = r.first_token_at
+        if ft is None:
+            pend += r.prompt_tokens + r.num_generated
+        elif ft > now_at:
+            pend += r.prompt_tokens
+        else:
+            b += 1
+    return b, pend
+
 
 @runtime_checkable
 class SteppedEngine(Engine, Protocol):

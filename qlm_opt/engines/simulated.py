@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qlm_opt.domain import EngineStats, Request, RequestState
-from qlm_opt.engines.base import EngineListener
+from qlm_opt.engines.base import EngineListener, prefill_pass
 from qlm_opt.engines.perf import IterationModel
 
 
@@ -262,16 +262,8 @@ class SimEngine:
                 n_late += 1
                 pend += r.prompt_tokens
         self._recent = keep
-        b = self._num_dec - n_late
-        for r in self._prefilling:
-            ft = r.first_token_at
-            if ft is None:
-                pend += r.prompt_tokens + r.num_generated
-            elif ft > now_at:
-                pend += r.prompt_tokens
-            else:
-                b += 1
-        return b, pend
+        b, more = prefill_pass(self._prefilling, now_at)
+        return self._num_dec - n_late + b, pend + more
 
     def running_generated(self) -> tuple[list[Request], list[int]]:
         """``running_requests()`` and ``num_generated`` of each, in one pass."""

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qlm_opt.domain import EngineStats, Request, RequestState
+from qlm_opt.engines.base import prefill_pass
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,20 @@ class LiveEngine:
 
     def num_generated(self, req: Request) -> int:
         return req.num_generated  # counted as tokens arrive
+
+    def running_generated(self) -> tuple[list[Request], list[int]]:
+        running = self.running_requests()
+        return running, [r.num_generated for r in running]
+
+    def prefill_summary(self, now_at: float) -> tuple[int, int]:
+        return prefill_pass(self.running_requests(), now_at)
+
+    def waiting_tokens(self) -> int:
+        return sum(r.req.prompt_tokens + r.req.num_generated for r in self._runs.values()
+                   if not r.running)
+
+    def seat_counts(self) -> tuple[int, int, int]:
+        return self._num_running(), self._num_waiting(), self.config.max_num_seqs
 
     def end_swap(self, now: float) -> None:
         """Nothing to do: a live engine reports the end of its swap (``on_swap_done``)."""

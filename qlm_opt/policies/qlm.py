@@ -42,7 +42,7 @@ from qlm_opt.planner import PlanGroup, PlanInstance, PlanningProblem, load_prese
 from qlm_opt.planner.problem import REQUEST_WEIGHT
 from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
 from qlm_opt.core.queue import UNPLACED
-from qlm_opt.core.instance import InstanceState
+from qlm_opt.core.instance import InstanceState, holders
 
 if TYPE_CHECKING:
     from qlm_opt.planner import Plan
@@ -337,14 +337,11 @@ class QLMPolicy(QLMRWTPolicy):
         needs a swap back at its next arrival (ping-pong)."""
         rt = self.rt
         rates = self._rates(rt.now())
-        holders: dict[str | None, int] = {}
-        for i in rt.instances:
-            if i.ready:
-                holders[i.model] = holders.get(i.model, 0) + 1
+        held = holders(rt.instances)
 
         def cost(i: Instance) -> tuple:
             load = i.engine.load() + self.gq.vq(i.id).num_requests
-            return (rates.get(i.model, 0.0) / holders.get(i.model, 1), load, i.id)
+            return (rates.get(i.model, 0.0) / held.get(i.model, 1), load, i.id)
 
         return cost
 
@@ -369,9 +366,7 @@ class QLMPolicy(QLMRWTPolicy):
         span = min(self.rate_window_s, max(now, 1e-9))
         rates: dict[str, float] = {}
         for (model, _cls), q in self._arrivals.items():
-            while q and q[0] < now - self.rate_window_s:
-                q.popleft()
-            rates[model] = rates.get(model, 0.0) + len(q) / span
+            rates[model] = rates.get(model, 0.0) + self._recent(q, now) / span
         return rates
 
     def _swap_candidates(self, now: float, queued_models: set[str]) -> tuple[set[str], set[int]]:
@@ -425,9 +420,7 @@ class QLMPolicy(QLMRWTPolicy):
         out: list[PlanGroup] = []
         span = min(self.rate_window_s, max(now, 1e-9))
         for (model, cls), q in self._arrivals.items():
-            while q and q[0] < now - self.rate_window_s:
-                q.popleft()
-            rate = len(q) / span
+            rate = self._recent(q, now) / span
             n = rate * H / self.forecast_chunks
             if n < 0.5:
                 continue

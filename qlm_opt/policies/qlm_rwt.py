@@ -27,7 +27,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request
-from qlm_opt.core.estimator import RWTEstimator, WaitEstimate
+from qlm_opt.core.estimator import RWTEstimator
+from qlm_opt.core.wait_calibration import WaitEstimate
 from qlm_opt.core.executor import Executor, ExecutorConfig
 from qlm_opt.core.policy import Policy
 from qlm_opt.core.queue import UNPLACED, GlobalQueue, QueueConfig, RequestGroup, length_bucket
@@ -155,18 +156,22 @@ class QLMRWTPolicy(Policy):
         for (m, c), q in self._arrivals.items():
             if m != model or self._ttft.get(c, 0.0) >= own:
                 continue
-            while q and q[0] < now - self.rate_window_s:
-                q.popleft()
-            n = len(q)
+            n = self._recent(q, now)
             late = self._late_at.get((m, c))
             if late:
-                while late and late[0] < now - self.rate_window_s:
-                    late.popleft()
-                n = max(0, n - len(late))
+                n = max(0, n - self._recent(late, now))
             rate += n / self.rate_window_s
         self._cut_cache[(model, slo_class)] = (now, self._num_arrived, self._num_went_late, rate)
         n = max(1, len(self.rt.ready_instances(model)))
         return rate / n
+
+    def _recent(self, times: deque, now: float) -> int:
+        """How many of ``times`` (oldest first) fall in the last ``rate_window_s``; older
+        ones are dropped for good."""
+        cut = now - self.rate_window_s
+        while times and times[0] < cut:
+            times.popleft()
+        return len(times)
 
     def _engine_waiting_prompt(self, inst: Instance, st) -> int:
         """Prompt tokens (plus tokens to recompute) waiting inside the engine."""
@@ -174,10 +179,7 @@ class QLMRWTPolicy(Policy):
             return 0
         if st.waiting_prompt_tokens:
             return st.waiting_prompt_tokens
-        fast = getattr(inst.engine, "waiting_tokens", None)
-        if fast is not None:
-            return fast()
-        return sum(r.prompt_tokens + r.num_generated for r in inst.engine.waiting_requests())
+        return inst.engine.waiting_tokens()
 
     def _wait_ctx(self, inst: Instance, g: RequestGroup, now: float,
                   ahead: tuple[int, int] | None = None) -> tuple:

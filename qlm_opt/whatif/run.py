@@ -66,10 +66,9 @@ def run_policy(
     for inst in rt.instances:
         inst.engine.set_waker(sim.engine_waker)
     policy = make_policy(policy_name, workload=workload, fleet=fleet, **(policy_options or {}))
-    if hasattr(policy, "make_deterministic"):
-        policy.make_deterministic()  # the same seed must give the same report
+    policy.make_deterministic()  # the same seed must give the same report
     rt.bind(policy)
-    from qlm_opt.core.estimator import RWTTracker
+    from qlm_opt.whatif.accuracy import RWTTracker
 
     # predicted vs observed waits, for every policy
     tracker = RWTTracker(rt, workload) if track_rwt else None
@@ -122,17 +121,17 @@ def run_policy(
     metrics["num_swaps"] = rt.lso_counts["swap"]
     metrics["num_evictions"] = rt.lso_counts["evict"]
     metrics["num_preemptions"] = sum(i.engine.num_preemptions for i in rt.instances)
-    q = sum(getattr(i.engine, "prefix_query_tokens", 0) for i in rt.instances)
+    stats = [i.engine.stats() for i in rt.instances]
+    q = sum(st.prefix_query_tokens for st in stats)
     metrics["prefix_cache_hit_rate"] = (
-        sum(getattr(i.engine, "prefix_hit_tokens", 0) for i in rt.instances) / q if q else None)
+        sum(st.prefix_hit_tokens for st in stats) / q if q else None)
     metrics["lso_counts"] = dict(rt.lso_counts)
     metrics["makespan_s"] = makespan
     metrics["drop_reasons"] = _count(r.drop_reason for r in requests if r.drop_reason)
     metrics["sim_events"] = sim.num_events
     if tracker is not None:
         metrics["rwt"] = tracker.report()
-    if hasattr(policy, "report"):
-        metrics.update(policy.report())
+    metrics.update(policy.report())
     if feed is not None:
         metrics["batch_jobs"] = feed.report()
     wall = time.perf_counter() - t0

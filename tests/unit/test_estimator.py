@@ -9,7 +9,10 @@ from hypothesis import strategies as st
 
 from qlm_opt.domain import EngineStats, Request
 from qlm_opt.engines.perf import IterationModel
-from qlm_opt.core.estimator import LengthStats, RWTAccuracy, RWTEstimator, WaitEstimate
+from qlm_opt.core.output_lengths import LengthStats
+from qlm_opt.whatif.accuracy import RWTAccuracy
+from qlm_opt.core.estimator import RWTEstimator
+from qlm_opt.core.wait_calibration import WaitEstimate
 
 
 class _Eng:
@@ -102,7 +105,7 @@ def test_accuracy_summary():
 
 
 def test_wait_calibrator_learns_bias_and_interval():
-    from qlm_opt.core.estimator import Z90, WaitCalibrator
+    from qlm_opt.core.wait_calibration import Z90, WaitCalibrator
 
     rng = np.random.default_rng(0)
     cal = WaitCalibrator()

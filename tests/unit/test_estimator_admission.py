@@ -7,7 +7,8 @@ import pytest
 
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.domain import Request
-from qlm_opt.core.estimator import RWTAccuracy, WaitEstimate
+from qlm_opt.whatif.accuracy import RWTAccuracy
+from qlm_opt.core.wait_calibration import WaitEstimate
 from qlm_opt.whatif.run import run_policy
 from qlm_opt.whatif.workload import prepare_requests
 from tests.conftest import small_fleet_dict, small_workload_dict
@@ -48,7 +49,7 @@ def test_every_request_with_a_first_token_is_scored(policy):
 
 
 def test_calibrator_fed_once_per_prediction():
-    from qlm_opt.core.estimator import WaitCalibrator
+    from qlm_opt.core.wait_calibration import WaitCalibrator
 
     class Count(WaitCalibrator):
         n = 0

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from qlm_opt.domain import EngineStats, Request
 from qlm_opt.engines.perf import IterationModel
-from qlm_opt.core.estimator import RWTEstimator, WaitCalibrator, sorted_median, sorted_quantile
+from qlm_opt.core.estimator import RWTEstimator
+from qlm_opt.core.wait_calibration import WaitCalibrator, sorted_median, sorted_quantile
 
 floats = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from qlm_opt.domain import Request
-from qlm_opt.core.estimator import OutputLengthModel, RWTEstimator
+from qlm_opt.core.output_lengths import OutputLengthModel
+from qlm_opt.core.estimator import RWTEstimator
 from qlm_opt.core.queue import length_bucket
 
 

@@ -14,7 +14,8 @@ from qlm_opt.catalog import Catalog
 from qlm_opt.domain import Request
 from qlm_opt.engines.perf import PerfParams, iteration_model
 from qlm_opt.engines.simulated import EngineConfig, SimEngine
-from qlm_opt.core.estimator import RWTEstimator, WaitCalibrator, WaitEstimate, Z90
+from qlm_opt.core.estimator import RWTEstimator
+from qlm_opt.core.wait_calibration import WaitCalibrator, WaitEstimate, Z90
 from qlm_opt.hosts.simulated import Simulator
 
 MODEL, GPU = "llama-3.1-8b", "A100-80GB"

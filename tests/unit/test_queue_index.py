@@ -5,7 +5,7 @@ placements and tier changes."""
 import random
 
 from qlm_opt.domain import Request, RequestState
-from qlm_opt.queue import UNPLACED, GlobalQueue, QueueConfig, _AheadIndex
+from qlm_opt.core.queue import UNPLACED, GlobalQueue, QueueConfig, _AheadIndex
 
 
 def _brute_ahead(vq, deadline_at, seq, tier):

@@ -5,23 +5,15 @@ every call of a short ``qlm-rwt`` run."""
 import pytest
 
 from qlm_opt.config import Fleet, Workload
-from qlm_opt.engines.sim import SimEngine
-from qlm_opt.sim.workload import build_requests, synthetic_trace
-from qlm_opt.whatif import run_policy
+from qlm_opt.engines.base import prefill_pass
+from qlm_opt.engines.simulated import SimEngine
+from qlm_opt.whatif.workload import build_requests, synthetic_trace
+from qlm_opt.whatif.run import run_policy
 from tests.conftest import small_fleet_dict, small_workload_dict
 
 
 def _brute(eng: SimEngine, now_at: float) -> tuple[int, int]:
-    b = pend = 0
-    for r in eng.running_requests():
-        ft = r.first_token_at
-        if ft is None:
-            pend += r.prompt_tokens + r.num_generated
-        elif ft > now_at:
-            pend += r.prompt_tokens
-        else:
-            b += 1
-    return b, pend
+    return prefill_pass(eng.running_requests(), now_at)  # the pass over the whole batch
 
 
 def test_prefill_summary_matches_a_pass_over_the_batch(monkeypatch):
@@ -48,7 +40,7 @@ def test_predict_many_is_predict_of_each():
     import random
 
     from qlm_opt.domain import Request
-    from qlm_opt.estimator import OutputLengthModel
+    from qlm_opt.core.output_lengths import OutputLengthModel
 
     rnd = random.Random(3)
     om = OutputLengthModel(5.0, 1.0, min_n=5)

@@ -545,5 +545,5 @@ def _custom_id(raw: bytes) -> str | None:
 
 def _speedup(gw: Gateway) -> float:
     """Scheduler-clock seconds per wall second (the simulated fleet may run faster)."""
-    host = getattr(gw.backend, "host", None)
-    return float(getattr(host, "speedup", 1.0) or 1.0)
+    host = gw.backend.host
+    return host.speedup if host is not None else 1.0
