@@ -2,6 +2,7 @@
 online calibration converges."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 from hypothesis import given, settings
@@ -30,6 +31,18 @@ class _Eng:
 
     def waiting_requests(self):
         return []
+
+    # the rest of the protocol's reads the estimator makes (engines/base.py)
+    config = SimpleNamespace(max_num_batched_tokens=None)
+
+    def running_generated(self):
+        return self._running, [r.num_generated for r in self._running]
+
+    def prefill_summary(self, now_at):
+        return None  # the estimator then runs prefill_pass itself
+
+    def num_generated(self, r):
+        return r.num_generated
 
 
 class _Inst:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import math
 
 import numpy as np
@@ -78,6 +80,18 @@ class _Eng:
 
     def running_requests(self):
         return self._running
+
+    # the rest of the protocol's reads the estimator makes (engines/base.py)
+    config = SimpleNamespace(max_num_batched_tokens=None)
+
+    def running_generated(self):
+        return self._running, [r.num_generated for r in self._running]
+
+    def prefill_summary(self, now_at):
+        return None  # the estimator then runs prefill_pass itself
+
+    def num_generated(self, r):
+        return r.num_generated
 
 
 class _Inst:
