@@ -2,7 +2,7 @@
 benchmarks/scenarios/loads.toml with the ``qlm`` policy, with per-epoch detail.
 
     PYTHONPATH=. .venv/bin/python benchmarks/solver_scaling/suite.py [--rows azure-conv:12,...]
-        [--jobs 2] [--out /tmp/solver-suite.json] [--epochs]
+        [--jobs 2] [--out out/solver-suite.json] [--epochs]
 
 Per row: attainment, fallback % and causes, solve+build p50/p95 (what ``QLMPolicy`` records; wall), the CPU time of the same calls
 (all threads; on a loaded machine closer to the quiet-machine wall time than the wall is),
@@ -100,7 +100,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="", help="scenario:load,... (default: all 18)")
     ap.add_argument("--jobs", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("/tmp/solver-suite.json"))
+    ap.add_argument("--out", type=Path, default=Path("out/solver-suite.json"))
     ap.add_argument("--epochs", action="store_true", help="keep per-epoch records")
     a = ap.parse_args()
     from run import read_loads
@@ -121,6 +121,7 @@ def main() -> int:
                   f"cpsat {r['cpsat_ms_p95'] or 0:.1f} snap {r['snapshot_ms_p95'] or 0:.1f}) "
                   f"groups p50 {r['groups_p50']} max {r['groups_max']} "
                   f"load {r['loadavg']:.1f} wall {r['wall_s']:.0f}s", flush=True)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps({"rows": rows}, indent=1))
     return 0
 

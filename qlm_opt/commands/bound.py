@@ -11,27 +11,25 @@ from typing import Annotated
 
 import typer
 
+from qlm_opt.commands.common import (
+    DurationOpt,
+    FleetOpt,
+    RateScaleOpt,
+    SeedOpt,
+    TraceOpt,
+    WorkloadOpt,
+)
+
 
 def register(app: typer.Typer) -> None:
     @app.command("bound")
     def bound(
-        trace: Annotated[
-            str, typer.Option(help="Trace file (Azure or BurstGPT CSV, Mooncake or generic JSONL), "
-                       "or 'synthetic'.")
-        ] = "synthetic",
-        workload: Annotated[
-            Path | None, typer.Option(help="Workload spec TOML (default: built-in example).")
-        ] = None,
-        fleet: Annotated[
-            Path | None, typer.Option(help="Fleet TOML (default: built-in example).")
-        ] = None,
-        seed: Annotated[int | None, typer.Option(help="Seed (default: the workload's).")] = None,
-        duration: Annotated[
-            float | None, typer.Option(help="Override the workload's duration_s.")
-        ] = None,
-        rate_scale: Annotated[
-            float | None, typer.Option(help="Override the workload's rate_scale.")
-        ] = None,
+        trace: TraceOpt = "synthetic",
+        workload: WorkloadOpt = None,
+        fleet: FleetOpt = None,
+        seed: SeedOpt = None,
+        duration: DurationOpt = None,
+        rate_scale: RateScaleOpt = None,
         drain: Annotated[
             float, typer.Option(help="Seconds a what-if run goes on after the last arrival.")
         ] = 3600,

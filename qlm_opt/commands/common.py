@@ -5,10 +5,23 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from qlm_opt.config import example_path
+
+
+# The input options every replaying command takes (whatif, bound), one definition each.
+TraceOpt = Annotated[str, typer.Option(
+    help="Trace file (Azure or BurstGPT CSV, Mooncake or generic JSONL), or 'synthetic'.")]
+WorkloadOpt = Annotated[Path | None, typer.Option(
+    help="Workload spec TOML (default: built-in example).")]
+FleetOpt = Annotated[Path | None, typer.Option(help="Fleet TOML (default: built-in example).")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed (default: the workload's).")]
+DurationOpt = Annotated[float | None, typer.Option(help="Override the workload's duration_s.")]
+RateScaleOpt = Annotated[float | None, typer.Option(
+    help="Override the workload's rate_scale.")]
 
 
 def fail(msg: str, code: int = 2) -> None:

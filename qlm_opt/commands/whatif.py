@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from qlm_opt.commands.common import check_policies, fail, load_workload, progress_bar
+from qlm_opt.commands.common import (
+    DurationOpt,
+    FleetOpt,
+    RateScaleOpt,
+    SeedOpt,
+    TraceOpt,
+    WorkloadOpt,
+    check_policies,
+    fail,
+    load_workload,
+    progress_bar,
+)
 from qlm_opt.config import example_path
 from qlm_opt.errors import QLMError
 
@@ -17,29 +28,18 @@ def register(app: typer.Typer) -> None:
 
 
 def whatif(
-    trace: Annotated[
-        str, typer.Option(help="Trace file (Azure or BurstGPT CSV, Mooncake or generic JSONL), "
-                       "or 'synthetic'.")
-    ] = "synthetic",
-    workload: Annotated[
-        Path | None, typer.Option(help="Workload spec TOML (default: built-in example).")
-    ] = None,
-    fleet: Annotated[
-        Path | None, typer.Option(help="Fleet TOML (default: built-in example).")
-    ] = None,
+    trace: TraceOpt = "synthetic",
+    workload: WorkloadOpt = None,
+    fleet: FleetOpt = None,
     policy: Annotated[
         str, typer.Option(help="Comma-separated policies to compare.")
     ] = "fcfs,edf,priority,shepherd",
     out: Annotated[Path, typer.Option(help="Folder for report.json and plots.")] = Path(
         "out/whatif"
     ),
-    seed: Annotated[int | None, typer.Option(help="Seed (default: the workload's).")] = None,
-    duration: Annotated[
-        float | None, typer.Option(help="Override the workload's duration_s.")
-    ] = None,
-    rate_scale: Annotated[
-        float | None, typer.Option(help="Override the workload's rate_scale.")
-    ] = None,
+    seed: SeedOpt = None,
+    duration: DurationOpt = None,
+    rate_scale: RateScaleOpt = None,
     drain: Annotated[float, typer.Option(help="Seconds to run after the last arrival.")] = 3600,
     bound: Annotated[bool, typer.Option(
         "--bound", help="Also compute the upper bound U on attainment and each policy's gap "

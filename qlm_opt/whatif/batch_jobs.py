@@ -72,7 +72,8 @@ def add_batch_jobs(reqs: list[Request], workload: Workload, seed: int,
 def job_report(requests: list[Request], workload: Workload) -> dict[str, dict]:
     """Per job, every line counted once: ``num_done`` (finished, at any time),
     ``num_in_window`` (finished by the window's end), ``num_expired`` (no result when the
-    window ended: ``batch_expired``), ``num_failed`` (dropped for another reason); the share
+    window ended: ``batch_expired``), ``num_failed`` (dropped for another reason); a line still running or queued is in none
+    of them, so they add up to ``num_lines`` only once every line has ended; the share
     ``in_window``; p50 and p99 of the finished lines' completion time from the job's
     submission (s); and the last line's completion as a fraction of the window (NaN while
     lines are unfinished)."""
@@ -89,14 +90,15 @@ def job_report(requests: list[Request], workload: Workload) -> dict[str, dict]:
         done = np.array([r.completed_at - job.submit_at_s for r in lines
                          if r.state == RequestState.FINISHED and r.completed_at is not None])
         in_window = int(np.sum(done <= w + 1e-9))
-        expired = sum(1 for r in lines if r.state != RequestState.FINISHED
-                      and r.drop_reason == "batch_expired")
+        dropped = [r for r in lines if r.state == RequestState.DROPPED]
+        expired = sum(1 for r in dropped if r.drop_reason == "batch_expired")
+        failed = len(dropped) - expired  # a line neither finished nor dropped is in none
         all_done = len(done) == len(lines) and lines
         p50, p99 = ((float(np.quantile(done, 0.5)), float(np.quantile(done, 0.99)))
                     if len(done) else (float("nan"), float("nan")))
         out[name] = {"num_lines": len(lines), "num_done": len(done),
                      "num_in_window": in_window, "num_expired": expired,
-                     "num_failed": len(lines) - len(done) - expired,
+                     "num_failed": failed,
                      "in_window": in_window / len(lines) if lines else float("nan"),
                      "p50_completion_s": p50, "p99_completion_s": p99,
                      "window_s": w, "window_end_at": end_at,
