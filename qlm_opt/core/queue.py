@@ -94,6 +94,9 @@ class RequestGroup:
     _vn: int = 0
     _vp: int = 0
     _reqs: list | None = None  # ``requests()`` until the members change
+    # ids of members queued with tokens already generated (evicted and re-queued); None:
+    # none. Lets a planner treat the usual group (nothing generated yet) by its size alone.
+    _gen: set | None = None
 
     @property
     def model(self) -> str:
@@ -141,6 +144,14 @@ class RequestGroup:
         heapq.heappush(self._deadlines, (req.deadline_at, req.id))
         if req.deadline_at < self._dl:
             self._dl = req.deadline_at
+        if req.num_generated:
+            if self._gen is None:
+                self._gen = set()
+            self._gen.add(req.id)
+
+    def has_generated(self) -> bool:
+        """Whether a member was queued with tokens already generated."""
+        return bool(self._gen)
 
     def _remove(self, req: Request) -> bool:
         if req.id not in self._ids:
@@ -150,6 +161,8 @@ class RequestGroup:
             del self.members[i]
             self._reqs = None
         self._ids.discard(req.id)
+        if self._gen:
+            self._gen.discard(req.id)
         self.prompt_tokens -= req.prompt_tokens
         if req.deadline_at <= self._dl or not self._ids:
             self._refresh_deadline()
@@ -159,6 +172,8 @@ class RequestGroup:
         _, _, req = self.members.pop(0)
         self._reqs = None
         self._ids.discard(req.id)
+        if self._gen:
+            self._gen.discard(req.id)
         self.prompt_tokens -= req.prompt_tokens
         if req.deadline_at <= self._dl or not self._ids:
             self._refresh_deadline()

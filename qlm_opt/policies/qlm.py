@@ -158,18 +158,19 @@ class QLMPolicy(QLMRWTPolicy):
 
     # -- the planning epoch ------------------------------------------------------------------
     def _add_plan_group(self, pgroups: list, members: dict, gs: list, out_tokens: float,
-                        prompt: int, slack_ms: int, service_of, size: int | None = None
-                        ) -> None:
+                        prompt: int, slack_ms: int, service_of, size: int | None = None,
+                        weight: int | None = None) -> None:
         """One planning group for the queue groups ``gs`` (same model and class); ``size``
-        is their summed size when the caller has it."""
+        and ``weight`` are their summed size and ``group_weight`` when the caller has them."""
         g = gs[0]
         model = g.model
         service = service_of(model, out_tokens, float(prompt))
         if not service:
             return
-        cw = self._class_weight.get(g.slo_class, 1.0)
         gid = str(g.id) if len(gs) == 1 else f"a{g.id}+{len(gs) - 1}"
-        weight = sum(group_weight(x, cw) for x in gs)
+        if weight is None:
+            cw = self._class_weight.get(g.slo_class, 1.0)
+            weight = sum(group_weight(x, cw) for x in gs)
         if size is None:
             size = sum(x.size for x in gs)
         # A TTFT deadline: the group must *start* by then, so it may end one service later,
@@ -204,7 +205,7 @@ class QLMPolicy(QLMRWTPolicy):
             return None
         insts: dict[int, PlanInstance] = {}
         per_inst: dict[int, tuple] = {}  # id -> (seats, iteration s at S, c_tok, instance)
-        models = {g.model for g in groups}
+        models = {g.key[0] for g in groups}
         needy, donors = self._swap_candidates(now, models)
         swap_ms: dict[int, dict] = {}
         for inst in rt.instances:
@@ -267,36 +268,65 @@ class QLMPolicy(QLMRWTPolicy):
         members: dict[str, list] = {}
         agg: dict[tuple, list] = {}
         min_ms = int(1000 * self.aggregate_min_slack_s)
+        aggregate = self.aggregate_min_slack_s > 0
         log_step = math.log(1.0 + self.aggregate_level_ratio)
+        max_size = self.aggregate_max_size
+        ln = math.log
+        # Hundreds to thousands of queue groups at overload, every epoch: what they share is
+        # worked out once per epoch. A group none of whose members has generated a token has
+        # out_tokens = size copies of max(mu, 1) summed in order, the same float as the sum
+        # over its members; its weight follows from its size and class.
+        stats_for = self.est.stats_for
+        mu_of: dict[tuple[str, int], float] = {}  # (model, bucket) -> mean output tokens
+        tokens_of: dict[tuple[float, int], float] = {}  # (mean, size) -> out tokens
+        class_weight = self._class_weight
+        weight_of: dict[tuple[str, int], int] = {}  # (class, size) -> group_weight
+        clairvoyant = self.clairvoyant
         for g in groups:
-            model, deadline_at, size = g.model, g.deadline_at, g.size
-            reqs = g.requests()
-            if self.clairvoyant:
-                out_tokens = float(sum(r.output_tokens - r.num_generated for r in reqs))
+            model, cls, lb = g.key
+            deadline_at = g.deadline_at
+            size = g.size
+            if clairvoyant:
+                out_tokens = float(sum(r.output_tokens - r.num_generated for r in g.requests()))
             else:
-                mu = self.est.stats_for(model, g.bucket).mean
-                out_tokens = float(sum(max(mu - r.num_generated, 1.0) for r in reqs))
+                mu = mu_of.get((model, lb))
+                if mu is None:
+                    mu = mu_of[(model, lb)] = stats_for(model, lb).mean
+                if g.has_generated():
+                    out_tokens = float(sum(max(mu - r.num_generated, 1.0)
+                                           for r in g.requests()))
+                else:
+                    out_tokens = tokens_of.get((mu, size))
+                    if out_tokens is None:
+                        out_tokens = tokens_of[(mu, size)] = float(sum([max(mu, 1.0)] * size))
+            weight = weight_of.get((cls, size))
+            if weight is None:
+                weight = weight_of[(cls, size)] = group_weight(g, class_weight.get(cls, 1.0))
             slack_ms = int((deadline_at - now) * 1000)
-            if slack_ms >= min_ms and self.aggregate_min_slack_s > 0:
-                key = (model, g.slo_class, g.instance_id, int(math.log(slack_ms) / log_step))
-                bucket = agg.setdefault(key, [])
-                if not bucket or bucket[-1][1] >= self.aggregate_max_size:
-                    # groups, size, out tokens, prompt tokens, earliest deadline
-                    bucket.append([[], 0, 0.0, 0, math.inf])
+            if slack_ms >= min_ms and aggregate:
+                key = (model, cls, g.instance_id, int(ln(slack_ms) / log_step))
+                bucket = agg.get(key)
+                if bucket is None:
+                    bucket = agg[key] = []
+                if not bucket or bucket[-1][1] >= max_size:
+                    # groups, size, out tokens, prompt tokens, earliest deadline, weight
+                    bucket.append([[], 0, 0.0, 0, math.inf, 0])
                 b = bucket[-1]
                 b[0].append(g)
                 b[1] += size
                 b[2] += out_tokens
                 b[3] += g.prompt_tokens
-                b[4] = min(b[4], deadline_at)
+                if deadline_at < b[4]:
+                    b[4] = deadline_at
+                b[5] += weight
                 continue
             self._add_plan_group(pgroups, members, [g], out_tokens, g.prompt_tokens,
-                                 slack_ms, service_of, size)
+                                 slack_ms, service_of, size, weight)
         for bucket in agg.values():
-            for gs, size, out_tokens, prompt, first_due in bucket:
+            for gs, size, out_tokens, prompt, first_due, weight in bucket:
                 slack_ms = int((first_due - now) * 1000)
                 self._add_plan_group(pgroups, members, gs, out_tokens, prompt, slack_ms,
-                                     service_of, size)
+                                     service_of, size, weight)
         self._members = members
         pgroups.extend(self._forecast_groups(now, service_of))
         if not pgroups:

@@ -102,3 +102,41 @@ def test_snapshot_is_plain_data_and_round_trips(fleet, workload):
     # every group can run somewhere, and only where its model fits
     for g in pi.groups:
         assert g.service_ms and all(v > 0 for v in g.service_ms.values())
+
+
+def test_snapshot_shortcut_for_groups_without_generated_tokens(fleet, workload):
+    """A group none of whose members has generated a token is planned from its size alone
+    (``snapshot``); the planning problem is the one the member-by-member sums give."""
+    sim = Simulator()
+    rt = Runtime(fleet, sim)
+    for inst in rt.instances:
+        inst.engine.set_waker(sim.engine_waker)
+    pol = QLMPolicy(workload=workload, preset="fast", aggregate_min_slack_s=5.0)
+    rt.bind(pol)
+    reqs = build_requests(synthetic_trace(workload), workload)[:200]
+    for r in reqs:
+        sim.clock.t = r.arrived_at
+        rt.accept(r)
+        pol.on_arrival(r)
+    # completions move the learned mean output lengths off the prior
+    for r in reqs[:40]:
+        r.num_generated = 37 + r.id % 50
+        pol.est.observe_completion(r, pol._bucket(r))
+        r.num_generated = 0
+    # a member that ran and came back keeps its tokens (the member-by-member path)
+    queued = [r for g in pol.gq.groups.values() for r in g.requests()]
+    assert len(queued) > 20
+    back = queued[len(queued) // 2]
+    group = pol.gq.group_of(back)
+    pol.gq.remove(back)
+    back.num_generated = 123
+    pol.gq.requeue(back, sim.now())
+    assert group.has_generated()
+    now = sim.now()
+    fast = pol.snapshot(now)
+    for g in pol.gq.groups.values():
+        g._gen = g._gen or {-1}  # every group through the member-by-member sums
+    slow = pol.snapshot(now)
+    assert fast is not None and len(fast.groups) > 3
+    assert any(gid.startswith("a") for gid in pol._members)  # aggregates are covered
+    assert fast.groups == slow.groups

@@ -79,3 +79,22 @@ def test_bucket_and_many_requests():
             q.place(g, i % 4)
     got = sum(1 for k in range(4) for _ in iter(lambda k=k: q.pop(k), None))
     assert got == n and len(q) == 0
+
+
+def test_group_knows_members_queued_with_generated_tokens():
+    q = GlobalQueue()
+    reqs = [_req(i, 0.01 * i) for i in range(4)]
+    for r in reqs:
+        g, _ = q.add(r, r.arrived_at)
+    q.place(g, 1)
+    assert not g.has_generated()
+    first = q.pop(1)
+    first.num_generated = 17  # ran, then evicted
+    q.requeue(first, 1.0)
+    assert g.has_generated()
+    assert q.pop(1) is first and not g.has_generated()  # popped: gone from the group
+    second = q.pop(1)
+    second.num_generated = 3
+    q.requeue(second, 1.5)
+    assert g.has_generated()
+    assert q.remove(second) and not g.has_generated()  # cancelled: gone too
