@@ -68,14 +68,69 @@ from qlm_opt.engines.base import prefill_pass
 log = logging.getLogger(__name__)
 
 
+_SQRT2 = math.sqrt(2.0)
+
+
 def _norm_cdf(z: np.ndarray) -> np.ndarray:
-    """Standard normal CDF, vectorised (Abramowitz-Stegun 7.1.26 erf, |err| < 1.5e-7)."""
-    x = np.abs(z) / math.sqrt(2.0)
-    t = 1.0 / (1.0 + 0.3275911 * x)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                          + t * 1.061405429))))
-    erf = 1.0 - poly * np.exp(-x * x)
-    return 0.5 * (1.0 + np.sign(z) * erf)
+    """Standard normal CDF, vectorised (Abramowitz-Stegun 7.1.26 erf, |err| < 1.5e-7):
+    0.5 (1 + sign(z) erf(|z| / sqrt 2)), erf(x) = 1 - t (a1 + t (a2 + ... + t a5)) exp(-x^2),
+    t = 1 / (1 + p x). Evaluated in place on three buffers, operation by operation as
+    written (IEEE + and * commute), so the floats are those of the expression."""
+    x = np.abs(z)
+    x /= _SQRT2
+    t = 0.3275911 * x
+    t += 1.0
+    np.divide(1.0, t, out=t)
+    poly = t * 1.061405429
+    poly += -1.453152027
+    poly *= t
+    poly += 1.421413741
+    poly *= t
+    poly += -0.284496736
+    poly *= t
+    poly += 0.254829592
+    poly *= t
+    x *= x
+    np.negative(x, out=x)
+    np.exp(x, out=x)
+    poly *= x
+    np.subtract(1.0, poly, out=poly)  # erf
+    out = np.sign(z)
+    out *= poly
+    out += 1.0
+    out *= 0.5
+    return out
+
+
+def _running_completions(g: np.ndarray, lm: np.ndarray, ls: np.ndarray, x: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Expected completions of the running requests by each grid point ``x`` (iterations
+    from now) and their variance: sum_i P_i(x) and sum_i P_i(x) (1 - P_i(x)), with
+    P_i(x) = clip((F_i(g_i + x) - F_i(g_i)) / max(1 - F_i(g_i), 1e-9), 0, 1), P_i(0) = 0,
+    F_i(g_i) = 0 for g_i = 0, and F_i the lognormal CDF (log-mean ``lm``, log-std ``ls``)
+    at log(tokens + 0.5); ``g`` holds the tokens generated so far. The running x grid matrix
+    is built in place, the same operations in the same order as the expression."""
+    h = g + 0.5
+    lmc = lm[:, None]
+    lsc = ls[:, None]
+    z0 = np.log(h)[:, None]
+    z0 -= lmc
+    z0 /= lsc
+    f0 = np.where(g[:, None] > 0, _norm_cdf(z0), 0.0)
+    pij = h[:, None] + x[None, :]
+    np.log(pij, out=pij)
+    pij -= lmc
+    pij /= lsc
+    pij = _norm_cdf(pij)  # F(g + x)
+    surv = 1.0 - f0
+    np.maximum(surv, 1e-9, out=surv)
+    pij -= f0
+    pij /= surv
+    np.clip(pij, 0.0, 1.0, out=pij)
+    pij[:, 0] = 0.0
+    q = 1.0 - pij
+    q *= pij
+    return pij.sum(axis=0), q.sum(axis=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,15 +445,7 @@ class RWTEstimator:
         n_pts = cfg.grid_points
         x = np.linspace(0.0, horizon, n_pts + 1)
         if len(running):
-            gg = g[:, None]
-            lg = np.log(gg + 0.5)
-            f0 = np.where(gg > 0, _norm_cdf((lg - lm[:, None]) / ls[:, None]), 0.0)
-            fx = _norm_cdf((np.log(gg + 0.5 + x[None, :]) - lm[:, None]) / ls[:, None])
-            surv = np.maximum(1.0 - f0, 1e-9)
-            pij = np.clip((fx - f0) / surv, 0.0, 1.0)
-            pij[:, 0] = 0.0
-            c_run = pij.sum(axis=0)
-            v_run = (pij * (1.0 - pij)).sum(axis=0)
+            c_run, v_run = _running_completions(g, lm, ls, x)
         else:
             c_run = np.zeros(n_pts + 1)
             v_run = np.zeros(n_pts + 1)

@@ -69,6 +69,7 @@ class QLMRWTPolicy(Policy):
         self.clairvoyant = clairvoyant
         self._arrivals: dict[tuple[str, str], deque[float]] = {}  # (model, class) -> times
         self._ttft: dict[str, float] = {}  # class -> TTFT target, s
+        self._tighter_ttft: dict[str, float] = {}  # class -> longest tighter TTFT target, s
         # (model, class) -> times requests of that class went to the late lane: they do not
         # cut in ahead of anyone, so the cut-in rate leaves them out
         self._late_at: dict[tuple[str, str], deque[float]] = {}
@@ -99,6 +100,7 @@ class QLMRWTPolicy(Policy):
                 self.workload, iter_model_of=im_of, clairvoyant=self.clairvoyant
             )
             self._ttft = {c.name: c.ttft_s for c in self.workload.classes.values()}
+            self._tighter_ttft = {}
         else:
             self.est = RWTEstimator(150.0, 150.0**2, 1000.0, iter_model_of=im_of,
                                     clairvoyant=self.clairvoyant)
@@ -194,8 +196,11 @@ class QLMRWTPolicy(Policy):
         horizon = math.inf
         if cut > 0:
             # later arrivals of a tighter class cut in only while their deadline comes first
-            own = self._ttft.get(g.slo_class, 0.0)
-            tight = min((t for t in self._ttft.values() if t < own), default=0.0)
+            tight = self._tighter_ttft.get(g.slo_class)
+            if tight is None:
+                own = self._ttft.get(g.slo_class, 0.0)
+                tight = self._tighter_ttft[g.slo_class] = min(
+                    (t for t in self._ttft.values() if t < own), default=0.0)
             horizon = max(0.0, g.deadline_at - now - tight)
         return view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut, horizon
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from qlm_opt.domain import EngineStats, Request
 from qlm_opt.engines.perf import IterationModel
+from qlm_opt.core import estimator as _estimator
 from qlm_opt.core.estimator import RWTEstimator
 from qlm_opt.core.wait_calibration import WaitCalibrator, sorted_median, sorted_quantile
 
@@ -130,3 +131,54 @@ def test_view_matches_separate_calls(nrun, nwait, seats, data):
                 pa = a.prefill_phase(inst, inst.engine.stats(), 1.0, ahead, own, pending)
                 pb = b.prefill_phase(inst, view.st, 1.0, ahead, own, pending, view=view)
                 assert repr(pa) == repr(pb)
+
+
+# -- the profile's running-requests matrix, built in place ------------------------------------
+def _norm_cdf_expression(z):
+    """``_norm_cdf`` as first written (one temporary per operation)."""
+    x = np.abs(z) / math.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * x)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                          + t * 1.061405429))))
+    erf = 1.0 - poly * np.exp(-x * x)
+    return 0.5 * (1.0 + np.sign(z) * erf)
+
+
+def _running_completions_expression(g, lm, ls, x):
+    gg = g[:, None]
+    lg = np.log(gg + 0.5)
+    f0 = np.where(gg > 0, _norm_cdf_expression((lg - lm[:, None]) / ls[:, None]), 0.0)
+    fx = _norm_cdf_expression((np.log(gg + 0.5 + x[None, :]) - lm[:, None]) / ls[:, None])
+    surv = np.maximum(1.0 - f0, 1e-9)
+    pij = np.clip((fx - f0) / surv, 0.0, 1.0)
+    pij[:, 0] = 0.0
+    return pij.sum(axis=0), (pij * (1.0 - pij)).sum(axis=0)
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, dtype=float).view(np.int64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-40.0, 40.0), min_size=1, max_size=200), st.integers(1, 7))
+def test_norm_cdf_in_place_is_the_expression(zs, cols):
+    z = np.resize(np.asarray(zs + [0.0, -0.0], dtype=float), (len(zs) + 2) * cols)
+    z = z.reshape(-1, cols)
+    before = z.copy()
+    assert np.array_equal(_bits(_estimator._norm_cdf(z)), _bits(_norm_cdf_expression(z)))
+    assert np.array_equal(_bits(z), _bits(before))  # its input is left alone
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 300), st.floats(8.0, 20000.0), st.integers(0, 2**31 - 1))
+def test_running_completions_in_place_is_the_expression(nr, horizon, seed):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, 3000, nr).astype(float)
+    g[rng.random(nr) < 0.2] = 0.0
+    lm = rng.normal(5.0, 1.5, nr)
+    ls = rng.uniform(1e-3, 2.5, nr)
+    x = np.linspace(0.0, horizon, 49)
+    got = _estimator._running_completions(g, lm, ls, x)
+    want = _running_completions_expression(g, lm, ls, x)
+    assert np.array_equal(_bits(got[0]), _bits(want[0]))
+    assert np.array_equal(_bits(got[1]), _bits(want[1]))
