@@ -13,6 +13,11 @@ to edf's in the same run:
 
     .venv/bin/python benchmarks/simulator_speed/run.py \
         --scenarios azure-conv:12,prompt-heavy:23.63 --policies qlm,qlm-rwt,edf --reps 3
+
+``--parts`` adds, per policy, the median CPU seconds spent inside four parts of the planned
+policies (inclusive; the estimator's profile is also counted inside arrivals and snapshots):
+arrivals (``on_arrival``), the RWT estimator's profile (``RWTEstimator._compute``), the
+planning snapshot (``QLMPolicy.snapshot``) and the planner (``solve``).
 """
 
 from __future__ import annotations
@@ -51,8 +56,39 @@ def tiled(trace: Trace, n: int) -> Trace:
     return Trace(t, p, o, source=trace.source)
 
 
+PARTS = ("arrivals", "profile", "snapshot", "solve")
+
+
+def _time_parts() -> dict[str, float]:
+    """Wrap the parts ``--parts`` reports with CPU-second counters; returns the counters
+    (zero them before each run)."""
+    import qlm_opt.policies.qlm as qlm_mod
+    from qlm_opt.core.estimator import RWTEstimator
+    from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
+
+    acc = dict.fromkeys(PARTS, 0.0)
+
+    def wrap(owner, attr: str, part: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*a, **kw):
+            c0 = time.process_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[part] += time.process_time() - c0
+
+        setattr(owner, attr, timed)
+
+    wrap(QLMRWTPolicy, "on_arrival", "arrivals")
+    wrap(RWTEstimator, "_compute", "profile")
+    wrap(qlm_mod.QLMPolicy, "snapshot", "snapshot")
+    wrap(qlm_mod, "solve", "solve")
+    return acc
+
+
 def scenario_rows(specs: str, policies: list[str], reps: int,
-                  max_requests: int | None) -> None:
+                  max_requests: int | None, parts: bool = False) -> None:
     """Time each policy on each scenario-suite row; print medians and the ratio to edf."""
     sys.path.insert(0, str(REPO / "benchmarks" / "scenarios"))
     from run import _inputs  # the suite's own fleet, workload and trace per row
@@ -69,6 +105,8 @@ def scenario_rows(specs: str, policies: list[str], reps: int,
         walls: dict[str, list[float]] = {p: [] for p in policies}
         cpus: dict[str, list[float]] = {p: [] for p in policies}
         last: dict[str, dict] = {}
+        part_s: dict[str, list[dict]] = {p: [] for p in policies}
+        acc = _time_parts() if parts else None
         n = 0
         for _ in range(reps):
             for pol in policies:
@@ -76,10 +114,14 @@ def scenario_rows(specs: str, policies: list[str], reps: int,
                 if max_requests:
                     reqs = reqs[:max_requests]
                 n = len(reqs)
+                if acc is not None:
+                    acc.update(dict.fromkeys(acc, 0.0))
                 t0, c0 = time.perf_counter(), time.process_time()
                 run = run_policy(pol, fleet, wl, reqs, drain_s=3600.0, track_rwt=False)
                 walls[pol].append(time.perf_counter() - t0)
                 cpus[pol].append(time.process_time() - c0)
+                if acc is not None:
+                    part_s[pol].append(dict(acc))
                 m = run.metrics
                 if pol in last and last[pol]["slo_attainment"] != m["slo_attainment"]:
                     raise SystemExit(f"{name} {pol}: attainment differs between reps")
@@ -93,6 +135,11 @@ def scenario_rows(specs: str, policies: list[str], reps: int,
             print(f"{name:>13} {float(load):>6g} {pol:>8} {n:>8} {w:>7.2f} {n / w:>7.0f} "
                   f"{n / c:>9.0f} {vs} {100 * m['slo_attainment']:>8.2f}% "
                   f"{m['num_swaps']:>5} {m['num_evictions']:>6}", flush=True)
+        if parts:
+            for pol in policies:
+                med = {k: statistics.median(d[k] for d in part_s[pol]) for k in PARTS}
+                print(f"{'':>13} {'':>6} {pol:>8} CPU s of {statistics.median(cpus[pol]):.2f}: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in med.items()), flush=True)
 
 
 def main() -> None:
@@ -108,10 +155,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="timed runs per policy (--scenarios)")
     ap.add_argument("--max-requests", type=int, default=None,
                     help="only the first N arrivals of each row (--scenarios)")
+    ap.add_argument("--parts", action="store_true",
+                    help="CPU seconds in arrivals, the estimator's profile, the snapshot and "
+                         "the planner, per policy (--scenarios)")
     args = ap.parse_args()
     if args.scenarios:
         pols = (args.policies or "qlm,qlm-rwt,edf").split(",")
-        scenario_rows(args.scenarios, pols, args.reps, args.max_requests)
+        scenario_rows(args.scenarios, pols, args.reps, args.max_requests, args.parts)
         return
     args.policies = args.policies or "fcfs,priority,shepherd,qlm-rwt"
     base = load_azure_csv(args.trace)
