@@ -15,7 +15,6 @@ Both return sequences per instance, turned into the same frozen `Plan` by
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Mapping, Sequence
@@ -24,7 +23,6 @@ import numpy as np
 from ortools.sat.python import cp_model
 
 from qlm_opt.planner.fallback import edf_key, fallback_plan, fallback_sequences
-from qlm_opt.planner.horizon import bounded_group_ids, bulk_groups
 from qlm_opt.planner.problem import SWAP_SCALE, PlanGroup, PlanningProblem
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences, sequence_objective
 from qlm_opt.planner.presets import SolverPreset
@@ -71,16 +69,6 @@ def solve(
     if len(inst.groups) > preset.max_groups:
         keep = {g.id for g in sorted(inst.groups, key=edf_key)[: preset.max_groups]}
         core = inst.subset(keep)
-    outside: list[PlanGroup] = []
-    if preset.max_groups_per_model > 0:
-        bounded = bounded_group_ids(core, preset.max_groups_per_model)
-        if bounded is not None:
-            outside = [g for g in inst.groups if g.id not in bounded]
-            core = core.subset(bounded)
-            if preset.bulk_chunks > 0:
-                # the left-out groups still count, as a few bulk stand-ins per model
-                bulk = bulk_groups(inst, outside, preset.bulk_chunks)
-                core = dataclasses.replace(core, groups=core.groups + tuple(bulk))
 
     greedy_seqs = fallback_sequences(core)
     greedy = plan_from_sequences(core, greedy_seqs, PlanStatus.FALLBACK, "fallback")
@@ -106,11 +94,7 @@ def solve(
         return plan.replace(solve_ms=result.solve_ms,
                             fallback_cause=cause.get(result.status, "timeout"))
 
-    if outside and isinstance(model, KnapsackModel):
-        # Bounded model: the groups left out go after the on-time ones, the late ones last.
-        seqs = model.read_sequences(result.values, outside=(inst, outside))
-    else:
-        seqs = model.read_sequences(result.values)
+    seqs = model.read_sequences(result.values)
     if core is not inst:
         rest = [g for g in inst.groups if g.id not in {gid for s in seqs.values() for gid in s}]
         seqs = fallback_sequences(inst, groups=rest, base=seqs)
@@ -198,7 +182,7 @@ class _Result:
     """What the planner keeps from a CP-SAT run (plain values only)."""
 
     __slots__ = ("status", "status_name", "values", "objective", "bound", "solve_ms",
-                 "hint_objective", "det_time")
+                 "hint_objective")
 
     def __init__(self) -> None:
         self.status = cp_model.UNKNOWN
@@ -208,7 +192,6 @@ class _Result:
         self.bound: float | None = None
         self.solve_ms = 0.0
         self.hint_objective: float | None = None
-        self.det_time = 0.0  # CP-SAT deterministic time spent, s
 
 
 class _FirstSolution(cp_model.CpSolverSolutionCallback):
@@ -257,7 +240,6 @@ def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
     out.solve_ms = _ms_since(t0)
     out.status = status
     out.status_name = solver.status_name(status)
-    out.det_time = solver.response_proto.deterministic_time
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         resp = solver.response_proto
         out.values = np.fromiter(resp.solution, dtype=np.int64, count=len(resp.solution))
@@ -741,17 +723,9 @@ class KnapsackModel:
         m.proto.solution_hint.vars.extend(hint_vars)
         m.proto.solution_hint.values.extend(hint_vals)
 
-    def read_sequences(
-        self,
-        values: np.ndarray,
-        outside: tuple[PlanningProblem, Sequence[PlanGroup]] | None = None,
-    ) -> dict[int, list[str]]:
+    def read_sequences(self, values: np.ndarray) -> dict[int, list[str]]:
         """On-time groups per instance in EDF order, then the late groups appended by the
-        greedy planner (EDF order, after the on-time ones).
-
-        ``outside`` = (the full problem, its groups left out of this model) for a bounded
-        model: the greedy planner appends them after the on-time groups and before the late
-        ones, and the sequences are for the full problem."""
+        greedy planner (EDF order, after the on-time ones)."""
         on = values[self.y_index].astype(bool) if len(self.y_index) else np.zeros(0, bool)
         seqs: dict[int, list[PlanGroup]] = {i.id: [] for i in self.insts}
         placed: set[str] = set()
@@ -768,24 +742,16 @@ class KnapsackModel:
             for iid, gs in seqs.items()
         }
         late = [g for g in self.groups if g.id not in placed]
-        problem = self.instance
-        if outside is not None:
-            problem = outside[0]
-            real = problem.group_by_id()
-            # bulk stand-ins (groups of the model that the full problem lacks) leave the plan
-            out = {iid: [gid for gid in seq if gid in real] for iid, seq in out.items()}
-            late = [g for g in late if g.id in real]
-            out = fallback_sequences(problem, groups=outside[1], base=out)
         if late:
-            out = fallback_sequences(problem, groups=late, base=out)
+            out = fallback_sequences(self.instance, groups=late, base=out)
             # A "late" group may still make it when served in plain EDF order among the
             # on-time ones; keep that order where it scores higher for the instance.
-            by_id = problem.group_by_id()
+            by_id = self.instance.group_by_id()
             for i in self.insts:
                 seq = out[i.id]
                 edf = sorted(seq, key=lambda gid: edf_key(by_id[gid]))
-                if edf != seq and sequence_objective(problem, i, edf) > sequence_objective(
-                    problem, i, seq
+                if edf != seq and sequence_objective(self.instance, i, edf) > sequence_objective(
+                    self.instance, i, seq
                 ):
                     out[i.id] = edf
         return out

@@ -35,13 +35,6 @@ class SolverPreset:
         random_seed: CP-SAT seed, for reproducible runs.
         max_groups: group cap; the most urgent `max_groups` groups go to CP-SAT, the rest are
             appended by the EDF fallback.
-        max_groups_per_model: bounded model (rolling horizon, `planner.horizon`): per model
-            at most this many groups that could be on time per instance holding the model
-            (EDF-first) go to CP-SAT; the others are appended by the EDF fallback after the
-            on-time groups. 0 = no bound.
-        bulk_chunks: with a bound, the left-out groups of each model enter the model as at
-            most this many bulk groups (`horizon.bulk_groups`), so that the solver still
-            weighs them; 0 = left out entirely.
         horizon_s: deadlines beyond this are treated as this (knapsack), s.
         formulation: "auto" (exact up to `exact_max_groups`, else knapsack), "exact" or
             "knapsack".
@@ -61,8 +54,6 @@ class SolverPreset:
     num_workers: int = 2
     random_seed: int = 0
     max_groups: int = 256
-    max_groups_per_model: int = 0
-    bulk_chunks: int = 0
     horizon_s: float = 3600.0
     formulation: Literal["auto", "exact", "knapsack"] = "auto"
     exact_max_groups: int = 8
@@ -92,8 +83,6 @@ class _PresetFile(BaseModel):
     num_workers: int = Field(ge=1, le=256)
     random_seed: int = 0
     max_groups: int = Field(ge=1)
-    max_groups_per_model: int = Field(0, ge=0)
-    bulk_chunks: int = Field(0, ge=0)
     horizon_s: float = Field(gt=0)
     formulation: Literal["auto", "exact", "knapsack"] = "auto"
     exact_max_groups: int = Field(8, ge=0, le=64)
@@ -149,8 +138,6 @@ def load_preset(name_or_path: str | Path) -> SolverPreset:
         num_workers=parsed.num_workers,
         random_seed=parsed.random_seed,
         max_groups=parsed.max_groups,
-        max_groups_per_model=parsed.max_groups_per_model,
-        bulk_chunks=parsed.bulk_chunks,
         horizon_s=parsed.horizon_s,
         formulation=parsed.formulation,
         exact_max_groups=parsed.exact_max_groups,
@@ -173,8 +160,6 @@ def preset_to_toml(preset: SolverPreset, header: str = "") -> str:
         "num_workers": preset.num_workers,
         "random_seed": preset.random_seed,
         "max_groups": preset.max_groups,
-        "max_groups_per_model": preset.max_groups_per_model,
-        "bulk_chunks": preset.bulk_chunks,
         "horizon_s": preset.horizon_s,
         "formulation": preset.formulation,
         "exact_max_groups": preset.exact_max_groups,

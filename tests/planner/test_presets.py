@@ -65,12 +65,3 @@ def test_unknown_name():
     with pytest.raises(ConfigError, match="no such solver preset"):
         load_preset("does-not-exist")
     assert preset_dir().name == "solver"
-
-
-def test_group_bound_field(tmp_path):
-    f = tmp_path / "bounded.toml"
-    f.write_text("max_groups_per_model = 12\n" + GOOD)
-    assert load_preset(f).max_groups_per_model == 12
-    f.write_text("max_groups_per_model = -1\n" + GOOD)
-    with pytest.raises(ConfigError, match="'max_groups_per_model'"):
-        load_preset(f)
