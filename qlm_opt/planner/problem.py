@@ -206,6 +206,8 @@ class PlanningProblem:
 
     def with_weights(self, weights: ObjectiveWeights) -> PlanningProblem:
         """The same instance with other objective weights (presets carry their own)."""
+        if weights == self.weights:
+            return self  # frozen: no copy (and no re-validation of every group) needed
         return PlanningProblem(
             self.groups,
             self.instances,

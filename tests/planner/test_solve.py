@@ -105,3 +105,16 @@ def test_exact_prefers_on_time_over_swaps():
 def test_snapshot_json_roundtrip(medium):
     again = PlanningProblem.from_json(medium.to_json())
     assert again == medium
+
+
+def test_same_weights_are_not_copied(medium):
+    assert medium.with_weights(medium.weights) is medium
+    other = medium.with_weights(WEIGHTS)
+    assert other is not medium and other.weights == WEIGHTS and other.groups == medium.groups
+
+
+def test_models_skip_the_pre_pep8_aliases(medium):
+    # OR-Tools adds camelCase aliases to every CpModel (~0.7 ms); the planner's models skip
+    # them and use only the snake_case API.
+    km = cpsat.KnapsackModel(medium.with_weights(WEIGHTS), preset(formulation="knapsack"))
+    assert not hasattr(km.model, "NewBoolVar") and hasattr(km.model, "new_bool_var")
