@@ -322,7 +322,7 @@ class VllmRemoteEngine(LiveEngine):
             "request_id": run.vid,
         }
         body.update(self.sampling_kwargs(run.req, max_tokens))
-        data = json.dumps(body, separators=(",", ":")).encode()
+        data = _encode(body)
         async with self._session.post(self.url + "/v1/completions", data=data,
                                       headers=_JSON) as r:
             if r.status != 200:
@@ -336,11 +336,12 @@ class VllmRemoteEngine(LiveEngine):
                 chunk = line[5:].strip()
                 if chunk == b"[DONE]":
                     break
-                msg = json.loads(chunk)
+                msg = _decode(chunk)
                 if "error" in msg:
                     raise _BadRequest(str(msg["error"]))
                 for ch in msg.get("choices", ()):
-                    self._deliver(run, list(ch.get("token_ids") or ()), ch.get("text") or "")
+                    # a fresh list from the decoder: _deliver copies what it keeps
+                    self._deliver(run, ch.get("token_ids") or [], ch.get("text") or "")
                     fr = ch.get("finish_reason")
                     if fr is not None:
                         if fr == "abort":
@@ -503,6 +504,17 @@ class _BadRequest(Exception):
 
 
 _JSON = {"Content-Type": "application/json"}
+
+try:  # the data path's JSON: msgspec (comes with vllm) is 3-10x faster than the stdlib's
+    import msgspec
+
+    _encode = msgspec.json.Encoder().encode
+    _decode = msgspec.json.Decoder().decode
+except ImportError:  # pragma: no cover
+    _decode = json.loads
+
+    def _encode(obj) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _is_transport_error(e: BaseException) -> bool:

@@ -159,8 +159,8 @@ async def completions(
 ) -> Response:
     """OpenAI text completion (one prompt per request)."""
     n = completion_prompt_tokens(body.prompt)
-    return await serve_completion(request, gw, who, body, False, n, body.prompt, body.max_tokens,
-                        x_slo_class, x_slo_ttft_ms)
+    return await serve_completion(request.receive, gw, who, body, False, n, body.prompt,
+                                  body.max_tokens, x_slo_class, x_slo_ttft_ms)
 
 
 @inference.post("/v1/chat/completions", responses=_ok(ChatCompletionResponse),
@@ -179,8 +179,8 @@ async def chat_completions(
     prompt = None
     if gw.backend.kind != "simulated":
         prompt = [m.model_dump(exclude_none=True) for m in body.messages]
-    return await serve_completion(request, gw, who, body, True, n, prompt, max_tokens,
-                        x_slo_class, x_slo_ttft_ms)
+    return await serve_completion(request.receive, gw, who, body, True, n, prompt, max_tokens,
+                                  x_slo_class, x_slo_ttft_ms)
 
 
 @inference.get("/v1/models", response_model=ModelList, responses=_ERRORS)

@@ -19,7 +19,16 @@ from __future__ import annotations
 import logging
 
 from pydantic import ValidationError
-from starlette.requests import Request
+
+from qlm_opt.errors import QLMError
+from qlm_opt.server.completion import json_error, serve_completion
+from qlm_opt.server.errors import APIError, error_body
+from qlm_opt.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_prompt_tokens,
+    completion_prompt_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +49,15 @@ class FastInference:
         chat = _PATHS.get(scope.get("raw_path") or scope["path"].encode())
         if chat is None:
             return await self.app(scope, receive, send)
-        length = auth = None
+        length = auth = slo_class = None
         for k, v in scope["headers"]:
             if k == b"content-length":
                 length = v
             elif k == b"authorization":
                 auth = v
+            elif k == b"x-slo-class":
+                if slo_class is None:
+                    slo_class = v.decode("latin-1")
             elif k == b"x-slo-ttft-ms":
                 return await self.app(scope, receive, send)
             elif k == b"content-type" and not v.lower().startswith(b"application/json"):
@@ -63,27 +75,16 @@ class FastInference:
         body = await _read(receive)
         if body is None:  # the client went away while sending
             return
-        from qlm_opt.server.openai_protocol import ChatCompletionRequest, CompletionRequest
-
         try:
             req = (ChatCompletionRequest if chat else CompletionRequest).model_validate_json(body)
         except ValidationError:
             return await self.app(scope, _replay(body, receive), send)
-        await self._serve(scope, receive, send, state, who, req, chat)
+        await self._serve(scope, receive, send, state, who, req, chat, slo_class)
 
-    async def _serve(self, scope, receive, send, state, who, body, chat: bool) -> None:
-        from qlm_opt.errors import QLMError
-        from qlm_opt.server.completion import json_error, serve_completion
-        from qlm_opt.server.errors import APIError, error_body
-        from qlm_opt.server.openai_protocol import chat_prompt_tokens, completion_prompt_tokens
-
+    async def _serve(self, scope, receive, send, state, who, body, chat: bool,
+                     slo_class: str | None) -> None:
         metrics = state.metrics
         gw = state.gateway
-        slo_class = None
-        for k, v in scope["headers"]:
-            if k == b"x-slo-class":
-                slo_class = v.decode("latin-1")
-                break
         try:
             who.check_rate()
             if chat:
@@ -96,8 +97,8 @@ class FastInference:
                 n = completion_prompt_tokens(body.prompt)
                 max_tokens = body.max_tokens
                 prompt = body.prompt
-            resp = await serve_completion(Request(scope, receive), gw, who, body, chat, n, prompt,
-                                max_tokens, slo_class, None)
+            resp = await serve_completion(receive, gw, who, body, chat, n, prompt, max_tokens,
+                                          slo_class, None)
         except APIError as e:
             metrics.http_errors[e.status] += 1
             resp = json_error(e.status, error_body(e.message, e.type, e.param, e.code),

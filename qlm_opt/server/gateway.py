@@ -35,7 +35,7 @@ from qlm_opt.server.auth import Principal
 from qlm_opt.server.backends import Backend
 from qlm_opt.server.errors import APIError
 from qlm_opt.server.metrics import ServerMetrics
-from qlm_opt.server.openai_protocol import ChunkWriter
+from qlm_opt.server.openai_protocol import ChunkWriter, usage
 from qlm_opt.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -342,13 +342,18 @@ class Gateway:
         try:
             if writer.chat:
                 yield writer.role()
+            last = b""  # the tokens found at the end go out with the end, in one write
             while True:
                 job.wake.clear()
                 ended = job.ended
                 n = job.req.num_generated if ended else backend.progress(job.req)
                 if n > job.sent:
-                    yield writer.delta(backend.text(job.req, job.sent, n))
+                    chunk = writer.delta(backend.text(job.req, job.sent, n))
                     job.sent = n
+                    if ended:
+                        last = chunk
+                    else:
+                        yield chunk
                 if ended:
                     break
                 await job.wake.wait()
@@ -356,11 +361,9 @@ class Gateway:
                 try:
                     self._raise_if_dropped(job)
                 except APIError as e:
-                    yield ChunkWriter.error(e.status, e.message, e.type, e.code)
+                    yield last + ChunkWriter.error(e.status, e.message, e.type, e.code)
                 return
-            from qlm_opt.server.openai_protocol import usage
-
-            yield writer.finish(job.finish_reason(), usage(job.req.prompt_tokens, job.sent))
+            yield last + writer.finish(job.finish_reason(), usage(job.req.prompt_tokens, job.sent))
         finally:
             self._streams.discard(job)
             if not job.ended:

@@ -189,7 +189,23 @@ def chat_prompt_tokens(messages: list[ChatMessage]) -> int:
 
 _ID_PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+try:  # msgspec encodes the same compact JSON about 10x faster than the stdlib's encoder
+    import msgspec
+
+    _encode = msgspec.json.Encoder().encode
+except ImportError:  # pragma: no cover - msgspec comes with vllm; the stdlib gives equal bytes
+    msgspec = None
+    _std = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+    def _encode(obj: Any) -> bytes:
+        return _std(obj).encode()
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON (no spaces, non-ASCII as UTF-8): the bytes of
+    ``json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()``."""
+    return _encode(obj)
 
 
 def new_id(prefix: str) -> str:
@@ -207,7 +223,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def completion_body(
     rid: str, model: str, text: str, finish_reason: str | None, use: dict, fingerprint: str
 ) -> bytes:
-    return _dumps({
+    return _encode({
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
@@ -215,13 +231,13 @@ def completion_body(
         "system_fingerprint": fingerprint,
         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
         "usage": use,
-    }).encode()
+    })
 
 
 def chat_body(
     rid: str, model: str, text: str, finish_reason: str | None, use: dict, fingerprint: str
 ) -> bytes:
-    return _dumps({
+    return _encode({
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
@@ -234,7 +250,7 @@ def chat_body(
             "finish_reason": finish_reason,
         }],
         "usage": use,
-    }).encode()
+    })
 
 
 class ChunkWriter:
@@ -243,9 +259,14 @@ class ChunkWriter:
     With ``include_usage`` every chunk carries ``"usage": null`` and a last chunk with empty
     ``choices`` carries the usage (OpenAI's behaviour). Without it, the chunk that carries the
     ``finish_reason`` also carries the usage, so clients always get token counts.
+
+    The parts of a chunk that do not change within a stream (id, object, created, model,
+    fingerprint) are encoded once; each chunk encodes only its choice (and usage), and is
+    byte for byte what encoding the whole chunk object would give.
     """
 
-    __slots__ = ("rid", "model", "chat", "include_usage", "created", "fingerprint")
+    __slots__ = ("rid", "model", "chat", "include_usage", "created", "fingerprint", "_head",
+                 "_tail")
 
     def __init__(
         self, rid: str, model: str, chat: bool, include_usage: bool, fingerprint: str
@@ -256,38 +277,37 @@ class ChunkWriter:
         self.include_usage = include_usage
         self.created = int(time.time())
         self.fingerprint = fingerprint
+        # b'data: {"id":..,"system_fingerprint":..,"choices":[' and what closes a chunk
+        head = _encode({
+            "id": rid,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": self.created,
+            "model": model,
+            "system_fingerprint": fingerprint,
+            "choices": [],
+        })
+        self._head = b"data: " + head[:-2]  # drop the "]}" of the empty choices
+        self._tail = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
 
     def _chunk(self, choice: dict | None, use: dict | None = None, last: bool = False) -> bytes:
-        obj = {
-            "id": self.rid,
-            "object": "chat.completion.chunk" if self.chat else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": [choice] if choice is not None else [],
-        }
-        if self.include_usage:
-            obj["usage"] = use
-        elif last and use is not None:
-            obj["usage"] = use
-        return b"data: " + _dumps(obj).encode() + b"\n\n"
+        body = _encode(choice) if choice is not None else b""
+        if use is not None and (self.include_usage or last):
+            return self._head + body + b'],"usage":' + _encode(use) + b"}\n\n"
+        return self._head + body + self._tail
 
     def role(self) -> bytes:
         """The chat stream's first chunk (role only); completions have none."""
-        return self._chunk({
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        })
+        return self._head + (b'{"index":0,"delta":{"role":"assistant","content":""},'
+                             b'"logprobs":null,"finish_reason":null}') + self._tail
 
     def delta(self, text: str) -> bytes:
+        t = _encode(text)
         if self.chat:
-            choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
-                      "finish_reason": None}
+            choice = b'{"index":0,"delta":{"content":' + t + b'},"logprobs":null,' \
+                     b'"finish_reason":null}'
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-        return self._chunk(choice)
+            choice = b'{"index":0,"text":' + t + b',"logprobs":null,"finish_reason":null}'
+        return self._head + choice + self._tail
 
     def finish(self, finish_reason: str, use: dict) -> bytes:
         if self.chat:
@@ -303,8 +323,4 @@ class ChunkWriter:
     def error(status: int, message: str, type: str, code: str | None) -> bytes:
         """An error after the stream started (the status line is already sent)."""
         body = {"error": {"message": message, "type": type, "param": None, "code": code}}
-        return b"data: " + _dumps(body).encode() + b"\n\ndata: [DONE]\n\n"
-
-
-def dumps(obj: Any) -> bytes:
-    return _dumps(obj).encode()
+        return b"data: " + _encode(body) + b"\n\ndata: [DONE]\n\n"

@@ -5,6 +5,8 @@ content types) fall through to the routes with their body intact."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -84,3 +86,52 @@ def test_queue_full_has_the_same_answer(fast_path):
                        json={"model": MODEL, "prompt": "wait", "max_tokens": 50})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["retry-after"]) >= 1
+
+
+def _served(fast_path: bool) -> tuple:
+    """Headers and SSE framing of a streamed and a non-streamed answer, and the latency
+    histograms' counts after them (ids and timings left out)."""
+    s = settings_for(1000.0, server={"fast_path": fast_path})
+    with TestClient(create_app(s, env={})) as c:
+        h = {"authorization": f"Bearer {USER_KEY}"}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+        with c.stream("POST", "/v1/chat/completions", headers=h, json=chat) as r:
+            sse_headers = sorted((k, v) for k, v in r.headers.items()
+                                 if k not in ("x-request-id", "date"))
+            raw = b"".join(r.iter_bytes())
+        events = raw.split(b"\n\n")
+        assert events[-1] == b"" and events[-2] == b"data: [DONE]"
+        chunks = [json.loads(e[len(b"data: "):]) for e in events[:-2]]
+        assert all(e.startswith(b'data: {"id":"chatcmpl-') for e in events[:-2])
+        rid = chunks[0]["id"]
+        assert r.headers["x-request-id"] == rid and {ch["id"] for ch in chunks} == {rid}
+        text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks
+                       if ch["choices"])
+        shape = [(sorted(ch), [ch["choices"][0].get("finish_reason")] if ch["choices"] else [],
+                  ch["usage"]) for ch in chunks]
+        r = c.post("/v1/completions", headers=h,
+                   json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
+        # the id's length (a hex counter) changes content-length between requests
+        json_headers = sorted((k, v) for k, v in r.headers.items() if k not in (
+            "x-request-id", "x-qlm-processing-ms", "date", "content-length"))
+        assert "x-qlm-processing-ms" in r.headers
+        assert int(r.headers["content-length"]) == len(r.content)
+        metrics = c.get("/metrics").text
+        counts = sorted(line for line in metrics.splitlines()
+                        if line.startswith(("qlm_ttft_seconds_count", "qlm_e2e_seconds_count",
+                                            "qlm_requests_total")))
+    return sse_headers, len(text.split()), shape, json_headers, counts
+
+
+def test_responses_and_metrics_are_the_same_on_both_paths():
+    on, off = _served(True), _served(False)
+    assert on == off
+    sse_headers, words, shape, json_headers, counts = on
+    assert dict(sse_headers)["content-type"] == "text/event-stream; charset=utf-8"
+    assert dict(sse_headers)["cache-control"] == "no-cache"
+    assert words == 3  # the simulated fleet writes one word per token
+    assert shape[-1][2] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    assert dict(json_headers)["content-type"] == "application/json"
+    assert any(c.startswith("qlm_ttft_seconds_count") and c.endswith(" 2.0") for c in counts)
+    assert any(c.startswith("qlm_e2e_seconds_count") and c.endswith(" 2.0") for c in counts)
