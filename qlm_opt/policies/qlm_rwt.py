@@ -173,6 +173,14 @@ class QLMRWTPolicy(Policy):
             times.popleft()
         return len(times)
 
+    def _engine_waiting_prompt(self, inst: Instance, st) -> int:
+        """Prompt tokens (plus tokens to recompute) waiting inside the engine."""
+        if st.num_waiting == 0:
+            return 0
+        if st.waiting_prompt_tokens:
+            return st.waiting_prompt_tokens
+        return inst.engine.waiting_tokens()
+
     def _wait_ctx(self, inst: Instance, g: RequestGroup, now: float,
                   ahead: tuple[int, int] | None = None) -> tuple:
         """What every wait estimate of a member of ``g`` on ``inst`` now shares: the engine's
@@ -182,7 +190,6 @@ class QLMRWTPolicy(Policy):
         st = view.st
         n, p = ahead if ahead is not None else self.gq.vq(inst.id).requests_ahead(
             g.deadline_at, g.seq, g.tier)
-        eng_n, eng_p = self._engine_ahead(inst, st, g.deadline_at)
         cut = self._cut_in_per_s(g.model, g.slo_class, now)
         horizon = math.inf
         if cut > 0:
@@ -190,21 +197,7 @@ class QLMRWTPolicy(Policy):
             own = self._ttft.get(g.slo_class, 0.0)
             tight = min((t for t in self._ttft.values() if t < own), default=0.0)
             horizon = max(0.0, g.deadline_at - now - tight)
-        return view, eng_n + n, p, eng_p, cut, horizon
-
-    def _engine_ahead(self, inst: Instance, st, deadline_at: float) -> tuple[int, int]:
-        """(requests, prompt tokens plus tokens to recompute) waiting inside the engine that
-        it will admit before a request due at ``deadline_at``: the executor dispatches with
-        priority ``(deadline_at, id)`` and the engine admits its waiting queue in priority
-        order, so waiting work due later (batch the engine holds, say) is behind it."""
-        if st.num_waiting == 0:
-            return 0, 0
-        n = tok = 0
-        for r in inst.engine.waiting_requests():
-            if r.deadline_at <= deadline_at:
-                n += 1
-                tok += r.prompt_tokens + r.num_generated
-        return n, tok
+        return view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut, horizon
 
     def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
               now: float, extra_prompt: float | None = None, raw: bool = True,
