@@ -138,13 +138,15 @@ class WaitCalibrator:
 
     def __init__(self, window: int = 400, min_n: int = 30, refresh: int = 16,
                  bin_ratio: float = 2.0, coverage: float = 0.9, censored: bool = False,
-                 censored_refresh_s: float = 1.0) -> None:
+                 censored_refresh_s: float = 5.0) -> None:
         if window < 1 or min_n < 1 or refresh < 1:
             raise ValueError("window, min_n and refresh must be >= 1")
         if bin_ratio <= 1.0:
             raise ValueError(f"bin_ratio must exceed 1, got {bin_ratio}")
         if not 0.0 < coverage < 1.0:
             raise ValueError(f"coverage must lie in (0, 1), got {coverage}")
+        if censored_refresh_s < 0:
+            raise ValueError(f"censored_refresh_s must be >= 0, got {censored_refresh_s}")
         self.window = window
         self.min_n = min_n
         self.refresh = refresh
@@ -155,7 +157,7 @@ class WaitCalibrator:
         self._data: dict[tuple, _Ring] = {}  # cell -> last ``window`` (m, s, o)
         self._fit: dict[tuple, tuple[float, float]] = {}  # cell -> (c, k)
         # censored mode: cell -> {req id: (m, s, admitted at)} not observed yet, and
-        # cell -> (clock time, k) of the last fit that counted them
+        # cell -> (clock time, k) when they were last counted
         self._pending: dict[tuple, dict] = {}
         self._kcens: dict[tuple, tuple[float, float]] = {}
 
@@ -211,14 +213,14 @@ class WaitCalibrator:
         # the interval only ever widens the model's: a backlog that builds up makes the
         # recent past too optimistic about the spread of what comes next
         self._fit[cell] = (c, max(k, Z90))
-        self._kcens.pop(cell, None)
 
     def _censored_k(self, cell, c: float, k: float, now: float) -> float:
-        """``k`` with the cell's pending predictions as censored scores (cached for
-        ``censored_refresh_s``)."""
+        """``k`` with the cell's pending predictions as censored scores (recomputed at most
+        every ``censored_refresh_s`` of clock; a refit in between keeps the censored value
+        as a floor until then)."""
         got = self._kcens.get(cell)
         if got is not None and now - got[0] < self.censored_refresh_s:
-            return got[1]
+            return max(k, got[1])
         pend = self._pending.get(cell)
         out = k
         if pend:
