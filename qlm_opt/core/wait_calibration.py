@@ -1,7 +1,8 @@
 """A wait estimate (``WaitEstimate``: mean and standard deviation of a request's wait until
 its first token) and the estimator's online, split-conformal calibration of it
-(``WaitCalibrator``): completed predictions per (SLO class, band of the model mean) give a
-bias factor (median observed / predicted) and an interval factor."""
+(``WaitCalibrator``): completed predictions per (key, band of the model mean) give a
+bias factor (median observed / predicted) and an interval factor; predictions still
+waiting may count as censored observations of the interval (``censored=True``)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,26 @@ class _Ring:
             self.n += 1
 
 
+def km_quantile(values: np.ndarray, observed: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of a right-censored sample by Kaplan-Meier: ``values[i]`` is an
+    observation where ``observed[i]``, else a lower bound (the value is known to exceed it).
+    The smallest observed value where the estimated CDF reaches ``q``; when it never does
+    (too much of the sample censored), the largest value, a lower bound of the quantile."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("km_quantile of an empty sample")
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile must lie in (0, 1), got {q}")
+    # ties: observed values before censored ones (a censored value is known to lie above)
+    order = np.lexsort((~observed.astype(bool), values))
+    v = values[order]
+    e = observed[order].astype(bool)
+    at_risk = n - np.arange(n)
+    surv = np.cumprod(np.where(e, 1.0 - 1.0 / at_risk, 1.0))
+    hit = np.flatnonzero(e & (surv <= 1.0 - q + 1e-12))
+    return float(v[hit[0]] if len(hit) else v[-1])
+
+
 class WaitCalibrator:
     """Online (conformal-style) recalibration of wait predictions from completed ones.
 
@@ -104,24 +125,72 @@ class WaitCalibrator:
     than the model's own. Cells with fewer than
     ``min_n`` triples fall back to the key's pooled cell, then to the model as is. Only
     predictions made before the observation use it (no look-ahead); the factors are
-    refreshed every ``refresh`` new triples."""
+    refreshed every ``refresh`` new triples.
+
+    ``censored=True``: predictions announced with ``admit`` and not observed yet are
+    censored observations: a request admitted ``e`` seconds ago is known to wait more than
+    ``e``. They enter the interval factor ``k`` (a Kaplan-Meier quantile of the scores, the
+    censored ones at their lower bound ``(e - c m) / (c s)``), refreshed at most every
+    ``censored_refresh_s`` clock seconds per cell. Without them, when waits grow (a backlog
+    building up, requests sent to a late lane), the requests that got their first token are
+    the ones that waited least, and the interval learns from them alone. The bias factor
+    ``c`` stays the median of the completed ones."""
 
     def __init__(self, window: int = 400, min_n: int = 30, refresh: int = 16,
-                 bin_ratio: float = 2.0, coverage: float = 0.9) -> None:
+                 bin_ratio: float = 2.0, coverage: float = 0.9, censored: bool = False,
+                 censored_refresh_s: float = 5.0) -> None:
+        if window < 1 or min_n < 1 or refresh < 1:
+            raise ValueError("window, min_n and refresh must be >= 1")
+        if bin_ratio <= 1.0:
+            raise ValueError(f"bin_ratio must exceed 1, got {bin_ratio}")
+        if not 0.0 < coverage < 1.0:
+            raise ValueError(f"coverage must lie in (0, 1), got {coverage}")
+        if censored_refresh_s < 0:
+            raise ValueError(f"censored_refresh_s must be >= 0, got {censored_refresh_s}")
         self.window = window
         self.min_n = min_n
         self.refresh = refresh
         self.log_bin = math.log(bin_ratio)
         self.coverage = coverage
+        self.censored = censored
+        self.censored_refresh_s = censored_refresh_s
         self._data: dict[tuple, _Ring] = {}  # cell -> last ``window`` (m, s, o)
         self._fit: dict[tuple, tuple[float, float]] = {}  # cell -> (c, k)
+        # censored mode: cell -> {req id: (m, s, admitted at)} not observed yet, and
+        # cell -> (clock time, k) when they were last counted
+        self._pending: dict[tuple, dict] = {}
+        self._kcens: dict[tuple, tuple[float, float]] = {}
 
     def _bin(self, mean_s: float) -> int:
         return int(math.floor(math.log(max(mean_s, 1e-3) / 1e-3) / self.log_bin))
 
-    def observe(self, key: str, mean_s: float, std_s: float, observed_s: float) -> None:
+    def _cells(self, key, mean_s: float) -> tuple:
+        return (key, self._bin(mean_s)), (key, None)
+
+    def admit(self, key, req_id: int, mean_s: float, std_s: float, at: float) -> None:
+        """A prediction was made at clock time ``at`` (censored mode; no-op otherwise):
+        until ``observe`` with its ``req_id``, it counts as a wait longer than its age."""
+        if not self.censored:
+            return
+        row = (max(mean_s, 1e-6), max(std_s, 1e-6), at)
+        for cell in self._cells(key, mean_s):
+            self._pending.setdefault(cell, {})[req_id] = row
+
+    def forget(self, key, req_id: int, mean_s: float) -> None:
+        """A prediction that will never be observed (the request was dropped)."""
+        for cell in self._cells(key, mean_s):
+            p = self._pending.get(cell)
+            if p is not None:
+                p.pop(req_id, None)
+
+    def observe(self, key, mean_s: float, std_s: float, observed_s: float,
+                req_id: int | None = None) -> None:
         m, sd, o = max(mean_s, 1e-6), max(std_s, 1e-6), max(observed_s, 1e-6)
-        for cell in ((key, self._bin(mean_s)), (key, None)):
+        for cell in self._cells(key, mean_s):
+            if req_id is not None and self._pending:
+                p = self._pending.get(cell)
+                if p is not None:
+                    p.pop(req_id, None)
             d = self._data.get(cell)
             if d is None:
                 d = self._data[cell] = _Ring(self.window)
@@ -145,12 +214,46 @@ class WaitCalibrator:
         # recent past too optimistic about the spread of what comes next
         self._fit[cell] = (c, max(k, Z90))
 
-    def factors(self, key: str, mean_s: float) -> tuple[float, float] | None:
-        f = self._fit.get((key, self._bin(mean_s)))
-        return f if f is not None else self._fit.get((key, None))
+    def _censored_k(self, cell, c: float, k: float, now: float) -> float:
+        """``k`` with the cell's pending predictions as censored scores (recomputed at most
+        every ``censored_refresh_s`` of clock; a refit in between keeps the censored value
+        as a floor until then)."""
+        got = self._kcens.get(cell)
+        if got is not None and now - got[0] < self.censored_refresh_s:
+            return max(k, got[1])
+        pend = self._pending.get(cell)
+        out = k
+        if pend:
+            p = np.array(list(pend.values()))
+            pm, ps, age = p[:, 0], p[:, 1], now - p[:, 2]
+            # only the ones already waiting longer than predicted say anything about the
+            # score: the others' could still be anything from 0 (a censored 0: left out)
+            late = age > c * pm
+            if late.any():
+                d = self._data[cell]
+                a = d.buf if d.n == self.window else d.buf[: d.n]
+                done = np.abs(a[:, 2] - c * a[:, 0]) / (c * a[:, 1])
+                lower = (age[late] - c * pm[late]) / (c * ps[late])
+                vals = np.concatenate([done, lower])
+                obs = np.concatenate([np.ones(len(done), bool), np.zeros(len(lower), bool)])
+                out = max(k, km_quantile(vals, obs, self.coverage))
+        self._kcens[cell] = (now, out)
+        return out
 
-    def adjust(self, key: str, est: WaitEstimate) -> WaitEstimate:
-        f = self.factors(key, est.mean_s)
+    def factors(self, key, mean_s: float,
+                now: float | None = None) -> tuple[float, float] | None:
+        """(bias factor c, interval factor k) of the first fitted cell, or None. ``now``
+        (censored mode) counts the cell's pending predictions into ``k``."""
+        for cell in self._cells(key, mean_s):
+            f = self._fit.get(cell)
+            if f is not None:
+                if self.censored and now is not None:
+                    return f[0], self._censored_k(cell, f[0], f[1], now)
+                return f
+        return None
+
+    def adjust(self, key, est: WaitEstimate, now: float | None = None) -> WaitEstimate:
+        f = self.factors(key, est.mean_s, now)
         if f is None:
             return est
         c, k = f

@@ -82,7 +82,15 @@ class RWTAccuracy:
         for r in (rec, disp) if disp is not rec else (rec,):
             if r is not None and r.calib is not None and r.raw is not None:
                 r.calib.observe(r.key, r.raw.mean_s, r.raw.std_s,
-                                req.first_token_at - r.placed_at)
+                                req.first_token_at - r.placed_at, req.id)
+
+    def forget(self, req: Request) -> None:
+        """``req`` was dropped before its first token: it is not scored, and a censored
+        calibrator stops counting it as still waiting."""
+        self.dispatch.pop(req.id, None)
+        rec = self.records.pop(req.id, None)
+        if rec is not None and rec.calib is not None and rec.raw is not None:
+            rec.calib.forget(rec.key, req.id, rec.raw.mean_s)
 
     @staticmethod
     def _stats(rows) -> dict:
@@ -136,9 +144,10 @@ class RWTTracker:
         self.est = estimator or RWTEstimator.from_workload(workload, iter_model_of=im_of)
         self.acc = RWTAccuracy()
         # Policies' admission predictions, recalibrated online (split-conformal, per class
-        # and band) from earlier admission predictions and their outcomes: a policy's own
-        # calibration learns from its latest placement, not from admission.
-        self.admission_calib = WaitCalibrator()
+        # and band) from earlier admission predictions and their outcomes, the ones still
+        # waiting counted as censored in the interval: a policy's own calibration learns
+        # from its latest placement, not from admission.
+        self.admission_calib = WaitCalibrator(censored=True)
         self.bucket_of = lambda r: length_bucket(r.prompt_tokens)
         # instance id -> sorted [(priority, req id, req)] believed waiting in the engine
         self._mirror: dict[int, list[tuple]] = {}
@@ -147,6 +156,7 @@ class RWTTracker:
         rt.predict_hooks.append(self.on_predict)
         rt.first_token_hooks.append(self.acc.observe_first_token)
         rt.finish_hooks.append(self.on_finish)
+        rt.drop_hooks.append(self.acc.forget)
 
     def on_finish(self, req: Request) -> None:
         self.est.observe_completion(req, self.bucket_of(req))
@@ -156,9 +166,10 @@ class RWTTracker:
         prediction, reported as recalibrated now by ``admission_calib``."""
         if req.first_token_at is not None or req.id in self.acc.records:
             return
+        cal = self.admission_calib
         key = req.slo_class
-        self.acc.predict(req, at, self.admission_calib.adjust(key, est), est,
-                         self.admission_calib, key)
+        self.acc.predict(req, at, cal.adjust(key, est, at), est, cal, key)
+        cal.admit(key, req.id, est.mean_s, est.std_s, at)
 
     def on_submit(self, req: Request, inst, priority: tuple) -> None:
         import bisect
