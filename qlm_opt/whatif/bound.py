@@ -646,7 +646,6 @@ def compute_bound(
         edges.append(horizon_at)
     n_slots = len(edges) - 1
     edges_a = np.asarray(edges)
-    slot_len = np.diff(edges_a)
 
     def slot_of(t: float) -> int:
         if t >= edges[n_uni]:

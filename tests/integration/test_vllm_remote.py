@@ -17,7 +17,7 @@ from qlm_opt.core.instance import InstanceState
 from tests.engine_conformance import check_live_engine
 
 from .conftest import run
-from .helpers import arrive, make_request, make_runtime, prompt, settle, wait_until
+from .helpers import make_request, make_runtime, prompt, settle, wait_until
 
 M0 = "tiny-s0"
 

@@ -116,7 +116,7 @@ def test_max_num_seqs_limits_batch(im):
     sim, eng, _ = _engine(im, max_num_seqs=2)
     reqs = [_req(i, 10, 100) for i in range(3)]
     for r in reqs:
-        eng.submit(r, (i := r.id,))
+        eng.submit(r, (r.id,))
     _drain(sim)
     # the third request starts only after one of the first two has finished
     assert reqs[2].first_token_at >= min(reqs[0].completed_at, reqs[1].completed_at) - 1e-12

@@ -2,7 +2,6 @@
 simulated engine's ``prefill_summary`` against a pass over its running requests, checked on
 every call of a short ``qlm-rwt`` run."""
 
-import pytest
 
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.engines.base import prefill_pass
