@@ -211,7 +211,7 @@ def sequence_objective(instance: PlanningProblem, inst: PlanInstance, seq: Seque
 
 
 def batch_seat_caps(seats: Mapping[int, float], urgent_seats: Mapping[int, float],
-                    margin: float = 2.0, min_batch_seats: int = 1) -> dict[int, int]:
+                    margin: float = 1.0, min_batch_seats: int = 1) -> dict[int, int]:
     """Admission: how many seats batch work may take on each instance (trunk reservation).
 
     ``urgent_seats[i]`` is the number of seats the urgent arrivals forecast for instance

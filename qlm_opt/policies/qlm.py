@@ -11,9 +11,9 @@ Every epoch:
   2. solve it with CP-SAT (``planner.solve``, preset from ``solver/``), warm-started from the
      previous plan; the EDF plan is the fallback behind the same ``solve()`` (a time-out, or
      a greedy plan with more weight on time), and the cause is counted per epoch;
-  3. with ``admission=True`` (off by default: it lost on some rows of the scenario suite, see
-     ``benchmarks/scenarios/README.md``) the plan gets its admission caps
-     (``Plan.batch_seats``, ``planner.plan.batch_seat_caps``): per instance, the seats the
+  3. with ``admission`` (on by default; measured in ``benchmarks/scenarios/README.md``) the
+     plan gets its admission caps (``Plan.batch_seats``, ``planner.plan.batch_seat_caps``):
+     per instance, the seats the
      urgent arrivals forecast for it hold on average (arrival rate of the classes whose TTFT
      is within ``ExecutorConfig.urgent_window_s``, split over the ready instances holding the
      model, times the time one holds a seat: mean prompt x prefill s per token + mean output
@@ -23,8 +23,9 @@ Every epoch:
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others), the admission caps, and, with
-     ``planned_eviction=True`` (off by default, for the same reason), evictions for urgent
-     first groups that pay for their recompute in the objective.
+     ``planned_eviction=True`` (off by default: it lost up to 1.3 points on some rows of the
+     scenario suite), evictions for urgent first groups that pay for their recompute in the
+     objective.
 Between epochs the executor pulls (under the plan's caps) and steals. The RWT eviction
 heuristic (``_maybe_evict``) evicts between epochs; with ``planned_eviction=True`` only
 while no plan is current (none yet, or older than two plan periods). The same executor
@@ -88,8 +89,8 @@ class QLMPolicy(QLMRWTPolicy):
         aggregate_level_ratio: float = 0.1,
         aggregate_max_size: int = 256,
         cover_late_s: float = 30.0,
-        admission: bool = False,
-        admission_margin: float = 2.0,
+        admission: bool = True,
+        admission_margin: float = 1.0,
         planned_eviction: bool = False,
         clairvoyant: bool = False,
         executor: ExecutorConfig | None = None,

@@ -271,7 +271,8 @@ def test_batch_seat_caps_reserve_follows_the_forecast():
     assert batch_seat_caps({0: 256.0, 1: 256.0}, {}) == {}
     assert batch_seat_caps({0: 256.0}, {0: 0.0}) == {}
     # 16 seats held on average, plus 2 Poisson standard deviations (2 x 4): 24 reserved
-    assert batch_seat_caps({0: 256.0, 1: 256.0}, {0: 16.0}) == {0: 232}
+    assert batch_seat_caps({0: 256.0, 1: 256.0}, {0: 16.0}, margin=2.0) == {0: 232}
+    assert batch_seat_caps({0: 256.0}, {0: 16.0}) == {0: 236}  # default: one deviation
     assert batch_seat_caps({0: 256.0}, {0: 16.0}, margin=0.0) == {0: 240}
     # demand above the instance: batch is slowed to the minimum, not stopped
     assert batch_seat_caps({0: 50.0}, {0: 80.0}) == {0: 1}

@@ -113,7 +113,7 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
     rt = Runtime(fleet, sim)
     for inst in rt.instances:
         inst.engine.set_waker(sim.engine_waker)
-    pol = QLMPolicy(workload=workload, preset="fast", admission=True)
+    pol = QLMPolicy(workload=workload, preset="fast")
     rt.bind(pol)
     reqs = build_requests(synthetic_trace(workload), workload)[:60]
     for r in reqs:
@@ -140,7 +140,19 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
     by_inst = {e["instance"]: e["batch_seats"] for e in plan["instances"]}
     assert {i: c for i, c in by_inst.items() if c is not None} == pol.executor.batch_seats
     assert pol.executor.batch_seats == dict(pol.last_plan.batch_seats) != {}
-    # admission is off by default (see the scenario README): no caps, as in qlm-rwt
-    assert QLMPolicy(workload=workload, preset="fast").admission is False
+    # without admission: no caps, batch takes every seat (as in qlm-rwt)
+    off = QLMPolicy(workload=workload, preset="fast", admission=False)
+    sim2 = Simulator()
+    rt2 = Runtime(fleet, sim2)
+    for inst in rt2.instances:
+        inst.engine.set_waker(sim2.engine_waker)
+    rt2.bind(off)
+    for r in build_requests(synthetic_trace(workload), workload)[:60]:
+        sim2.clock.t = r.arrived_at
+        rt2.accept(r)
+        off.on_arrival(r)
+    off._replan("period")
+    assert off.last_plan is not None and dict(off.last_plan.batch_seats) == {}
+    assert off.executor.batch_seats == {}
     with pytest.raises(ValueError, match="admission_margin"):
         QLMPolicy(workload=workload, admission_margin=-1.0)
