@@ -13,25 +13,26 @@ Every epoch:
      a greedy plan with more weight on time), and the cause is counted per epoch;
   3. with ``admission`` (on by default; measured in ``benchmarks/scenarios/README.md``) the
      plan gets its admission caps (``Plan.batch_seats``, ``planner.plan.batch_seat_caps``):
-     per instance, the seats the
-     urgent arrivals forecast for it hold on average (arrival rate of the classes whose TTFT
-     is within ``ExecutorConfig.urgent_window_s``, split over the ready instances holding the
-     model, times the time one holds a seat: mean prompt x prefill s per token + mean output
-     x iteration s) plus ``admission_margin`` Poisson standard deviations are kept from batch
-     work until the next epoch, out of the instance's seats (the estimator's, or what its
-     engine holds now if more); no urgent forecast, no cap;
+     per instance, the seats the urgent arrivals forecast for it hold on average (arrival
+     rate of the classes whose TTFT is within ``ExecutorConfig.urgent_window_s``, split over
+     the ready instances holding the model, times the time one holds a seat: mean prompt x
+     prefill s per token + mean output x iteration s) plus ``admission_margin`` Poisson
+     standard deviations are kept from batch work until the next epoch, out of the
+     instance's seats (the estimator's, or what its engine holds now if more); no urgent
+     forecast, no cap;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others), the admission caps, and, with
-     ``planned_eviction=True`` (off by default: it lost up to 1.3 points on some rows of the
+     ``planned_eviction=True`` (off by default: it lost up to 1.33 points on a row of the
      scenario suite), evictions for urgent first groups that pay for their recompute in the
      objective.
 Between epochs the executor pulls (under the plan's caps) and steals. The RWT eviction
 heuristic (``_maybe_evict``) evicts between epochs; with ``planned_eviction=True`` only
 while no plan is current (none yet, or older than two plan periods). The same executor
-serves ``qlm-rwt`` (no caps, heuristic eviction). A model no instance holds waits for the plan to swap it in (the
-plan weighs its waiting requests against the forecast demand of the model it displaces);
-only requests ``cover_late_s`` past their deadline force a swap, so nothing starves.
+serves ``qlm-rwt`` (no caps, heuristic eviction). A model no instance holds waits for the
+plan to swap it in (the plan weighs its waiting requests against the forecast demand of the
+model it displaces); only requests ``cover_late_s`` past their deadline force a swap, so
+nothing starves.
 Epochs run every ``plan_period_s`` and on events: an urgent arrival predicted to miss its
 deadline, a model nobody holds, or capacity freed while groups wait unplaced; at most one per
 ``min_spacing_s``.
@@ -556,8 +557,8 @@ class QLMPolicy(QLMRWTPolicy):
         return batch_seat_caps(seats, demand, self.admission_margin)
 
     def _maybe_evict(self, inst: Instance) -> None:
-        """The RWT eviction heuristic, only while no plan is current: with one, evictions
-        are the plan's (``Executor.apply``)."""
+        """The RWT eviction heuristic; with ``planned_eviction``, only while no plan is
+        current (with one, evictions are the plan's: ``Executor.apply``)."""
         if (self.planned_eviction and self.last_plan is not None
                 and self.rt.now() - self._last_plan_at <= 2 * self.plan_period_s):
             return
