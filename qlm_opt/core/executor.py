@@ -13,16 +13,33 @@ it: ``qlm`` feeds it the CP-SAT plan every epoch, ``qlm-rwt`` its RWT heuristics
   - *rebalance*: a queued group moves to its planned instance when that gains something;
   - *order*: a group the plan cannot get on time goes behind the on-time ones in its
     instance's virtual queue (``RequestGroup.tier``), so it does not push them late
-    (Moore-Hodgson's rule, weighted and across instances, is what the knapsack solves).
+    (Moore-Hodgson's rule, weighted and across instances, is what the knapsack solves);
+  - *admission*: the plan's ``batch_seats`` cap how many batch requests each engine may
+    hold until the next plan (see *Pull*);
+  - *planned eviction* (``planned_evict``, off by default): when the plan's first group on a
+    full instance is urgent, late as planned and on time if it started now, running batch
+    requests are evicted for it if the on-time weight that gains exceeds what their
+    recompute costs in the objective's units:
+    ``completion_penalty`` x the recompute time (prompt + generated tokens x the engine
+    model's prefill time per token) for the victims and every later group of the instance's
+    sequence, plus ``on_time`` x weight of each later group the delay makes late.
 - **Pull** (``pull``), on every event that frees capacity: an instance with a free seat takes
   the head of its virtual queue; at most ``engine_slack`` requests wait inside an engine, so
   the global queue keeps control of order and placement. A request that can no longer make
   its deadline goes to its model's *late lane*, served when nothing on time waits.
+  *Admission*: a request due later than ``urgent_window_s`` (batch work) enters only while
+  the engine holds fewer such requests than the plan's ``batch_seats`` for the instance;
+  urgent work may take every seat. Batch work over the cap waits in the global queue, not in
+  an engine, and stops being batch once it comes within the window of its deadline, so the
+  cap delays it but never starves it. No cap (``qlm-rwt``, or no urgent demand forecast):
+  batch work takes every seat.
 - **Steal** (``steal``): an idle instance takes the head group of the busiest instance of
   the same model.
 - **Evict** (``evict_for``): running lower-priority requests whose first token is out and
   whose recompute is cheap are aborted to seat an urgent group; they keep their tokens and
-  resume by recompute.
+  resume by recompute. The heuristic (``victims_for`` under a recompute-token cap) is what
+  the policies call between epochs; with ``planned_evict`` the plan decides in ``apply``
+  (above) and ``qlm`` keeps the heuristic only for when no plan is current.
 - **Swap** (``swap``): drain and load another model; the instance's queued groups go back to
   the pool (or stay, to be served first, when the plan says so).
 
@@ -40,7 +57,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request
-from qlm_opt.planner.problem import REQUEST_WEIGHT
+from qlm_opt.planner.problem import REQUEST_WEIGHT, SWAP_SCALE
 from qlm_opt.core.queue import UNPLACED, GlobalQueue, RequestGroup
 from qlm_opt.core.instance import InstanceState, least_loaded_victim
 
@@ -66,6 +83,14 @@ class ExecutorConfig:
     demote_late: bool = True  # plan-late groups go behind on-time ones
     rebalance: bool = True  # move queued groups to their planned instance when it gains
     rebalance_horizon_s: float = 60.0  # only groups due within this are moved by the plan
+    # work due within this is urgent: it may take any seat; work due later is batch work,
+    # admitted up to the plan's ``batch_seats`` cap
+    urgent_window_s: float = 30.0
+    planned_evict: bool = False  # ``apply`` evicts for the plan's urgent first groups
+
+    def __post_init__(self) -> None:
+        if self.urgent_window_s < 0:
+            raise ValueError(f"urgent_window_s must be >= 0, got {self.urgent_window_s}")
 
 
 class Executor:
@@ -94,11 +119,23 @@ class Executor:
         self.num_rebalanced = 0
         self.totals: Counter[str] = Counter()
         self.requeued: list[Request] = []
+        # instance id -> batch requests its engine may hold (the current plan's admission);
+        # an instance not here has no cap
+        self.batch_seats: dict[int, int] = {}
+        self.evicted_on: set[int] = set()  # instances the last ``apply`` evicted on
 
     # -- pull --------------------------------------------------------------------------------
     def has_seat(self, inst: Instance) -> bool:
         nr, nw, mx = inst.engine.seat_counts()
         return nw < self.config.engine_slack and nr + nw < mx
+
+    def batch_held(self, inst: Instance, now_at: float) -> int:
+        """Requests in ``inst``'s engine (running or waiting) due later than the urgent
+        window: the batch work that counts against the admission cap."""
+        cut = now_at + self.config.urgent_window_s
+        eng = inst.engine
+        return (sum(1 for r in eng.running_requests() if r.deadline_at > cut)
+                + sum(1 for r in eng.waiting_requests() if r.deadline_at > cut))
 
     def pull(self, inst: Instance) -> None:
         """Feed ``inst`` from its virtual queue (then its model's late lane) while it has
@@ -107,7 +144,8 @@ class Executor:
         in the global queue (the engine orders its waiting queue by deadline, so it goes
         first), while the urgent backlog an engine holds stays bounded, so the global queue
         still decides what is past hope (EDF's domino effect). A request past hope moves to
-        its model's late lane instead."""
+        its model's late lane instead. Batch work (due later than ``urgent_window_s``) enters
+        only while the engine holds fewer batch requests than ``batch_seats[inst]``."""
         rt = self.rt
         if not inst.ready:
             return
@@ -119,6 +157,9 @@ class Executor:
         basics = None
         waiting_at = None  # sorted deadlines waiting in the engine, once at the slack limit
         eng = inst.engine
+        cap = self.batch_seats.get(inst.id)
+        batch_cut = now + self.config.urgent_window_s
+        n_batch = None  # batch requests in the engine, counted when the cap first matters
         while True:
             nr, nw, mx = eng.seat_counts()
             if nr + nw >= mx:
@@ -126,6 +167,13 @@ class Executor:
             g = vq.head()
             if g is None and nw < slack and self.steal(inst):
                 g = vq.head()
+            if cap is not None and g is not None and g.deadline_at > batch_cut:
+                # the head is batch work, and so is everything behind it (EDF order)
+                if n_batch is None:
+                    n_batch = self.batch_held(inst, now)
+                if n_batch >= cap:
+                    self.totals["batch_held"] += 1
+                    return
             if nw >= slack:
                 if g is None:
                     return
@@ -151,6 +199,8 @@ class Executor:
                     and now + req.prompt_tokens * basics[2] + basics[1] > req.deadline_at):
                 self._to_late_lane(req)
                 continue
+            if n_batch is not None and req.deadline_at > batch_cut:
+                n_batch += 1
             rt.dispatch(req, inst, (req.deadline_at, req.id))
 
     def _to_late_lane(self, req: Request) -> None:
@@ -192,15 +242,20 @@ class Executor:
         self.rt.lso_counts["rebalance"] += g.size
 
     # -- evict -------------------------------------------------------------------------------
-    def victims_for(self, inst: Instance, g: RequestGroup) -> list[Request]:
+    def victims_for(self, inst: Instance, g: RequestGroup,
+                    cap: int | None = -1) -> list[Request]:
         """Running requests of lower priority than ``g``'s head whose first token is out and
-        whose recompute (prompt + generated tokens) is cheap, cheapest first, at most one per
-        member of ``g`` (and ``max_victims``)."""
+        whose recompute (prompt + generated tokens) is at most ``cap`` tokens (default:
+        ``evict_max_recompute_tokens``; None: any), cheapest first, at most one per member
+        of ``g`` (and ``max_victims``)."""
         pr = g.members[0][2].priority
         # An evicted request recomputes prompt + generated tokens on what is usually a
         # saturated instance: only cheap victims are worth it (measured on the conv trace:
         # a 256-token cap keeps the attainment of evicting and the throughput of not).
-        cap = self.config.evict_max_recompute_tokens
+        if cap == -1:
+            cap = self.config.evict_max_recompute_tokens
+        if cap is None:
+            cap = 1 << 62
         # a live engine knows only what it streamed back: Request.num_generated
         gen = inst.engine.num_generated
         return sorted(
@@ -213,7 +268,9 @@ class Executor:
     def evict_for(self, inst: Instance, g: RequestGroup, now_at: float) -> int:
         """Evict ``victims_for(inst, g)`` to seat ``g``. The victims go back to their groups
         and keep their tokens. Returns how many were evicted."""
-        victims = self.victims_for(inst, g)
+        return self._evict(inst, self.victims_for(inst, g), now_at)
+
+    def _evict(self, inst: Instance, victims: Sequence[Request], now_at: float) -> int:
         n = 0
         for v in victims:
             got = self.rt.evict(inst, v.id)
@@ -358,8 +415,64 @@ class Executor:
                               ip.instance_id)
                 else:
                     self.gq.place(g, ip.instance_id)
+        self.batch_seats = dict(plan.batch_seats)
+        self.evicted_on = set()
+        if self.config.planned_evict:
+            for ip in plan.instances:
+                n = self._planned_evict(ip, plan, pi, by_id, queued, now_at)
+                if n:
+                    counts["evict"] += n
+                    self.evicted_on.add(ip.instance_id)
         self.totals.update(counts)
         return counts
+
+    def _planned_evict(self, ip, plan: Plan, pi: PlanningProblem, by_id, queued,
+                       now_at: float) -> int:
+        """Evict for the plan's first group on ``ip``'s instance when that pays in the
+        objective (see the module docstring). Returns how many requests were evicted."""
+        if not ip.group_ids:
+            return 0
+        inst = self.rt.instances[ip.instance_id]
+        if not inst.ready or inst.id in self.swap_after:
+            return 0
+        gid = ip.group_ids[0]
+        pg, t = by_id.get(gid), plan.timings.get(gid)
+        if pg is None or t is None or t.on_time or pg.model != inst.model:
+            return 0
+        service = pg.service_ms.get(inst.id)
+        if service is None:
+            return 0
+        start_by = pg.deadline_on(inst.id) - service  # latest on-time start, ms from now
+        if start_by < 0 or start_by > 1000 * self.config.urgent_window_s:
+            return 0  # past hope even now, or not urgent
+        gs = sorted((g for g in queued(gid) if g.instance_id == inst.id),
+                    key=lambda g: g.deadline_at)
+        if not gs or self.has_seat(inst):
+            return 0
+        victims = self.victims_for(inst, gs[0], cap=None)
+        if not victims:
+            return 0
+        victims = victims[: min(pg.size, self.config.max_victims)]
+        w = pi.weights
+        gain = SWAP_SCALE * w.on_time * pg.weight * len(victims) / max(pg.size, 1)
+        c_tok = self.basics(inst)[2] if self.basics is not None else 0.0
+        gen = inst.engine.num_generated
+        delay_ms = 1000.0 * c_tok * sum(v.prompt_tokens + gen(v) for v in victims)
+        # the victims finish later by their recompute, and so does every later group here
+        cost = w.completion_penalty * delay_ms * (len(victims) + len(ip.group_ids) - 1)
+        for later in ip.group_ids[1:]:
+            lt, lg = plan.timings.get(later), by_id.get(later)
+            if (lt is not None and lg is not None and lt.on_time
+                    and lt.end_ms + delay_ms > lg.deadline_on(inst.id)):
+                cost += SWAP_SCALE * w.on_time * lg.weight
+        if gain <= cost:
+            self.totals["evict_not_worth"] += 1
+            return 0
+        n = self._evict(inst, victims, now_at)
+        if n:
+            for g in gs:  # on time now: back in front of the batch work
+                self.gq.set_tier(g, 0)
+        return n
 
     def _should_move(self, g: RequestGroup, plan: Plan, gid: str, to: Instance) -> bool:
         """Rebalance a queued group only when it gains: its instance is leaving its model, or

@@ -9,7 +9,8 @@ each group starts as soon as the instance is free and the model swap, if any, is
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Mapping, Sequence
 
@@ -22,6 +23,7 @@ __all__ = [
     "Plan",
     "plan_from_sequences",
     "sequence_objective",
+    "batch_seat_caps",
 ]
 
 
@@ -90,6 +92,11 @@ class Plan:
         fallback_cause: why a FALLBACK plan is not the solver's: "time_limit_zero",
             "timeout" (no solution within the limit), "infeasible", "model_invalid" or
             "greedy_better" (the solver's plan scored lower than the EDF plan); None otherwise.
+        batch_seats: instance id -> how many requests due later than the urgent window
+            (batch work) the instance's engine may hold; the other seats are kept for the
+            urgent arrivals the forecast expects (``batch_seat_caps``). An instance not in
+            the map has no cap (every seat may take batch work). Set by the policy from the
+            same epoch's forecast; empty for plans without admission (``qlm-rwt``).
     """
 
     instances: tuple[InstancePlan, ...]
@@ -105,6 +112,7 @@ class Plan:
     on_time_weight: int = 0
     hint_objective: float | None = None
     fallback_cause: str | None = None
+    batch_seats: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def gap(self) -> float | None:
@@ -200,3 +208,29 @@ def sequence_objective(instance: PlanningProblem, inst: PlanInstance, seq: Seque
         if t <= g.deadline_on(inst.id):
             total += SWAP_SCALE * w.on_time * g.weight
     return total
+
+
+def batch_seat_caps(seats: Mapping[int, float], urgent_seats: Mapping[int, float],
+                    margin: float = 1.0, min_batch_seats: int = 1) -> dict[int, int]:
+    """Admission: how many seats batch work may take on each instance (trunk reservation).
+
+    ``urgent_seats[i]`` is the number of seats the urgent arrivals forecast for instance
+    ``i`` hold at once on average: their rate there times how long one holds a seat
+    (Little's law). Arrivals are bursty around that mean, so the reserve adds ``margin``
+    standard deviations of a Poisson count: ``reserve = d + margin * sqrt(d)``. Batch work
+    may take ``seats[i] - reserve`` seats, never fewer than ``min_batch_seats`` (batch is
+    slowed, never stopped; work that comes within the urgent window of its deadline is no
+    longer batch and may take any seat). An instance with no urgent demand forecast gets no
+    cap at all: batch work takes every seat, as without admission.
+    """
+    if margin < 0 or min_batch_seats < 0:
+        raise ValueError(f"batch_seat_caps: margin ({margin}) and min_batch_seats "
+                         f"({min_batch_seats}) must be >= 0")
+    caps: dict[int, int] = {}
+    for iid, s in seats.items():
+        d = urgent_seats.get(iid, 0.0)
+        if not d > 0.0:
+            continue
+        reserve = d + margin * math.sqrt(d)
+        caps[iid] = max(min_batch_seats, int(math.floor(s - reserve)))
+    return caps

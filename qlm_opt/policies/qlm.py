@@ -11,13 +11,28 @@ Every epoch:
   2. solve it with CP-SAT (``planner.solve``, preset from ``solver/``), warm-started from the
      previous plan; the EDF plan is the fallback behind the same ``solve()`` (a time-out, or
      a greedy plan with more weight on time), and the cause is counted per epoch;
-  3. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
-     "serve these groups, then swap" sequences, rebalancing that gains, and the plan's order
-     (groups the plan cannot get on time go behind the others).
-Between epochs the executor pulls, steals and evicts with the RWT estimator; the same
-executor serves ``qlm-rwt``. A model no instance holds waits for the plan to swap it in (the
-plan weighs its waiting requests against the forecast demand of the model it displaces);
-only requests ``cover_late_s`` past their deadline force a swap, so nothing starves.
+  3. with ``admission`` (on by default; measured in ``benchmarks/scenarios/README.md``) the
+     plan gets its admission caps (``Plan.batch_seats``, ``planner.plan.batch_seat_caps``):
+     per instance, the seats the urgent arrivals forecast for it hold on average (arrival
+     rate of the classes whose TTFT is within ``ExecutorConfig.urgent_window_s``, split over
+     the ready instances holding the model, times the time one holds a seat: mean prompt x
+     prefill s per token + mean output x iteration s) plus ``admission_margin`` Poisson
+     standard deviations are kept from batch work until the next epoch, out of the
+     instance's seats (the estimator's, or what its engine holds now if more); no urgent
+     forecast, no cap;
+  4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
+     "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
+     (groups the plan cannot get on time go behind the others), the admission caps, and, with
+     ``planned_eviction=True`` (off by default: it lost up to 1.33 points on a row of the
+     scenario suite), evictions for urgent first groups that pay for their recompute in the
+     objective.
+Between epochs the executor pulls (under the plan's caps) and steals. The RWT eviction
+heuristic (``_maybe_evict``) evicts between epochs; with ``planned_eviction=True`` only
+while no plan is current (none yet, or older than two plan periods). The same executor
+serves ``qlm-rwt`` (no caps, heuristic eviction). A model no instance holds waits for the
+plan to swap it in (the plan weighs its waiting requests against the forecast demand of the
+model it displaces); only requests ``cover_late_s`` past their deadline force a swap, so
+nothing starves.
 Epochs run every ``plan_period_s`` and on events: an urgent arrival predicted to miss its
 deadline, a model nobody holds, or capacity freed while groups wait unplaced; at most one per
 ``min_spacing_s``.
@@ -39,6 +54,7 @@ import numpy as np
 
 from qlm_opt.core.executor import ExecutorConfig, group_weight
 from qlm_opt.planner import PlanGroup, PlanInstance, PlanningProblem, load_preset, solve
+from qlm_opt.planner.plan import batch_seat_caps
 from qlm_opt.planner.problem import REQUEST_WEIGHT
 from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
 from qlm_opt.core.queue import UNPLACED
@@ -74,11 +90,22 @@ class QLMPolicy(QLMRWTPolicy):
         aggregate_level_ratio: float = 0.1,
         aggregate_max_size: int = 256,
         cover_late_s: float = 30.0,
+        admission: bool = True,
+        admission_margin: float = 1.0,
+        planned_eviction: bool = False,
         clairvoyant: bool = False,
         executor: ExecutorConfig | None = None,
         **kw,
     ) -> None:
         super().__init__(workload=workload, clairvoyant=clairvoyant, executor=executor, **kw)
+        if admission_margin < 0:
+            raise ValueError(f"admission_margin must be >= 0, got {admission_margin}")
+        # plan-set admission caps (module docstring, step 3); off: batch takes every seat
+        self.admission = admission
+        self.admission_margin = admission_margin
+        # evictions from the plan (Executor.apply); the RWT heuristic only without a plan
+        self.planned_eviction = planned_eviction
+        self.executor_config.planned_evict = planned_eviction
         self.preset = load_preset(preset) if isinstance(preset, str) else preset
         self.plan_period_s = plan_period_s
         self.min_spacing_s = min_spacing_s
@@ -505,12 +532,16 @@ class QLMPolicy(QLMRWTPolicy):
         self._solving = False
         rt = self.rt
         now = rt.now()
+        if self.admission:
+            plan = plan.replace(batch_seats=self._batch_seats(now))
         self.last_plan = plan
         self.solve_ms.append(plan.solve_ms + plan.build_ms)
         self.statuses[str(plan.status)] += 1
         if plan.fallback_cause is not None:
             self.fallback_causes[plan.fallback_cause] += 1
         counts = self.executor.apply(plan, pi, now, members)
+        for iid in self.executor.evicted_on:
+            self.est.invalidate(iid)
         for r in self.executor.requeued:
             g, new = self.gq.requeue(r, now)
         # Groups still unplaced (their instance swaps away) go where the RWT says.
@@ -527,6 +558,42 @@ class QLMPolicy(QLMRWTPolicy):
             plan.build_ms, plan.objective, plan.num_on_time, dict(counts) or "{}",
         )
 
+    def _batch_seats(self, now: float) -> dict[int, int]:
+        """Admission caps for this epoch (module docstring, step 3): instance id -> batch
+        requests its engine may hold."""
+        window = self.executor.config.urgent_window_s
+        span = min(self.rate_window_s, max(now, 1e-9))
+        rate: dict[str, float] = {}  # model -> urgent arrivals per second
+        for (model, cls), q in self._arrivals.items():
+            if self._ttft.get(cls, math.inf) <= window:
+                n = self._recent(q, now)
+                if n:
+                    rate[model] = rate.get(model, 0.0) + n / span
+        seats: dict[int, float] = {}
+        demand: dict[int, float] = {}  # instance id -> seats urgent arrivals hold there
+        for model, lam in rate.items():
+            held = [i for i in self.rt.ready_instances(model)
+                    if i.id not in self.executor.swap_after]
+            if not held:
+                continue
+            mu = self.est.model_stats(model).mean
+            for inst in held:
+                s, iter_s, c_tok = self.est.basics(inst, inst.engine.stats())
+                # the estimator's seats (KV capacity over a mean footprint) undercount an
+                # engine whose prompts share cached prefixes: it may hold more right now
+                nr, nw, _ = inst.engine.seat_counts()
+                seats[inst.id] = max(s, float(nr + nw))
+                demand[inst.id] = lam / len(held) * (self.est.prompt_mean * c_tok + mu * iter_s)
+        return batch_seat_caps(seats, demand, self.admission_margin)
+
+    def _maybe_evict(self, inst: Instance) -> None:
+        """The RWT eviction heuristic; with ``planned_eviction``, only while no plan is
+        current (with one, evictions are the plan's: ``Executor.apply``)."""
+        if (self.planned_eviction and self.last_plan is not None
+                and self.rt.now() - self._last_plan_at <= 2 * self.plan_period_s):
+            return
+        super()._maybe_evict(inst)
+
     def current_plan(self) -> dict | None:
         """The last plan as plain data (for ``GET /admin/plan``)."""
         p = self.last_plan
@@ -536,7 +603,9 @@ class QLMPolicy(QLMRWTPolicy):
             "status": str(p.status), "objective": p.objective, "best_bound": p.best_bound,
             "solve_ms": p.solve_ms, "build_ms": p.build_ms, "formulation": p.formulation,
             "instances": [{"instance": ip.instance_id, "model": ip.final_model,
-                           "groups": list(ip.group_ids)} for ip in p.instances],
+                           "groups": list(ip.group_ids),
+                           "batch_seats": p.batch_seats.get(ip.instance_id)}
+                          for ip in p.instances],
         }
 
     def report(self) -> dict:
@@ -552,6 +621,8 @@ class QLMPolicy(QLMRWTPolicy):
             "fallback_causes": dict(self.fallback_causes),
             "epoch_triggers": dict(self.epoch_triggers),
             "lso_counts": dict(self.executor.totals),
+            "admission": self.admission,
+            "planned_eviction": self.planned_eviction,
         }
         return base
 

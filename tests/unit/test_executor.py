@@ -261,3 +261,167 @@ def test_batch_waiting_in_an_engine_does_not_hold_urgent_work_back(fleet_rt):
     # the rest stays in the global queue, where the executor still decides its fate
     assert sum(1 for r in waiting if r.priority == 0) == 2
     assert sum(1 for r in urgent if r in gq) == 3
+
+
+# -- admission: the plan's batch seats ------------------------------------------------------
+
+def test_batch_seat_caps_reserve_follows_the_forecast():
+    from qlm_opt.planner.plan import batch_seat_caps
+    # no urgent demand forecast: no cap at all (batch takes every seat)
+    assert batch_seat_caps({0: 256.0, 1: 256.0}, {}) == {}
+    assert batch_seat_caps({0: 256.0}, {0: 0.0}) == {}
+    # 16 seats held on average, plus 2 Poisson standard deviations (2 x 4): 24 reserved
+    assert batch_seat_caps({0: 256.0, 1: 256.0}, {0: 16.0}, margin=2.0) == {0: 232}
+    assert batch_seat_caps({0: 256.0}, {0: 16.0}) == {0: 236}  # default: one deviation
+    assert batch_seat_caps({0: 256.0}, {0: 16.0}, margin=0.0) == {0: 240}
+    # demand above the instance: batch is slowed to the minimum, not stopped
+    assert batch_seat_caps({0: 50.0}, {0: 80.0}) == {0: 1}
+    with pytest.raises(ValueError, match="margin"):
+        batch_seat_caps({0: 50.0}, {0: 1.0}, margin=-1.0)
+
+
+def _capped_plan(rt, groups, caps):
+    pi = _pi(groups, 500, rt, deadline_ms=600_000)
+    return pi, _plan(pi, {0: [str(g.id) for g in groups]}).replace(batch_seats=caps)
+
+
+def test_pull_admits_batch_only_up_to_the_plans_cap(fleet_rt):
+    rt, _ = fleet_rt
+    inst = rt.instances[0]  # 8 seats
+    batch = [_req(i, "llama-3.1-8b", 600.0, priority=1) for i in range(12)]
+    gq, groups = _queue(rt, batch, 0)
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=8))
+    pi, plan = _capped_plan(rt, groups, {0: 3})
+    ex.apply(plan, pi, 0.0)
+    assert ex.batch_seats == {0: 3}
+    ex.pull(inst)
+    nr, nw, _ = inst.engine.seat_counts()
+    assert nr + nw == 3  # the cap, not the 8 seats
+    assert sum(1 for r in batch if r in gq) == 9  # the rest waits in the global queue
+    assert ex.totals["batch_held"] >= 1
+    # urgent work may take every seat that is left
+    urgent = [_req(100 + i, "llama-3.1-8b", 2.0) for i in range(7)]
+    for r in urgent:
+        rt.accept(r)
+        g, new = gq.add(r, 0.0)
+        if new:
+            gq.place(g, 0)
+    ex.pull(inst)
+    nr, nw, mx = inst.engine.seat_counts()
+    assert nr + nw == mx == 8
+    assert sum(1 for r in urgent if r in gq) == 2  # 5 seats were free, not 8 - 3 batch...
+    assert ex.batch_held(inst, 0.0) == 3
+
+
+def test_the_next_plan_resets_the_cap_and_no_cap_fills_every_seat(fleet_rt):
+    rt, _ = fleet_rt
+    inst = rt.instances[0]
+    batch = [_req(i, "llama-3.1-8b", 600.0, priority=1) for i in range(12)]
+    gq, groups = _queue(rt, batch, 0)
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=8))
+    pi, plan = _capped_plan(rt, groups, {0: 2})
+    ex.apply(plan, pi, 0.0)
+    ex.pull(inst)
+    assert sum(inst.engine.seat_counts()[:2]) == 2
+    # the next epoch forecasts no urgent arrivals: no cap, batch takes every seat
+    ex.apply(plan.replace(batch_seats={}), pi, 0.0)
+    assert ex.batch_seats == {}
+    ex.pull(inst)
+    assert sum(inst.engine.seat_counts()[:2]) == 8
+
+
+def test_batch_near_its_deadline_is_urgent_and_passes_the_cap(fleet_rt):
+    rt, _ = fleet_rt
+    inst = rt.instances[0]
+    # due in 20 s: within the 30 s urgent window, whatever its class
+    due_soon = [_req(i, "llama-3.1-8b", 20.0, priority=1) for i in range(4)]
+    gq, groups = _queue(rt, due_soon, 0)
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=8, urgent_window_s=30.0))
+    pi, plan = _capped_plan(rt, groups, {0: 1})
+    ex.apply(plan, pi, 0.0)
+    ex.pull(inst)
+    assert sum(inst.engine.seat_counts()[:2]) == 4
+    assert ex.batch_held(inst, 0.0) == 0
+
+
+# -- planned eviction --------------------------------------------------------------------------
+
+def _full_of_batch(rt, sim, inst, prompt):
+    batch = [_req(i, "llama-3.1-8b", 600.0, prompt=prompt, priority=1, output=5000)
+             for i in range(8)]  # every seat
+    for r in batch:
+        rt.accept(r)
+        rt.dispatch(r, inst, (r.deadline_at, r.id))
+    sim.run([], lambda r: None, until_at=4.0)  # everyone has a first token
+    assert all(r.first_token_at is not None for r in batch)
+    return batch
+
+
+def _urgent_first(rt, sim, n, later=None, busy_ms=5000, first_id=100):
+    """The plan: instance 0 is busy for ``busy_ms``; its first group (``n`` urgent
+    requests, due to start within 2 s) is late as planned when that is over 2 s, and on
+    time if started now."""
+    now = sim.now()
+    urgent = [_req(first_id + i, "llama-3.1-8b", now + 2.0, arrived_at=now)
+              for i in range(n)]
+    gq, groups = _queue(rt, urgent, 0)
+    pgs = [PlanGroup(str(groups[0].id), "llama-3.1-8b", n, 10 * n, 2500, {0: 500, 1: 500},
+                     start_deadline_ms=2000)]
+    seq = [str(groups[0].id)]
+    if later is not None:
+        pgs.append(later)
+        seq.append(later.id)
+    insts = tuple(PlanInstance(i.id, i.spec.gpu, i.model, busy_ms if i.id == 0 else 0, True,
+                               None) for i in rt.instances)
+    pi = PlanningProblem(tuple(pgs), insts, default_swap_ms=1000, weights=WEIGHTS)
+    plan = _plan(pi, {0: seq})
+    assert plan.timings[seq[0]].on_time == (busy_ms <= 2000)
+    return gq, groups, pi, plan, urgent
+
+
+def test_apply_evicts_for_the_plans_late_urgent_first_group(fleet_rt):
+    rt, sim = fleet_rt
+    inst = rt.instances[0]
+    batch = _full_of_batch(rt, sim, inst, prompt=1000)  # dearer than the 256-token heuristic
+    gq, groups, pi, plan, urgent = _urgent_first(rt, sim, 2)
+    ex = Executor(rt, gq, ExecutorConfig(planned_evict=True), basics=lambda i: (8.0, 0.02, 1e-4))
+    assert ex.victims_for(inst, groups[0]) == []  # the heuristic would evict nobody
+    counts = ex.apply(plan, pi, sim.now())
+    assert counts["evict"] == 2 and ex.evicted_on == {0}
+    running = {r.id for r in inst.engine.running_requests()}
+    evicted = [r for r in batch if r.id not in running]
+    assert len(evicted) == 2 and all(r in gq for r in evicted)
+    assert all(r.num_generated > 0 for r in evicted)  # they keep their tokens
+    ex.pull(inst)  # the freed seats take the urgent group
+    assert all(r.instance_id == 0 and r not in gq for r in urgent)
+
+
+def test_no_planned_eviction_when_the_recompute_makes_a_later_group_late(fleet_rt):
+    rt, sim = fleet_rt
+    inst = rt.instances[0]
+    batch = _full_of_batch(rt, sim, inst, prompt=1000)
+    # a later group worth more, on time with 0.5 s to spare: 2 victims x ~1000 tokens x 1 ms
+    # of recompute push it late
+    later = PlanGroup("later", "llama-3.1-8b", 5, 50, 6500, {0: 500, 1: 500})
+    gq, groups, pi, plan, urgent = _urgent_first(rt, sim, 2, later=later)
+    assert plan.timings["later"].on_time
+    ex = Executor(rt, gq, ExecutorConfig(planned_evict=True), basics=lambda i: (8.0, 0.02, 1e-3))
+    counts = ex.apply(plan, pi, sim.now())
+    assert counts["evict"] == 0 and ex.totals["evict_not_worth"] == 1
+    assert len(inst.engine.running_requests()) == len(batch)
+    # the same recompute at a tenth of the prefill cost leaves it on time: evicted
+    ex.basics = lambda i: (8.0, 0.02, 1e-4)
+    assert ex.apply(plan, pi, sim.now())["evict"] == 2
+
+
+def test_no_planned_eviction_when_off_or_the_group_is_on_time(fleet_rt):
+    rt, sim = fleet_rt
+    inst = rt.instances[0]
+    batch = _full_of_batch(rt, sim, inst, prompt=1000)
+    gq, groups, pi, plan, urgent = _urgent_first(rt, sim, 2)
+    ex = Executor(rt, gq, ExecutorConfig(planned_evict=False), basics=lambda i: (8.0, 0.02, 1e-4))
+    assert ex.apply(plan, pi, sim.now())["evict"] == 0
+    ex.config.planned_evict = True
+    _, _, pi2, on_time_plan, _ = _urgent_first(rt, sim, 1, busy_ms=0, first_id=200)
+    assert ex.apply(on_time_plan, pi2, sim.now())["evict"] == 0
+    assert len(inst.engine.running_requests()) == len(batch)

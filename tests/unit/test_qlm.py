@@ -140,3 +140,57 @@ def test_snapshot_shortcut_for_groups_without_generated_tokens(fleet, workload):
     assert fast is not None and len(fast.groups) > 3
     assert any(gid.startswith("a") for gid in pol._members)  # aggregates are covered
     assert fast.groups == slow.groups
+
+
+def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
+    """The plan keeps seats for the interactive arrivals the forecast expects: more of them,
+    fewer seats for batch; every epoch's plan carries its caps to the executor."""
+    from collections import deque
+
+    sim = Simulator()
+    rt = Runtime(fleet, sim)
+    for inst in rt.instances:
+        inst.engine.set_waker(sim.engine_waker)
+    pol = QLMPolicy(workload=workload, preset="fast")
+    rt.bind(pol)
+    reqs = build_requests(synthetic_trace(workload), workload)[:60]
+    for r in reqs:
+        sim.clock.t = r.arrived_at
+        rt.accept(r)
+        pol.on_arrival(r)
+    now = sim.now()
+    caps = pol._batch_seats(now)
+    assert caps, "interactive arrivals were forecast: some instance keeps seats"
+    for iid, cap in caps.items():
+        seats = pol.est.basics(rt.instances[iid], rt.instances[iid].engine.stats())[0]
+        assert 1 <= cap < seats
+    # twice the interactive arrivals over the same window: a larger reserve
+    for key, times in pol._arrivals.items():
+        if key[1] == "interactive":
+            pol._arrivals[key] = deque(sorted(list(times) * 2))
+    caps2 = pol._batch_seats(now)
+    assert set(caps2) == set(caps)
+    assert all(caps2[i] <= caps[i] for i in caps) and any(caps2[i] < caps[i] for i in caps)
+    # the epoch's plan carries the caps; the executor applies them until the next plan
+    pol._replan("period")
+    plan = pol.current_plan()
+    assert plan is not None
+    by_inst = {e["instance"]: e["batch_seats"] for e in plan["instances"]}
+    assert {i: c for i, c in by_inst.items() if c is not None} == pol.executor.batch_seats
+    assert pol.executor.batch_seats == dict(pol.last_plan.batch_seats) != {}
+    # without admission: no caps, batch takes every seat (as in qlm-rwt)
+    off = QLMPolicy(workload=workload, preset="fast", admission=False)
+    sim2 = Simulator()
+    rt2 = Runtime(fleet, sim2)
+    for inst in rt2.instances:
+        inst.engine.set_waker(sim2.engine_waker)
+    rt2.bind(off)
+    for r in build_requests(synthetic_trace(workload), workload)[:60]:
+        sim2.clock.t = r.arrived_at
+        rt2.accept(r)
+        off.on_arrival(r)
+    off._replan("period")
+    assert off.last_plan is not None and dict(off.last_plan.batch_seats) == {}
+    assert off.executor.batch_seats == {}
+    with pytest.raises(ValueError, match="admission_margin"):
+        QLMPolicy(workload=workload, admission_margin=-1.0)
