@@ -102,6 +102,44 @@ def _norm_cdf(z: np.ndarray) -> np.ndarray:
     return out
 
 
+_ZERO1 = np.zeros(1)
+_ARANGES: dict[int, np.ndarray] = {}
+
+
+def _grid(horizon: float, n_pts: int) -> np.ndarray:
+    """``np.linspace(0.0, horizon, n_pts + 1)`` for ``horizon > 0``: the same floats
+    (NumPy's arange times the step ``horizon / n_pts``, plus the start, the last point set to
+    ``horizon``) without its per-call argument handling."""
+    a = _ARANGES.get(n_pts)
+    if a is None:
+        a = _ARANGES[n_pts] = np.arange(0, n_pts + 1, dtype=float)
+    y = a * (horizon / n_pts)
+    y += 0.0
+    y[-1] = horizon
+    return y
+
+
+def _renewal(c_run: np.ndarray, fcdf: np.ndarray, free: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Expected starts by each grid point (``free`` seats at once, then one per completion)
+    and completions of the new starts, from the running requests' expected completions
+    ``c_run`` and a new request's completion CDF ``fcdf`` on the grid: the renewal equation
+    stepped on the grid. ``np.diff`` and the reversed prefix ``d_start[:k][::-1]`` are
+    written as the slices they are (the same floats, the same dot products)."""
+    n = len(fcdf)
+    fpmf = fcdf[1:] - fcdf[:-1]  # completion in (x[k-1], x[k]] after a start at 0
+    d_start = np.zeros(n)
+    c_new = np.zeros(n)
+    d_start[0] = free
+    d_run = c_run - np.concatenate((_ZERO1, c_run[:-1]))  # np.diff(c_run, prepend=0.0)
+    dot = np.dot
+    for k in range(1, n):
+        # completions in step k from requests started at steps < k
+        c_new[k] = dot(d_start[k - 1::-1], fpmf[:k])
+        d_start[k] = d_run[k] + c_new[k]
+    return np.cumsum(d_start), np.cumsum(c_new)
+
+
 def _running_completions(g: np.ndarray, lm: np.ndarray, ls: np.ndarray, x: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Expected completions of the running requests by each grid point ``x`` (iterations
@@ -443,7 +481,7 @@ class RWTEstimator:
         m_ln = math.log(mu) - s_ln * s_ln / 2.0
         horizon = max(2.0 * mu + 2.0 * math.sqrt(var), 8.0)
         n_pts = cfg.grid_points
-        x = np.linspace(0.0, horizon, n_pts + 1)
+        x = _grid(horizon, n_pts)
         if len(running):
             c_run, v_run = _running_completions(g, lm, ls, x)
         else:
@@ -452,17 +490,7 @@ class RWTEstimator:
         # Renewal of new starts on the grid.
         fcdf = _norm_cdf((np.log(np.maximum(x, 1e-9) + 0.5) - m_ln) / s_ln)
         fcdf[0] = 0.0
-        fpmf = np.diff(fcdf)  # completion in (x[k-1], x[k]] after a start at 0
-        d_start = np.zeros(n_pts + 1)
-        c_new = np.zeros(n_pts + 1)
-        d_start[0] = free
-        d_run = np.diff(c_run, prepend=0.0)
-        for k in range(1, n_pts + 1):
-            # completions in step k from requests started at steps < k
-            c_new[k] = np.dot(d_start[:k][::-1], fpmf[:k])
-            d_start[k] = d_run[k] + c_new[k]
-        starts = np.cumsum(d_start)
-        new_done = np.cumsum(c_new)
+        starts, new_done = _renewal(c_run, fcdf, free)
         cv2 = var / (mu * mu)
         vcount = v_run + new_done * cv2
         return _Profile(

@@ -135,14 +135,17 @@ class OutputLengthModel:
         with each cell's fit worked out once (``_LogFit.predict`` term by term)."""
         ms: list[float] = []
         ss: list[float] = []
+        add_m = ms.append
+        add_s = ss.append
         fits: dict[tuple, tuple | None] = {}
+        get_fit = fits.get
         ridge = self.ridge
         log1p = math.log1p
         sqrt = math.sqrt
         pm, ps = self.prior
         for req in reqs:
             who = (req.model, req.slo_class, req.tenant)
-            f = fits.get(who, False)
+            f = get_fit(who, False)
             if f is False:
                 f = None
                 for k in self._keys(req):
@@ -159,13 +162,13 @@ class OutputLengthModel:
                         break
                 fits[who] = f
             if f is None:
-                ms.append(pm)
-                ss.append(ps)
+                add_m(pm)
+                add_s(ps)
                 continue
             mx, my, b, res, a1, den = f
-            x = log1p(req.prompt_tokens)
-            ms.append(my + b * (x - mx))
-            ss.append(sqrt(res * (a1 + (x - mx) ** 2 / den)))
+            d = log1p(req.prompt_tokens) - mx
+            add_m(my + b * d)
+            add_s(sqrt(res * (a1 + d ** 2 / den)))  # ``** 2``: pow, not d * d (not always equal)
         return ms, ss
 
     def observe(self, req: Request, n_out: float,

@@ -182,3 +182,47 @@ def test_running_completions_in_place_is_the_expression(nr, horizon, seed):
     want = _running_completions_expression(g, lm, ls, x)
     assert np.array_equal(_bits(got[0]), _bits(want[0]))
     assert np.array_equal(_bits(got[1]), _bits(want[1]))
+
+
+def _renewal_expression(c_run, fcdf, free):
+    """The renewal step as the estimator wrote it before ``_renewal``."""
+    n_pts = len(fcdf) - 1
+    fpmf = np.diff(fcdf)
+    d_start = np.zeros(n_pts + 1)
+    c_new = np.zeros(n_pts + 1)
+    d_start[0] = free
+    d_run = np.diff(c_run, prepend=0.0)
+    for k in range(1, n_pts + 1):
+        c_new[k] = np.dot(d_start[:k][::-1], fpmf[:k])
+        d_start[k] = d_run[k] + c_new[k]
+    return np.cumsum(d_start), np.cumsum(c_new)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 300), st.floats(8.0, 20000.0), st.floats(0.0, 64.0),
+       st.integers(0, 2**31 - 1))
+def test_renewal_is_the_expression(nr, horizon, free, seed):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, 3000, nr).astype(float)
+    lm = rng.normal(5.0, 1.5, nr)
+    ls = rng.uniform(1e-3, 2.5, nr)
+    x = np.linspace(0.0, horizon, 49)
+    c_run, _ = _estimator._running_completions(g, lm, ls, x)
+    fcdf = _estimator._norm_cdf((np.log(np.maximum(x, 1e-9) + 0.5) - rng.normal(5.0, 1.0))
+                                / rng.uniform(0.1, 2.0))
+    fcdf[0] = 0.0
+    got = _estimator._renewal(c_run, fcdf, free)
+    want = _renewal_expression(c_run, fcdf, free)
+    assert np.array_equal(_bits(got[0]), _bits(want[0]))
+    assert np.array_equal(_bits(got[1]), _bits(want[1]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(1e-3, 1e9), st.sampled_from([1, 2, 7, 48, 64, 200])),
+                min_size=1, max_size=6))
+def test_grid_is_linspace(calls):
+    # several horizons and sizes in a row: the cached arange of one size is reused, never
+    # changed by a call
+    for horizon, n_pts in calls:
+        got = _estimator._grid(horizon, n_pts)
+        assert np.array_equal(_bits(got), _bits(np.linspace(0.0, horizon, n_pts + 1)))
