@@ -32,6 +32,22 @@ def runs(fleet, workload):
     return out
 
 
+def _fed(fleet, workload, pol, n):
+    """A simulated fleet bound to ``pol``, fed the first ``n`` synthetic arrivals (the
+    clock at each one's arrival): (simulator, runtime, policy, requests)."""
+    sim = Simulator()
+    rt = Runtime(fleet, sim)
+    for inst in rt.instances:
+        inst.engine.set_waker(sim.engine_waker)
+    rt.bind(pol)
+    reqs = build_requests(synthetic_trace(workload), workload)[:n]
+    for r in reqs:
+        sim.clock.t = r.arrived_at
+        rt.accept(r)
+        pol.on_arrival(r)
+    return sim, rt, pol, reqs
+
+
 @pytest.mark.parametrize("name", ["qlm", "qlm-true-lengths"])
 def test_every_request_ends_and_no_token_lost(runs, name):
     run = runs[name]
@@ -84,17 +100,7 @@ def test_zero_time_limit_still_plans(fleet, workload):
 def test_snapshot_is_plain_data_and_round_trips(fleet, workload):
     from qlm_opt.planner import PlanningProblem
 
-    sim = Simulator()
-    rt = Runtime(fleet, sim)
-    for inst in rt.instances:
-        inst.engine.set_waker(sim.engine_waker)
-    pol = QLMPolicy(workload=workload, preset="fast")
-    rt.bind(pol)
-    reqs = build_requests(synthetic_trace(workload), workload)[:50]
-    for r in reqs:
-        sim.clock.t = r.arrived_at
-        rt.accept(r)
-        pol.on_arrival(r)
+    sim, rt, pol, reqs = _fed(fleet, workload, QLMPolicy(workload=workload, preset="fast"), 50)
     pi = pol.snapshot(sim.now())
     assert pi is not None and len(pi.groups) > 0
     again = PlanningProblem.from_json(pi.to_json())
@@ -107,17 +113,8 @@ def test_snapshot_is_plain_data_and_round_trips(fleet, workload):
 def test_snapshot_shortcut_for_groups_without_generated_tokens(fleet, workload):
     """A group none of whose members has generated a token is planned from its size alone
     (``snapshot``); the planning problem is the one the member-by-member sums give."""
-    sim = Simulator()
-    rt = Runtime(fleet, sim)
-    for inst in rt.instances:
-        inst.engine.set_waker(sim.engine_waker)
     pol = QLMPolicy(workload=workload, preset="fast", aggregate_min_slack_s=5.0)
-    rt.bind(pol)
-    reqs = build_requests(synthetic_trace(workload), workload)[:200]
-    for r in reqs:
-        sim.clock.t = r.arrived_at
-        rt.accept(r)
-        pol.on_arrival(r)
+    sim, rt, pol, reqs = _fed(fleet, workload, pol, 200)
     # completions move the learned mean output lengths off the prior
     for r in reqs[:40]:
         r.num_generated = 37 + r.id % 50
@@ -147,17 +144,7 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
     fewer seats for batch; every epoch's plan carries its caps to the executor."""
     from collections import deque
 
-    sim = Simulator()
-    rt = Runtime(fleet, sim)
-    for inst in rt.instances:
-        inst.engine.set_waker(sim.engine_waker)
-    pol = QLMPolicy(workload=workload, preset="fast")
-    rt.bind(pol)
-    reqs = build_requests(synthetic_trace(workload), workload)[:60]
-    for r in reqs:
-        sim.clock.t = r.arrived_at
-        rt.accept(r)
-        pol.on_arrival(r)
+    sim, rt, pol, reqs = _fed(fleet, workload, QLMPolicy(workload=workload, preset="fast"), 60)
     now = sim.now()
     caps = pol._batch_seats(now)
     assert caps, "interactive arrivals were forecast: some instance keeps seats"
@@ -179,16 +166,7 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
     assert {i: c for i, c in by_inst.items() if c is not None} == pol.executor.batch_seats
     assert pol.executor.batch_seats == dict(pol.last_plan.batch_seats) != {}
     # without admission: no caps, batch takes every seat (as in qlm-rwt)
-    off = QLMPolicy(workload=workload, preset="fast", admission=False)
-    sim2 = Simulator()
-    rt2 = Runtime(fleet, sim2)
-    for inst in rt2.instances:
-        inst.engine.set_waker(sim2.engine_waker)
-    rt2.bind(off)
-    for r in build_requests(synthetic_trace(workload), workload)[:60]:
-        sim2.clock.t = r.arrived_at
-        rt2.accept(r)
-        off.on_arrival(r)
+    off = _fed(fleet, workload, QLMPolicy(workload=workload, preset="fast", admission=False), 60)[2]
     off._replan("period")
     assert off.last_plan is not None and dict(off.last_plan.batch_seats) == {}
     assert off.executor.batch_seats == {}
