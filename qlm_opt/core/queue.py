@@ -160,24 +160,24 @@ class RequestGroup:
         if i < len(self.members) and self.members[i][1] == req.id:
             del self.members[i]
             self._reqs = None
-        self._ids.discard(req.id)
-        if self._gen:
-            self._gen.discard(req.id)
-        self.prompt_tokens -= req.prompt_tokens
-        if req.deadline_at <= self._dl or not self._ids:
-            self._refresh_deadline()
+        self._forget(req)
         return True
 
     def _pop_first(self) -> Request:
         _, _, req = self.members.pop(0)
         self._reqs = None
+        self._forget(req)
+        return req
+
+    def _forget(self, req: Request) -> None:
+        """The bookkeeping of a member that left ``members``: ids, generated-token members,
+        prompt tokens and the earliest deadline."""
         self._ids.discard(req.id)
         if self._gen:
             self._gen.discard(req.id)
         self.prompt_tokens -= req.prompt_tokens
         if req.deadline_at <= self._dl or not self._ids:
             self._refresh_deadline()
-        return req
 
 
 class _AheadIndex:
