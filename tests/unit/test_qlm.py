@@ -150,7 +150,7 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
     assert caps, "interactive arrivals were forecast: some instance keeps seats"
     for iid, cap in caps.items():
         seats = pol.est.basics(rt.instances[iid], rt.instances[iid].engine.stats())[0]
-        assert 1 <= cap < seats
+        assert cap < seats  # some seats are kept for the forecast urgent arrivals
     # twice the interactive arrivals over the same window: a larger reserve
     for key, times in pol._arrivals.items():
         if key[1] == "interactive":
