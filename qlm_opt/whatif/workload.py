@@ -77,6 +77,22 @@ def _positive_int(v: str, what: str, where: str) -> int:
 
 def load_azure_csv(path: Path | str) -> Trace:
     """Azure LLM inference trace (2023 or 2024): ``TIMESTAMP,ContextTokens,GeneratedTokens``."""
+    return _load_csv_trace(path, ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
+                           "header TIMESTAMP,ContextTokens,GeneratedTokens", _azure_time)
+
+
+def _azure_time(raw: str, where: str) -> float:
+    try:
+        return _parse_timestamp(raw)
+    except ValueError:
+        raise WorkloadError(f"{where}: bad TIMESTAMP {raw!r}") from None
+
+
+def _load_csv_trace(path: Path | str, columns: tuple[str, str, str], header_hint: str,
+                    time_of) -> Trace:
+    """A CSV trace with a header naming its (arrival time, prompt tokens, output tokens)
+    ``columns``; ``time_of(raw, where)`` parses a time or raises ``WorkloadError``. Every
+    bad row is reported with its line number."""
     path = Path(path)
     try:
         f = path.open(newline="")
@@ -91,14 +107,11 @@ def load_azure_csv(path: Path | str) -> Trace:
         if header is None:
             raise WorkloadError(f"{path}: empty file")
         cols = {h.strip(): i for i, h in enumerate(header)}
-        need = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-        missing = [c for c in need if c not in cols]
+        missing = [c for c in columns if c not in cols]
         if missing:
             raise WorkloadError(
-                f"{path}:1: missing column(s) {', '.join(missing)}; expected header "
-                "TIMESTAMP,ContextTokens,GeneratedTokens"
-            )
-        it, ip, io = (cols[c] for c in need)
+                f"{path}:1: missing column(s) {', '.join(missing)}; expected {header_hint}")
+        it, ip, io = (cols[c] for c in columns)
         width = max(it, ip, io) + 1
         for lineno, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
@@ -106,12 +119,9 @@ def load_azure_csv(path: Path | str) -> Trace:
             where = f"{path}:{lineno}"
             if len(row) < width:
                 raise WorkloadError(f"{where}: expected {len(header)} columns, got {len(row)}")
-            try:
-                ts.append(_parse_timestamp(row[it]))
-            except ValueError:
-                raise WorkloadError(f"{where}: bad TIMESTAMP {row[it]!r}") from None
-            pr.append(_positive_int(row[ip], "ContextTokens", where))
-            out.append(_positive_int(row[io], "GeneratedTokens", where))
+            ts.append(time_of(row[it], where))
+            pr.append(_positive_int(row[ip], columns[1], where))
+            out.append(_positive_int(row[io], columns[2], where))
     if not ts:
         raise WorkloadError(f"{path}: no requests")
     return _make_trace(ts, pr, out, None, None, str(path))
@@ -248,45 +258,20 @@ def load_burstgpt_csv(path: Path | str) -> Trace:
     two token counts are used: the ``Model`` column names the service (ChatGPT, GPT-4), not a
     catalog model, so the workload's model shares apply. Rows with 0 response tokens (failed
     requests in the original service) are kept with one output token."""
-    path = Path(path)
+    return _load_csv_trace(
+        path, BURSTGPT_COLUMNS,
+        "BurstGPT's header Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type",
+        _burstgpt_time)
+
+
+def _burstgpt_time(raw: str, where: str) -> float:
     try:
-        f = path.open(newline="")
-    except FileNotFoundError:
-        raise WorkloadError(f"{path}: file not found") from None
-    ts: list[float] = []
-    pr: list[int] = []
-    out: list[int] = []
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise WorkloadError(f"{path}: empty file")
-        cols = {h.strip(): i for i, h in enumerate(header)}
-        missing = [c for c in BURSTGPT_COLUMNS if c not in cols]
-        if missing:
-            raise WorkloadError(
-                f"{path}:1: missing column(s) {', '.join(missing)}; expected BurstGPT's header "
-                "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type")
-        it, ip, io = (cols[c] for c in BURSTGPT_COLUMNS)
-        width = max(it, ip, io) + 1
-        for lineno, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{path}:{lineno}"
-            if len(row) < width:
-                raise WorkloadError(f"{where}: expected {len(header)} columns, got {len(row)}")
-            try:
-                t = float(row[it])
-            except ValueError:
-                raise WorkloadError(f"{where}: bad Timestamp {row[it]!r}") from None
-            if not math.isfinite(t) or t < 0:
-                raise WorkloadError(f"{where}: Timestamp must be seconds >= 0, got {row[it]!r}")
-            ts.append(t)
-            pr.append(_positive_int(row[ip], "Request tokens", where))
-            out.append(_positive_int(row[io], "Response tokens", where))
-    if not ts:
-        raise WorkloadError(f"{path}: no requests")
-    return _make_trace(ts, pr, out, None, None, str(path))
+        t = float(raw)
+    except ValueError:
+        raise WorkloadError(f"{where}: bad Timestamp {raw!r}") from None
+    if not math.isfinite(t) or t < 0:
+        raise WorkloadError(f"{where}: Timestamp must be seconds >= 0, got {raw!r}")
+    return t
 
 
 def _first_record(path: Path) -> str | None:
