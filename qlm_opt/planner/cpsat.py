@@ -27,8 +27,8 @@ from qlm_opt.planner.problem import SWAP_SCALE, PlanGroup, PlanningProblem
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences, sequence_objective
 from qlm_opt.planner.presets import SolverPreset
 
-__all__ = ["solve", "choose_formulation", "primary_objective", "ExactModel", "KnapsackModel",
-           "deadline_levels"]
+__all__ = ["solve", "choose_formulation", "primary_objective", "search_limit_s", "ExactModel",
+           "KnapsackModel", "deadline_levels"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +93,14 @@ def solve(
     model.add_hint(start_seqs)
     build_ms = _ms_since(t0)
 
-    result = _run_cpsat(model.model, preset)
+    result = _run_cpsat(model.model, preset, build_ms / 1000.0)
     if result.status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if result.status in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID):
             logger.warning("planner: %s model is %s; using the EDF fallback",
                            formulation, result.status_name)
         plan = (fallback_plan(inst) if greedy is None else greedy).replace(build_ms=build_ms)
         cause = {cp_model.INFEASIBLE: "infeasible", cp_model.MODEL_INVALID: "model_invalid"}
-        return plan.replace(solve_ms=result.solve_ms,
+        return plan.replace(solve_ms=result.solve_ms, search_det_s=result.det_s,
                             fallback_cause=cause.get(result.status, "timeout"))
 
     seqs = model.read_sequences(result.values)
@@ -117,6 +117,7 @@ def solve(
         best_bound=result.bound,
         solve_ms=result.solve_ms,
         build_ms=build_ms,
+        search_det_s=result.det_s,
         hint_objective=result.hint_objective,
     )
     if formulation == "knapsack":
@@ -129,6 +130,7 @@ def solve(
         if primary_objective(inst, greedy) > primary_objective(inst, plan):
             plan = greedy.replace(
                 solve_ms=result.solve_ms,
+                search_det_s=result.det_s,
                 solver_objective=result.objective,
                 best_bound=result.bound,
                 hint_objective=result.hint_objective,
@@ -191,7 +193,7 @@ class _Result:
     """What the planner keeps from a CP-SAT run (plain values only)."""
 
     __slots__ = ("status", "status_name", "values", "objective", "bound", "solve_ms",
-                 "hint_objective")
+                 "det_s", "hint_objective")
 
     def __init__(self) -> None:
         self.status = cp_model.UNKNOWN
@@ -200,6 +202,7 @@ class _Result:
         self.objective: float | None = None
         self.bound: float | None = None
         self.solve_ms = 0.0
+        self.det_s = 0.0
         self.hint_objective: float | None = None
 
 
@@ -219,19 +222,28 @@ class _FirstSolution(cp_model.CpSolverSolutionCallback):
             self.hint_objective = self.objective_value
 
 
-def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
+def search_limit_s(preset: SolverPreset, build_s: float) -> float:
+    """CP-SAT's wall limit in a live epoch: the budget (``time_limit_s``, build included)
+    less what the build took, but at least a tenth of it, so that the search can return the
+    hint or better even after a slow build."""
+    return max(0.1 * preset.time_limit_s, preset.time_limit_s - build_s)
+
+
+def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset, build_s: float = 0.0) -> _Result:
     solver = cp_model.CpSolver()
     p = solver.parameters
     p.num_workers = preset.num_workers
     if preset.deterministic and preset.time_limit_s > 0:
-        p.max_deterministic_time = preset.time_limit_s
+        # What-if: the live budget as deterministic time (build included in the rate), so
+        # that a what-if plan gets the search a live epoch would get, and reproducibly.
+        p.max_deterministic_time = preset.time_limit_s * preset.deterministic_rate
         # A safety net only: where it is hit the run is no longer reproducible. On a 2-core
         # machine at load 9, 0.1 deterministic s took 2 s of wall time (the old net was
         # max(1, 20 x limit) s and was hit in most hard epochs).
         p.max_time_in_seconds = max(10.0, 100 * preset.time_limit_s)
         p.num_workers = 1  # one worker is deterministic, and cheaper per deterministic second
     else:
-        p.max_time_in_seconds = preset.time_limit_s
+        p.max_time_in_seconds = search_limit_s(preset, build_s)
     p.random_seed = preset.random_seed
     p.cp_model_presolve = preset.presolve
     if preset.time_limit_s < 1.0:
@@ -249,6 +261,7 @@ def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset) -> _Result:
     out.solve_ms = _ms_since(t0)
     out.status = status
     out.status_name = solver.status_name(status)
+    out.det_s = solver.response_proto.deterministic_time
     if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         resp = solver.response_proto
         out.values = np.fromiter(resp.solution, dtype=np.int64, count=len(resp.solution))

@@ -84,6 +84,8 @@ class Plan:
         best_bound: the solver's bound on `solver_objective` (None for fallback plans).
         solve_ms: wall time inside CP-SAT, ms.
         build_ms: wall time building the model (and the fallback/hint), ms.
+        search_det_s: CP-SAT's deterministic time for the search, s (0 without a search);
+            what ``SolverPreset.deterministic_rate`` is measured from.
         formulation: "exact", "knapsack" or "fallback".
         num_on_time: groups predicted on time.
         on_time_weight: summed weight of those groups.
@@ -107,6 +109,7 @@ class Plan:
     best_bound: float | None = None
     solve_ms: float = 0.0
     build_ms: float = 0.0
+    search_det_s: float = 0.0
     formulation: str = "fallback"
     num_on_time: int = 0
     on_time_weight: int = 0

@@ -30,7 +30,9 @@ class SolverPreset:
 
     Attributes:
         name: preset name (file stem).
-        time_limit_s: CP-SAT wall-time limit per epoch, s; 0 = always use the EDF fallback.
+        time_limit_s: the epoch's planning budget, wall s: model build plus CP-SAT search
+            (the search gets what the build left, at least a tenth of the budget); 0 = always
+            use the EDF fallback.
         num_workers: CP-SAT worker threads (at most the cores you can spare).
         random_seed: CP-SAT seed, for reproducible runs.
         max_groups: group cap; the most urgent `max_groups` groups go to CP-SAT, the rest are
@@ -47,6 +49,11 @@ class SolverPreset:
         presolve: run CP-SAT's presolve. Off by default: on the knapsack model (a few hundred
             booleans) presolve took 5-10x longer than the search it saves.
         weights: objective weights.
+        deterministic_rate: what-if runs (``deterministic``) give CP-SAT
+            ``time_limit_s * deterministic_rate`` deterministic seconds, the search a live
+            planner reaches within its wall budget: measured on the reference machine (2-core
+            VM, 2 workers) by ``benchmarks/solver_scaling/det_rate.py``. 1.0 reads the budget
+            as deterministic seconds (about 3x the live search).
     """
 
     name: str = "default"
@@ -66,6 +73,7 @@ class SolverPreset:
     # Reproducible search (what-if runs): the time limit is read as CP-SAT deterministic time
     # and parallel workers interleave deterministically, so the same seed gives the same plan.
     deterministic: bool = False
+    deterministic_rate: float = 0.3
 
 
 class _ObjectiveFile(BaseModel):
@@ -92,6 +100,7 @@ class _PresetFile(BaseModel):
     log_search: bool = False
     presolve: bool = False
     deterministic: bool = False
+    deterministic_rate: float = Field(0.3, gt=0, le=10)
     objective: _ObjectiveFile = _ObjectiveFile()
 
 
@@ -148,6 +157,7 @@ def load_preset(name_or_path: str | Path) -> SolverPreset:
         presolve=parsed.presolve,
         weights=ObjectiveWeights(o.on_time, o.swap_penalty, o.completion_penalty),
         deterministic=parsed.deterministic,
+        deterministic_rate=parsed.deterministic_rate,
     )
 
 
@@ -169,6 +179,7 @@ def preset_to_toml(preset: SolverPreset, header: str = "") -> str:
         "log_search": preset.log_search,
         "presolve": preset.presolve,
         "deterministic": preset.deterministic,
+        "deterministic_rate": preset.deterministic_rate,
         "objective": {
             "on_time": preset.weights.on_time,
             "swap_penalty": preset.weights.swap_penalty,

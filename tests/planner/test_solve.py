@@ -30,7 +30,7 @@ def test_zero_time_limit_returns_fallback(medium):
 
 
 def test_unknown_status_returns_fallback(medium, monkeypatch):
-    def no_answer(model, pre):
+    def no_answer(model, pre, build_s=0.0):
         return cpsat._Result()  # status UNKNOWN, as when the limit hits before a solution
 
     monkeypatch.setattr(cpsat, "_run_cpsat", no_answer)
@@ -118,3 +118,24 @@ def test_models_skip_the_pre_pep8_aliases(medium):
     # them and use only the snake_case API.
     km = cpsat.KnapsackModel(medium.with_weights(WEIGHTS), preset(formulation="knapsack"))
     assert not hasattr(km.model, "NewBoolVar") and hasattr(km.model, "new_bool_var")
+
+
+def test_live_search_limit_is_the_budget_less_the_build():
+    pre = preset(time_limit_s=0.1)
+    assert cpsat.search_limit_s(pre, 0.03) == pytest.approx(0.07)
+    # a build slower than the budget still leaves the search a tenth of it
+    assert cpsat.search_limit_s(pre, 0.5) == pytest.approx(0.01)
+
+
+def test_what_if_search_is_the_budget_times_the_deterministic_rate():
+    """What-if runs limit CP-SAT in deterministic time: budget x rate (``SolverPreset.
+    deterministic_rate``). This epoch is too hard to prove in either limit, so the search
+    runs to the limit (CP-SAT checks it between steps: a few % over)."""
+    pi = random_instance(256, 6, seed=3)
+    reached = {}
+    for rate in (0.1, 0.3):
+        pre = preset(formulation="knapsack", time_limit_s=0.1, deterministic=True,
+                     deterministic_rate=rate)
+        reached[rate] = solve(pi, pre).search_det_s
+    assert 0.007 < reached[0.1] < 0.013
+    assert 0.025 < reached[0.3] < 0.04
