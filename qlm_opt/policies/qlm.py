@@ -134,6 +134,9 @@ class QLMPolicy(QLMRWTPolicy):
         self.epochs_skipped = 0  # live: triggers that found a solve still running
         self.epoch_triggers: Counter[str] = Counter()
         self._class_weight: dict[str, float] = {}
+        # model -> observed seconds per output token of finished requests (EWMA): how long
+        # a request holds its seat once decoding, prefill chunks of others included
+        self._tpot_seen: dict[str, float] = {}
 
     def make_deterministic(self) -> None:
         """What-if runs: reproducible solver search (see ``SolverPreset.deterministic``)."""
@@ -169,6 +172,11 @@ class QLMPolicy(QLMRWTPolicy):
 
     def on_finished(self, req) -> None:
         super().on_finished(req)
+        if (req.first_token_at is not None and req.completed_at is not None
+                and req.num_generated > 1):
+            tpot = (req.completed_at - req.first_token_at) / (req.num_generated - 1)
+            old = self._tpot_seen.get(req.model)
+            self._tpot_seen[req.model] = tpot if old is None else old + 0.02 * (tpot - old)
         if self.gq.vq(UNPLACED).num_requests:
             self._request_plan("freed_capacity")
 
@@ -577,8 +585,13 @@ class QLMPolicy(QLMRWTPolicy):
             if not held:
                 continue
             mu = self.est.model_stats(model).mean
+            seen = self._tpot_seen.get(model, 0.0)
             for inst in held:
                 s, iter_s, c_tok = self.est.basics(inst, inst.engine.stats())
+                # a seat is held for the prefill, then one iteration per output token; the
+                # iterations also carry other requests' prefill chunks, so the observed time
+                # per token is used where it is longer than the decode-only iteration
+                iter_s = max(iter_s, seen)
                 # the estimator's seats (KV capacity over a mean footprint) undercount an
                 # engine whose prompts share cached prefixes: it may hold more right now
                 nr, nw, _ = inst.engine.seat_counts()

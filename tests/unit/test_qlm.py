@@ -139,6 +139,36 @@ def test_snapshot_shortcut_for_groups_without_generated_tokens(fleet, workload):
     assert fast.groups == slow.groups
 
 
+def test_admission_reserve_uses_the_observed_time_per_token(fleet, workload):
+    """A seat is held one iteration per output token, and the iterations also carry other
+    requests' prefill chunks: where finished requests show a longer time per token than the
+    decode-only iteration, the reserve for the forecast urgent arrivals grows with it."""
+    from qlm_opt.domain import Request
+
+    sim, rt, pol, reqs = _fed(fleet, workload, QLMPolicy(workload=workload, preset="fast"), 60)
+    now = sim.now()
+    caps = pol._batch_seats(now)
+    assert caps
+    model = rt.instances[next(iter(caps))].model
+    iter_s = pol.est.basics(rt.instances[next(iter(caps))],
+                            rt.instances[next(iter(caps))].engine.stats())[1]
+    # a finished request of that model that decoded 5x slower than the decode-only iteration
+    done = Request(id=10_000, model=model, slo_class="batch", prompt_tokens=100,
+                   output_tokens=101, arrived_at=0.0, deadline_at=600.0, tpot_s=None,
+                   priority=1)
+    done.first_token_at, done.completed_at, done.num_generated = 1.0, 1.0 + 100 * 5 * iter_s, 101
+    done.instance_id = next(iter(caps))
+    pol.on_finished(done)
+    assert pol._tpot_seen[model] == pytest.approx(5 * iter_s)
+    slower = pol._batch_seats(now)
+    same_model = [i for i in caps if rt.instances[i].model == model]
+    assert all(slower[i] < caps[i] for i in same_model)
+    assert all(slower[i] == caps[i] for i in caps if i not in same_model)
+    # faster than the decode-only iteration (a small batch): the model's iteration stays
+    pol._tpot_seen[model] = iter_s / 10
+    assert pol._batch_seats(now) == caps
+
+
 def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
     """The plan keeps seats for the interactive arrivals the forecast expects: more of them,
     fewer seats for batch; every epoch's plan carries its caps to the executor."""
