@@ -1,0 +1,90 @@
+"""Held-out scenarios: does `qlm` keep its margin on shapes the suite does not have?
+
+    .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
+
+Four workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+policy until they were first run (2026-11-30, fourth session; see the README for what that
+first run found): three SLO classes on three GPU types, long outputs, six models on four
+instances, and one model on a KV-bound fleet. Each is calibrated like the suite (loads where
+`fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
+one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
+`qlm`'s swaps and solve+build p50/p95 ms.
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as R  # noqa: E402
+from run import Scenario, _wl, run_one  # noqa: E402
+
+THREE = {"interactive": {"ttft_s": 1.0, "share": 0.3, "priority": 0},
+         "standard": {"ttft_s": 10.0, "share": 0.3, "priority": 1},
+         "batch": {"ttft_s": 3600.0, "share": 0.4, "priority": 2}}
+NEW = [
+    Scenario("h-three-class", "azure conv; 3 SLO classes (1 s / 10 s / 1 h); 3 models on 2xH100 + 2xL40S + 2xA10",
+             {"name": "mix", "instances": [
+                 {"gpu": "H100-80GB", "model": "qwen3-8b", "count": 2},
+                 {"gpu": "L40S", "model": "mistral-7b", "count": 2},
+                 {"gpu": "A10", "model": "llama-3.2-1b", "count": 2}]},
+             _wl("h3", THREE, {"qwen3-8b": 0.5, "mistral-7b": 0.3, "llama-3.2-1b": 0.2}, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(1.0, 60.0)),
+    Scenario("h-long-output", "synthetic short prompts, long outputs (~500 tokens); 2 models on 3xA100",
+             {"name": "a100x3", "instances": [
+                 {"gpu": "A100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 1}]},
+             _wl("hlo", {"interactive": {"ttft_s": 3.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-8b": 0.7, "qwen3-8b": 0.3}, 300.0,
+                 lengths={"prompt_log_mu": 5.0, "prompt_log_sigma": 0.8, "prompt_max": 4000,
+                          "output_log_mu": 6.2, "output_log_sigma": 0.7, "output_max": 2048},
+                 arrivals={"process": "gamma", "rate_per_s": 5.0, "cv": 1.5}),
+             search=(0.2, 40.0)),
+    Scenario("h-swap6", "6 models on 4 instances (2xH100 + 2xL4); swaps unavoidable",
+             {"name": "h100x2-l4x2", "warm_swaps": True, "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 1},
+                 {"gpu": "H100-80GB", "model": "qwen3-8b", "count": 1},
+                 {"gpu": "L4", "model": "llama-3.2-1b", "count": 1},
+                 {"gpu": "L4", "model": "mistral-7b", "count": 1}]},
+             _wl("hs6", R.CONV_CLASSES, {"llama-3.1-8b": 0.3, "qwen3-8b": 0.2, "mistral-7b": 0.2,
+                                         "vicuna-13b": 0.1, "llama-3.2-1b": 0.1, "gpt-oss-20b": 0.1}, 300.0,
+                 lengths={"prompt_max": 4000}),
+             search=(0.05, 10.0)),
+    Scenario("h-homog", "azure conv, one model on 6xL40S, 70% interactive (1.5 s)",
+             {"name": "l40sx6", "instances": [{"gpu": "L40S", "model": "llama-3.1-8b", "count": 6}]},
+             _wl("hh", {"interactive": {"ttft_s": 1.5, "share": 0.7, "priority": 0},
+                        "batch": {"ttft_s": 900.0, "share": 0.3, "priority": 1}},
+                 {"llama-3.1-8b": 1.0}, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
+]
+for s in NEW:
+    R.SCENARIOS[s.name] = s
+
+
+def main() -> int:
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else [s.name for s in NEW]
+    unknown = [n for n in names if n not in {s.name for s in NEW}]
+    if unknown:
+        print(f"heldout.py: unknown scenario(s) {', '.join(unknown)}; known: "
+              f"{', '.join(s.name for s in NEW)}", file=sys.stderr)
+        return 2
+    pols = ("fcfs", "edf", "priority", "shepherd", "qlm")
+    for name in names:
+        for load in R.calibrate(name, targets=(0.6, 0.4)):
+            rows = {p: run_one((name, load, p)) for p in pols}
+            att = {p: rows[p]["attainment"] for p in pols}
+            best = max(pols[:-1], key=att.__getitem__)
+            q = rows["qlm"]
+            print(json.dumps({
+                "scenario": name, "load": load,
+                **{p: round(100 * a, 2) for p, a in att.items()},
+                "best": best, "qlm-best": round(100 * (att["qlm"] - att[best]), 2),
+                "qlm/edf": round(att["qlm"] / max(att["edf"], 1e-9), 2),
+                "swaps": q["num_swaps"],
+                "solve p50/p95": (q["solve_ms_p50"], q["solve_ms_p95"]),
+            }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
