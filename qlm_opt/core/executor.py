@@ -265,6 +265,20 @@ class Executor:
             key=lambda r: (-r.priority, r.prompt_tokens + gen(r)),
         )[: min(g.size, self.config.max_victims)]
 
+    def has_victims(self, inst: Instance, g: RequestGroup) -> bool:
+        """Whether ``victims_for(inst, g)`` is non-empty, without sorting: the first
+        running request that qualifies answers."""
+        pr = g.members[0][2].priority
+        cap = self.config.evict_max_recompute_tokens
+        if cap is None:
+            cap = 1 << 62
+        gen = inst.engine.num_generated
+        for r in inst.engine.running_requests():
+            if (r.priority > pr and r.first_token_at is not None and r.tpot_s is None
+                    and r.prompt_tokens + gen(r) <= cap):
+                return True
+        return False
+
     def evict_for(self, inst: Instance, g: RequestGroup, now_at: float) -> int:
         """Evict ``victims_for(inst, g)`` to seat ``g``. The victims go back to their groups
         and keep their tokens. Returns how many were evicted."""
