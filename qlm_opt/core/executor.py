@@ -132,10 +132,7 @@ class Executor:
     def batch_held(self, inst: Instance, now_at: float) -> int:
         """Requests in ``inst``'s engine (running or waiting) due later than the urgent
         window: the batch work that counts against the admission cap."""
-        cut = now_at + self.config.urgent_window_s
-        eng = inst.engine
-        return (sum(1 for r in eng.running_requests() if r.deadline_at > cut)
-                + sum(1 for r in eng.waiting_requests() if r.deadline_at > cut))
+        return inst.engine.held_due_after(now_at + self.config.urgent_window_s)
 
     def pull(self, inst: Instance) -> None:
         """Feed ``inst`` from its virtual queue (then its model's late lane) while it has
