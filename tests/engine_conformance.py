@@ -101,6 +101,8 @@ async def check_behaviour(engine, req: Request, settle: Callable[[], Awaitable[N
     assert engine.load() == 1 and not engine.is_idle
     held = engine.running_requests() + engine.waiting_requests()
     assert [r.id for r in held] == [req.id]
+    assert engine.held_due_after(req.deadline_at - 1.0) == 1
+    assert engine.held_due_after(req.deadline_at) == 0  # due after, not at
     st = engine.stats()
     assert st.num_running + st.num_waiting == 1
     assert 0 <= engine.num_generated(req) <= req.output_tokens
@@ -109,6 +111,7 @@ async def check_behaviour(engine, req: Request, settle: Callable[[], Awaitable[N
     assert req.state not in (RequestState.WAITING, RequestState.RUNNING)
     await settle()
     assert engine.load() == 0 and engine.is_idle
+    assert engine.held_due_after(float("-inf")) == 0
     assert engine.abort(req.id) is None, "abort of a request it does not hold"
     assert engine.abort(10**9) is None
 

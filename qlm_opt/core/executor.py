@@ -132,10 +132,7 @@ class Executor:
     def batch_held(self, inst: Instance, now_at: float) -> int:
         """Requests in ``inst``'s engine (running or waiting) due later than the urgent
         window: the batch work that counts against the admission cap."""
-        cut = now_at + self.config.urgent_window_s
-        eng = inst.engine
-        return (sum(1 for r in eng.running_requests() if r.deadline_at > cut)
-                + sum(1 for r in eng.waiting_requests() if r.deadline_at > cut))
+        return inst.engine.held_due_after(now_at + self.config.urgent_window_s)
 
     def pull(self, inst: Instance) -> None:
         """Feed ``inst`` from its virtual queue (then its model's late lane) while it has
@@ -264,6 +261,20 @@ class Executor:
              and r.prompt_tokens + gen(r) <= cap),
             key=lambda r: (-r.priority, r.prompt_tokens + gen(r)),
         )[: min(g.size, self.config.max_victims)]
+
+    def has_victims(self, inst: Instance, g: RequestGroup) -> bool:
+        """Whether ``victims_for(inst, g)`` is non-empty, without sorting: the first
+        running request that qualifies answers."""
+        pr = g.members[0][2].priority
+        cap = self.config.evict_max_recompute_tokens
+        if cap is None:
+            cap = 1 << 62
+        gen = inst.engine.num_generated
+        for r in inst.engine.running_requests():
+            if (r.priority > pr and r.first_token_at is not None and r.tpot_s is None
+                    and r.prompt_tokens + gen(r) <= cap):
+                return True
+        return False
 
     def evict_for(self, inst: Instance, g: RequestGroup, now_at: float) -> int:
         """Evict ``victims_for(inst, g)`` to seat ``g``. The victims go back to their groups

@@ -159,6 +159,10 @@ class Engine(Protocol):
     def seat_counts(self) -> tuple[int, int, int]:
         """(running, waiting, max_num_seqs): the part of ``stats()`` a pull reads."""
 
+    def held_due_after(self, at: float) -> int:
+        """Requests held (running or waiting) whose ``deadline_at`` is after ``at``: the
+        batch work that counts against a plan's admission cap."""
+
 
 def prefill_pass(running: list[Request], now_at: float) -> tuple[int, int]:
     """(decoders: requests whose first token is out by ``now_at``; prefill tokens: prompts

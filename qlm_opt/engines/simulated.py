@@ -34,6 +34,7 @@ hashes never touch the cache, so an engine serving only them behaves exactly as 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,6 +119,8 @@ class SimEngine:
         self._running: dict[int, Request] = {}  # req id -> request, prefilling or decoding
         self._prefilling: list[Request] = []  # admission order
         self._done: list[tuple] = []  # (done_iter, seq, state, token, req); stale if token moved
+        # deadlines of the requests held (running or waiting), sorted: ``held_due_after``
+        self._due: list[float] = []
         # decode state
         self.iters = 0  # iterations executed
         self._num_dec = 0  # decoders B
@@ -207,6 +210,7 @@ class SimEngine:
         req.instance_id = self.instance_id
         heapq.heappush(self._waiting, (priority, self._seq, req))
         self._num_waiting += 1
+        bisect.insort(self._due, req.deadline_at)
         if self.clock_at < now:
             self.clock_at = now  # the engine was idle
         self._rewake()
@@ -216,6 +220,7 @@ class SimEngine:
         req = self._running.get(req_id)
         if req is not None:
             self._remove_running(req)
+            self._forget_due(req)
             req.state = RequestState.SWAPPED_OUT
             req._eng = None
             self._rewake()
@@ -226,6 +231,7 @@ class SimEngine:
                 self._waiting.pop()
                 heapq.heapify(self._waiting)
                 self._num_waiting -= 1
+                self._forget_due(r)
                 r.state = RequestState.SWAPPED_OUT
                 r._eng = None
                 self._rewake()
@@ -283,6 +289,16 @@ class SimEngine:
     def seat_counts(self) -> tuple[int, int, int]:
         """(running, waiting, max_num_seqs): the part of ``stats()`` a pull reads."""
         return len(self._running), self._num_waiting, self.config.max_num_seqs
+
+    def held_due_after(self, at: float) -> int:
+        """Requests held (running or waiting) due after ``at``: a bisection of the sorted
+        deadlines the engine keeps as requests come and go."""
+        due = self._due
+        return len(due) - bisect.bisect_right(due, at)
+
+    def _forget_due(self, req: Request) -> None:
+        due = self._due
+        del due[bisect.bisect_left(due, req.deadline_at)]
 
     def num_generated(self, req: Request) -> int:
         st = req._eng
@@ -517,6 +533,7 @@ class SimEngine:
         st = req._eng
         req.num_generated = st.out_cap
         self._remove_running(req)
+        self._forget_due(req)
         req._eng = None
         req.state = RequestState.FINISHED
         at += self._egress_of(req)

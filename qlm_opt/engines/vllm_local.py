@@ -377,6 +377,9 @@ class LiveEngine:
     def seat_counts(self) -> tuple[int, int, int]:
         return self._num_running(), self._num_waiting(), self.config.max_num_seqs
 
+    def held_due_after(self, at: float) -> int:
+        return sum(1 for r in self._runs.values() if r.req.deadline_at > at)
+
     def end_swap(self, now: float) -> None:
         """Nothing to do: a live engine reports the end of its swap (``on_swap_done``)."""
 

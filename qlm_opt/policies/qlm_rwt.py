@@ -82,8 +82,9 @@ class QLMRWTPolicy(Policy):
         self._num_arrived = 0
         self._num_went_late = 0
         self._cut_cache: dict[tuple[str, str], tuple] = {}
-        # (group, instance id, clock time, wait context) of the instance ``_choose`` picked:
-        # ``_on_place`` of that group there, right after, predicts with it
+        # (group, instance id, clock time, wait context, own prompt tokens, estimate) of the
+        # instance ``_choose`` picked: ``_on_place`` of that group there, right after,
+        # predicts with the context, and reuses the estimate for a first member of that prompt
         self._chosen: tuple | None = None
 
     @classmethod
@@ -248,6 +249,7 @@ class QLMRWTPolicy(Policy):
     def _predict_group(self, g: RequestGroup, inst: Instance, now: float) -> None:
         """Predict every member of ``g`` (placed on ``inst``) in one pass."""
         ctx = None
+        first = None  # (prompt tokens, estimate) of the first position, from ``_choose``
         chosen = self._chosen
         if chosen is not None:
             self._chosen = None
@@ -255,13 +257,19 @@ class QLMRWTPolicy(Policy):
                 # ``_choose`` just estimated this group here, and nothing changed since but
                 # the group's entry into this queue (it is not ahead of itself)
                 ctx = chosen[3]
+                first = chosen[4], chosen[5]
         k = 0
         cum = 0
         for _, _, r in g.members:
             if r.first_token_at is None:
-                if ctx is None:
-                    ctx = self._wait_ctx(inst, g, now)
-                raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx)
+                if k == 0 and first is not None and first[0] == r.prompt_tokens:
+                    # the estimate ``_choose`` made: position 0, nothing of the group ahead,
+                    # this prompt, the same context (the same call, the same floats)
+                    raw = first[1]
+                else:
+                    if ctx is None:
+                        ctx = self._wait_ctx(inst, g, now)
+                    raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx)
                 self._record(r, now, raw)
             k += 1
             cum += r.prompt_tokens
@@ -274,15 +282,15 @@ class QLMRWTPolicy(Policy):
         if len(insts) == 1:
             return insts[0]
         prompt = g.prompt_tokens // max(g.size, 1)
-        best, best_key, best_ctx = None, None, None
+        best, best_key, best_ctx, best_est = None, None, None, None
         for inst in insts:
             ctx = self._wait_ctx(inst, g, now)
             est = self._wait(inst, g, 0, prompt, now, ctx=ctx)
             key = (round(est.p_miss(g.deadline_at - now), 3), est.mean_s)
             if best_key is None or key < best_key:
-                best, best_key, best_ctx = inst, key, ctx
+                best, best_key, best_ctx, best_est = inst, key, ctx, est
         if g.instance_id == UNPLACED:
-            self._chosen = (g, best.id, now, best_ctx)
+            self._chosen = (g, best.id, now, best_ctx, prompt, best_est)
         return best
 
     # -- events ------------------------------------------------------------------------------
@@ -385,7 +393,7 @@ class QLMRWTPolicy(Policy):
         slack = g.deadline_at - now
         # the estimate (a profile of the instance) costs more than finding out that no
         # running request may be evicted, which is the usual case on long prompts
-        if slack <= 0 or not self.executor.victims_for(inst, g):
+        if slack <= 0 or not self.executor.has_victims(inst, g):
             return
         head = g.members[0][2]
         est = self._wait(inst, g, 0, head.prompt_tokens, now)

@@ -170,6 +170,39 @@ def test_abort_keeps_generated_tokens_and_resume(im):
     assert g < 1000
 
 
+def test_held_due_after_follows_submits_preemptions_aborts_and_finishes(im):
+    """The engine's sorted deadlines answer what a pass over its running and waiting
+    requests counts, at every step: submits, preemptions (KV exhaustion), aborts of waiting
+    and running requests, and finishes."""
+    sim, eng, _ = _engine(im, cap=2000)  # seven requests of 300 + 400 tokens do not fit
+    reqs = [Request(i, "llama-3.1-8b", "c", 300, 400 + 20 * i, 0.0, float(5 * (i % 4)),
+                    priority=i) for i in range(7)]
+
+    def check():
+        held = eng.running_requests() + eng.waiting_requests()
+        for at in (-1.0, 0.0, 2.5, 5.0, 7.0, 10.0, 15.0, 20.0):
+            assert eng.held_due_after(at) == sum(r.deadline_at > at for r in held), at
+
+    for r in reqs:
+        eng.submit(r, (r.id,))
+        check()
+    t = 0.0
+    aborted = set()
+    while not eng.is_idle:
+        t += 0.05
+        sim.clock.t = t
+        eng.advance_to(t)
+        check()
+        if len(aborted) < 2:
+            waiting = eng.waiting_requests()
+            victim = waiting[-1] if not aborted and waiting else eng.running_requests()[0]
+            assert eng.abort(victim.id) is victim
+            aborted.add(victim.id)
+            check()
+    assert eng.num_preemptions > 0 and len(aborted) == 2
+    assert eng.held_due_after(float("-inf")) == 0
+
+
 def test_swap_times():
     cat = Catalog.load()
     p = PerfParams()

@@ -231,8 +231,17 @@ def test_evict_takes_only_cheap_lower_priority_victims(fleet_rt):
     urgent = [_req(100 + i, "llama-3.1-8b", 1.0) for i in range(2)]
     gq, groups = _queue(rt, urgent, 0)
     ex = Executor(rt, gq, ExecutorConfig(evict_max_recompute_tokens=256))
+    # has_victims (the heuristic's cheap check) answers what victims_for finds
+    assert ex.has_victims(inst, groups[0]) and len(ex.victims_for(inst, groups[0])) == 2
+    dear = Executor(rt, gq, ExecutorConfig(evict_max_recompute_tokens=40))
+    assert not dear.has_victims(inst, groups[0]) and dear.victims_for(inst, groups[0]) == []
     n = ex.evict_for(inst, groups[0], sim.now())
     assert n == 2  # one per urgent request, and only the cheap ones
+    # one cheap victim is left: still a victim; then a cap that only the dear ones pass
+    # but the urgent group's priority is no higher than theirs: no victim either way
+    assert ex.has_victims(inst, groups[0]) and len(ex.victims_for(inst, groups[0])) == 1
+    same = _queue(rt, [_req(200, "llama-3.1-8b", 900.0, priority=1)], 0)[1][0]
+    assert not ex.has_victims(inst, same) and ex.victims_for(inst, same) == []
     running = {r.id for r in inst.engine.running_requests()}
     assert {r.id for r in batch_dear} <= running
     evicted = [r for r in batch_cheap if r.id not in running]

@@ -67,3 +67,79 @@ def test_shared_estimates_change_no_decision(monkeypatch):
     for k in ("slo_attainment", "num_completed", "rwt"):
         assert repr(fast[k]) == repr(plain[k]), k
     assert calls["plain"] > 0
+
+
+def _fed_rwt(n: int):
+    """qlm-rwt on the example fleet, fed its first ``n`` synthetic arrivals without running
+    the engines past them: (simulator, runtime, policy, requests)."""
+    from qlm_opt.core.runtime import Runtime
+    from qlm_opt.hosts.simulated import Simulator
+    from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
+    from qlm_opt.whatif.workload import build_requests, synthetic_trace
+
+    fl = Fleet.load(EX / "fleet.toml")
+    wl = Workload.load(EX / "workload.toml")
+    sim = Simulator()
+    rt = Runtime(fl, sim)
+    for inst in rt.instances:
+        inst.engine.set_waker(sim.engine_waker)
+    pol = QLMRWTPolicy.from_context(workload=wl)
+    rt.bind(pol)
+    reqs = build_requests(synthetic_trace(wl), wl)[:n]
+    for r in reqs:
+        sim.clock.t = r.arrived_at
+        rt.accept(r)
+        pol.on_arrival(r)
+    return sim, rt, pol, reqs
+
+
+def _new_request(reqs, i: int, slo_class: str, ttft_s: float, at: float, prompt: int):
+    from qlm_opt.domain import Request
+
+    return Request(id=10_000 + i, model="llama-3.1-8b", slo_class=slo_class,
+                   prompt_tokens=prompt, output_tokens=100, arrived_at=at,
+                   deadline_at=at + ttft_s, tpot_s=None, priority=0 if ttft_s < 10 else 1)
+
+
+def test_the_choice_estimate_is_the_first_members_prediction_until_anything_moves():
+    """A new group's first member is predicted with the estimate ``_choose`` made on the
+    instance it picked (the same call: the same floats as a fresh estimate); after another
+    placement in between, the prediction is made afresh, and differs."""
+    sim, rt, pol, reqs = _fed_rwt(120)
+    now = sim.now() + 5.0  # later than every open group's age: new groups
+    sim.clock.t = now
+    assert len(rt.ready_instances("llama-3.1-8b")) == 2  # _choose estimates on both
+
+    seen = {}
+
+    def fresh(req, at, est):  # a fresh estimate at the moment of the prediction
+        g = pol.gq.group_of(req)
+        inst = rt.instances[g.instance_id]
+        seen[req.id] = (pol._raw_pred[req.id], pol._wait(inst, g, 0, req.prompt_tokens, at,
+                                                          0.0))
+
+    rt.predict_hooks.append(fresh)
+    # the usual path: _choose, then place, with nothing in between
+    urgent = _new_request(reqs, 1, "interactive", 2.0, now, 700)
+    g_u, new = pol.gq.add(urgent, now)
+    assert new
+    best = pol._choose(g_u, now)
+    reused = pol._chosen[5]
+    pol.gq.place(g_u, best.id)
+    raw, want = seen[urgent.id]
+    assert raw is reused and raw == want
+
+    # _choose for a batch group, then an urgent group placed ahead of it on the same
+    # instance before it is placed: its prediction must see the group ahead
+    batch = _new_request(reqs, 2, "batch", 600.0, now, 700)
+    g_b, _ = pol.gq.add(batch, now)
+    best_b = pol._choose(g_b, now)
+    stale = pol._chosen[5]
+    ahead = _new_request(reqs, 3, "interactive", 2.0, now, 3000)  # another prompt bucket
+    g_a, new = pol.gq.add(ahead, now)
+    assert new and g_a is not g_u
+    pol.gq.place(g_a, best_b.id)
+    pol.gq.place(g_b, best_b.id)
+    raw, want = seen[batch.id]
+    assert raw == want and raw is not stale
+    assert raw.mean_s > stale.mean_s  # 3,000 more prompt tokens ahead of it now
