@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Four workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Seven workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
-instances, and one model on a KV-bound fleet. Each is calibrated like the suite (loads where
+instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
+and a tensor-parallel 70B, and an L4-only fleet (second batch). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -56,6 +57,29 @@ NEW = [
                         "batch": {"ttft_s": 900.0, "share": 0.3, "priority": 1}},
                  {"llama-3.1-8b": 1.0}, 300.0),
              trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
+    Scenario("h-tight", "azure conv; interactive TTFT 0.5 s (40%), batch 1 h; 4 models on the "
+             "suite's 4xA100 + 2xL4", {"name": "a100x4-l4x2", "instances": R.A100x4_L4x2},
+             _wl("ht", {"interactive": {"ttft_s": 0.5, "share": 0.4, "priority": 0},
+                        "batch": {"ttft_s": 3600.0, "share": 0.6, "priority": 1}},
+                 R.FOUR_MODELS, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(1.0, 60.0)),
+    Scenario("h-moe-long", "Mooncake trace (long prompts) on a MoE and a dense 70B: "
+             "qwen3-30b-a3b on 2xH200, llama-3.1-70b on 2xH200 (tp 2)",
+             {"name": "h200x6", "instances": [
+                 {"gpu": "H200", "model": "qwen3-30b-a3b", "count": 2},
+                 {"gpu": "H200", "model": "llama-3.1-70b", "count": 2, "tp": 2}]},
+             _wl("hml", {"interactive": {"ttft_s": 8.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 1800.0, "share": 0.5, "priority": 1}},
+                 {"qwen3-30b-a3b": 0.6, "llama-3.1-70b": 0.4}, 300.0),
+             trace="mooncake_conversation.jsonl", prompt_cap=100_000, search=(0.2, 40.0)),
+    Scenario("h-l4-only", "synthetic conversation lengths, bursty (CV 2); 2 models on 6xL4 "
+             "(small KV)", {"name": "l4x6", "instances": [
+                 {"gpu": "L4", "model": "llama-3.1-8b", "count": 4},
+                 {"gpu": "L4", "model": "llama-3.2-1b", "count": 2}]},
+             _wl("hl4", R.CONV_CLASSES, {"llama-3.1-8b": 0.7, "llama-3.2-1b": 0.3}, 300.0,
+                 lengths={"prompt_max": 3000},
+                 arrivals={"process": "gamma", "rate_per_s": 3.0, "cv": 2.0}),
+             search=(0.2, 40.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
