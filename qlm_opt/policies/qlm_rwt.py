@@ -21,13 +21,14 @@ pred_std_s) for the accuracy report (``estimator.RWTAccuracy``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
 from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request
-from qlm_opt.core.estimator import RWTEstimator
+from qlm_opt.core.estimator import RWTEstimator, SeatCap
 from qlm_opt.core.wait_calibration import WaitEstimate
 from qlm_opt.core.executor import Executor, ExecutorConfig
 from qlm_opt.core.policy import Policy
@@ -73,6 +74,12 @@ class QLMRWTPolicy(Policy):
         # (model, class) -> times requests of that class went to the late lane: they do not
         # cut in ahead of anyone, so the cut-in rate leaves them out
         self._late_at: dict[tuple[str, str], deque[float]] = {}
+        # The same for requests a plan put behind on-time work (``qlm``: ``_note_demoted``), and
+        # for those of them that went late after (counted in ``_late_at`` then): the scored
+        # prediction's cut-in rate leaves them out too (``_cut_in_per_s(scored=True)``)
+        self._demoted_at: dict[tuple[str, str], deque[float]] = {}
+        self._undemoted_at: dict[tuple[str, str], deque[float]] = {}
+        self._demoted: set[int] = set()  # req ids counted in ``_demoted_at``
         # req id -> model estimate (before calibration): fed to the estimator's online calibration when
         # the first token comes
         self._raw_pred: dict[int, WaitEstimate] = {}
@@ -118,7 +125,21 @@ class QLMRWTPolicy(Policy):
         no longer cuts in ahead of anyone."""
         req._sched.pred_mean_s = None
         self._raw_pred.pop(req.id, None)
-        self._late_at.setdefault((req.model, req.slo_class), deque()).append(self.rt.now())
+        now = self.rt.now()
+        key = (req.model, req.slo_class)
+        self._late_at.setdefault(key, deque()).append(now)
+        if req.id in self._demoted:
+            self._demoted.discard(req.id)
+            self._undemoted_at.setdefault(key, deque()).append(now)
+        self._num_went_late += 1
+
+    def _demote(self, req: Request) -> None:
+        """A plan put ``req`` behind on-time work: it will not overtake work of looser
+        classes; the scored prediction's cut-in rate leaves it out (once)."""
+        if req.id in self._demoted:
+            return
+        self._demoted.add(req.id)
+        self._demoted_at.setdefault((req.model, req.slo_class), deque()).append(self.rt.now())
         self._num_went_late += 1
 
     def _bucket(self, req: Request) -> int:
@@ -130,6 +151,7 @@ class QLMRWTPolicy(Policy):
     def _observe_wait(self, req: Request) -> None:
         """First token: the observed wait of the latest placement calibrates the estimator."""
         raw = self._raw_pred.pop(req.id, None)
+        self._demoted.discard(req.id)
         info = req._sched
         if raw is None or info is None or info.placed_at is None or req.first_token_at is None:
             return
@@ -144,10 +166,13 @@ class QLMRWTPolicy(Policy):
         self._chosen = None
 
     # -- estimates ---------------------------------------------------------------------------
-    def _cut_in_per_s(self, model: str, slo_class: str, now: float) -> float:
+    def _cut_in_per_s(self, model: str, slo_class: str, now: float,
+                      scored: bool = False) -> float:
         """Arrivals per second of tighter classes for ``model``, per instance holding it:
-        under EDF they will overtake a request of ``slo_class`` while it waits."""
-        hit = self._cut_cache.get((model, slo_class))
+        under EDF they will overtake a request of ``slo_class`` while it waits. Those that
+        went to the late lane do not; with ``scored`` (the prediction that is reported, not
+        the one decisions read) neither do those a plan put behind on-time work."""
+        hit = self._cut_cache.get((model, slo_class, scored))
         if hit is not None and hit[0] == now and hit[1] == self._num_arrived \
                 and hit[2] == self._num_went_late:
             rate = hit[3]
@@ -162,8 +187,14 @@ class QLMRWTPolicy(Policy):
             late = self._late_at.get((m, c))
             if late:
                 n = max(0, n - self._recent(late, now))
+            demoted = self._demoted_at.get((m, c)) if scored else None
+            if demoted:
+                back = self._undemoted_at.get((m, c))
+                n = max(0, n - self._recent(demoted, now)
+                        + (self._recent(back, now) if back else 0))
             rate += n / self.rate_window_s
-        self._cut_cache[(model, slo_class)] = (now, self._num_arrived, self._num_went_late, rate)
+        self._cut_cache[(model, slo_class, scored)] = (now, self._num_arrived,
+                                                       self._num_went_late, rate)
         n = max(1, len(self.rt.ready_instances(model)))
         return rate / n
 
@@ -187,12 +218,14 @@ class QLMRWTPolicy(Policy):
                   ahead: tuple[int, int] | None = None) -> tuple:
         """What every wait estimate of a member of ``g`` on ``inst`` now shares: the engine's
         view, the requests and prompt tokens ahead (engine-waiting included), the cut-in rate
-        and its horizon. Valid until the engine, the queue or the estimator changes."""
+        and its horizon, and the admission cap on its class (``_seat_cap``). Valid until the
+        engine, the queue or the estimator changes."""
         view = self.est.view(inst, now)
         st = view.st
         n, p = ahead if ahead is not None else self.gq.vq(inst.id).requests_ahead(
             g.deadline_at, g.seq, g.tier)
         cut = self._cut_in_per_s(g.model, g.slo_class, now)
+        cut_scored = self._cut_in_per_s(g.model, g.slo_class, now, True) if cut > 0 else 0.0
         horizon = math.inf
         if cut > 0:
             # later arrivals of a tighter class cut in only while their deadline comes first
@@ -202,23 +235,37 @@ class QLMRWTPolicy(Policy):
                 tight = self._tighter_ttft[g.slo_class] = min(
                     (t for t in self._ttft.values() if t < own), default=0.0)
             horizon = max(0.0, g.deadline_at - now - tight)
-        return view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut, horizon
+        return (view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut,
+                horizon, self._seat_cap(inst, g, now, n), cut_scored)
+
+    def _seat_cap(self, inst: Instance, g: RequestGroup, now: float,
+                  queued_ahead: int) -> SeatCap | None:
+        """The admission cap on ``g``'s class on ``inst`` (``queued_ahead``: requests ahead
+        of ``g`` in the virtual queue). None: no cap (``qlm-rwt`` sets none)."""
+        return None
 
     def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
               now: float, extra_prompt: float | None = None, raw: bool = True,
-              ahead: tuple[int, int] | None = None, ctx: tuple | None = None) -> WaitEstimate:
+              ahead: tuple[int, int] | None = None, ctx: tuple | None = None,
+              scored: bool = False) -> WaitEstimate:
         """Wait of a request of ``g`` behind ``extra_ahead`` members of its own group (with
         ``extra_prompt`` prompt tokens; default ``extra_ahead * prompt``) on ``inst``;
         ``raw=False`` applies the estimator's online calibration for the group's class.
-        ``ctx`` (``_wait_ctx``) shares the per-group part between the members of a group."""
-        view, n, p, waiting_prompt, cut, horizon = (
+        ``ctx`` (``_wait_ctx``) shares the per-group part between the members of a group.
+        ``scored``: the prediction that is recorded and reported (``_record``), whose cut-in
+        rate also leaves out the work a plan put behind on-time work."""
+        view, n, p, waiting_prompt, cut, horizon, cap, cut_scored = (
             ctx if ctx is not None else self._wait_ctx(inst, g, now, ahead))
+        if scored:
+            cut = cut_scored
         if extra_prompt is None:
             extra_prompt = extra_ahead * prompt
+        if cap is not None and extra_ahead:
+            cap = dataclasses.replace(cap, ahead=cap.ahead + extra_ahead)
         return self.est.wait(
             inst, now, float(n + extra_ahead), p + extra_prompt + waiting_prompt,
             prompt, self._bucket, cut, key=None if raw else g.slo_class,
-            cut_in_horizon_s=horizon, view=view,
+            cut_in_horizon_s=horizon, view=view, cap=cap,
         )
 
     def _record(self, req: Request, now: float, raw: WaitEstimate) -> None:
@@ -242,7 +289,7 @@ class QLMRWTPolicy(Policy):
                      if rid != req.id and (at, rid) < (req.arrived_at, req.id)]
             k = len(ahead)
             ahead_prompt = sum(r.prompt_tokens for r in ahead)
-        raw = self._wait(inst, g, k, req.prompt_tokens, now, float(ahead_prompt))
+        raw = self._wait(inst, g, k, req.prompt_tokens, now, float(ahead_prompt), scored=True)
         self._record(req, now, raw)
 
     def _predict_group(self, g: RequestGroup, inst: Instance, now: float) -> None:
@@ -261,7 +308,8 @@ class QLMRWTPolicy(Policy):
             if r.first_token_at is None:
                 if ctx is None:
                     ctx = self._wait_ctx(inst, g, now)
-                raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx)
+                raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx,
+                                 scored=True)
                 self._record(r, now, raw)
             k += 1
             cum += r.prompt_tokens
@@ -354,6 +402,7 @@ class QLMRWTPolicy(Policy):
     def remove(self, req: Request) -> bool:
         """Cancel: take ``req`` out of the global queue or its model's late lane."""
         self._raw_pred.pop(req.id, None)
+        self._demoted.discard(req.id)
         if self.gq.remove(req):
             return True
         return self.executor.remove_late(req)

@@ -154,3 +154,43 @@ def test_free_seat_wait_counts_prefill_ahead():
     b = est.wait(inst, 0.0, 3, 30000, 500, lambda r: 0)
     # 30k prompt tokens ahead take about 30k * c_tok of compute, in 8k-token chunks
     assert b.mean_s - a.mean_s > 0.8 * 30000 * IM.c_tok
+
+
+def _capped_inst():
+    """8 seats, all held: 6 interactive requests with 10..60 output tokens left and 2 batch
+    requests (due after t=30) with 100 and 300 left, lengths known (clairvoyant)."""
+    running = []
+    for i, (left, due) in enumerate([(10, 2.0), (20, 2.0), (30, 2.0), (40, 2.0), (50, 2.0),
+                                     (60, 2.0), (100, 600.0), (300, 600.0)]):
+        r = Request(i, "m", "batch" if due > 30 else "interactive", 200, 50 + left, 0.0, due)
+        r.num_generated = 50
+        r.first_token_at = 0.0
+        running.append(r)
+    return _Inst(_Eng(running, 8))
+
+
+def test_batch_wait_under_a_seat_cap_is_served_through_the_cap():
+    """A batch request next in line on an engine whose batch work may hold 2 of its 8 seats
+    (``SeatCap``), both held by batch requests. Without the cap it takes the first seat
+    freed (the interactive request 10 tokens from its end); under the cap it waits for the
+    first batch completion, 100 iterations away. On the renewal grid (prior mean 150, std
+    120: horizon 540 iterations, 48 steps of 11.25) those are the first grid points past
+    each: 11.25 and 101.25 iterations, so the cap adds 90 decode iterations at batch 8
+    (footprint 500 + 150 / 2 tokens). A cap that no longer applies ``until_s`` from now
+    stops the wait there; a cap with a free batch seat changes nothing."""
+    from qlm_opt.core.estimator import SeatCap
+
+    est = RWTEstimator(150.0, 120.0**2, 500.0, iter_model_of=lambda i: IM, clairvoyant=True)
+    inst = _capped_inst()
+    iter_s = IM.iteration_s(8, 8 * 575)
+    free = est.wait(inst, 0.0, 0.0, 0.0, 200, lambda r: 0)
+    cap = SeatCap(seats=2.0, ahead=0.0, num_running=2, due_after_at=30.0)
+    capped = est.wait(inst, 0.0, 0.0, 0.0, 200, lambda r: 0, cap=cap)
+    assert math.isclose(capped.mean_s - free.mean_s, 90.0 * iter_s, rel_tol=1e-6)
+    # the cap is lifted 50 iterations from now: the wait ends there (38.75 more than free)
+    until = est.wait(inst, 0.0, 0.0, 0.0, 200, lambda r: 0,
+                     cap=SeatCap(2.0, 0.0, 2, 30.0, until_s=50.0 * iter_s))
+    assert math.isclose(until.mean_s - free.mean_s, 38.75 * iter_s, rel_tol=1e-6)
+    # a third batch seat is free: the cap does not hold it back
+    roomy = est.wait(inst, 0.0, 0.0, 0.0, 200, lambda r: 0, cap=SeatCap(3.0, 0.0, 2, 30.0))
+    assert roomy.mean_s == free.mean_s
