@@ -34,11 +34,6 @@ own waiting queue and the virtual queue ahead) starts at the (j + 1 - free)-th c
 * Requests that will cut ahead later (EDF: later arrivals of tighter classes) are added as
   ``cut_in_per_s * min(W, horizon)`` extra positions (a fixed point, two rounds; the horizon
   is when later arrivals' deadlines stop coming first).
-* An admission cap on the request's class (``SeatCap``: ``qlm``'s plan-set batch seats):
-  the request also waits for the ``ahead + 1``-th start of its class through the cap's
-  seats (a profile of those seats, held by the class's running requests, at the whole
-  engine's iteration time), until the cap stops applying to it; its start is the later
-  of the two.
 * Prefill phase (``prefill_phase``): from the moment a seat is there, the rest of the
   iteration in flight (half of it on average) and chunked prefill of the tokens ahead and of
   the request's own prompt, ``max_num_batched_tokens - b`` per iteration, each iteration at
@@ -189,26 +184,6 @@ class EstimatorConfig:
     output_lengths: str = "learned"
 
 
-@dataclass(frozen=True, slots=True)
-class SeatCap:
-    """An admission cap on the class of work a request belongs to on one instance (``qlm``'s
-    plan-set batch seats, ``Plan.batch_seats``): the engine may hold at most ``seats`` such
-    requests, the rest wait in the global queue. The request then starts no earlier than
-    the ``ahead + 1``-th start of that class through its ``seats`` seats, where requests of
-    that class running now (``num_running``, the ones due after ``due_after_at``) hold them
-    until they finish. The cap stops mattering ``until_s`` from now (the request is then
-    urgent and may take any seat).
-
-    ``seats`` is what the caller expects the cap to be over the wait: the plan re-sets it
-    every epoch, so ``qlm`` passes its recent average (``QLMPolicy._seat_cap``)."""
-
-    seats: float
-    ahead: float  # requests of the class ahead of this one (engine-waiting ones included)
-    num_running: int  # requests of the class running in the engine now
-    due_after_at: float  # clock time: requests due after it are of the class
-    until_s: float = math.inf  # seconds until the cap no longer applies to this request
-
-
 @dataclass(slots=True)
 class _Profile:
     """Start-time curve of one instance, valid for ``refresh_s``."""
@@ -324,8 +299,6 @@ class RWTEstimator:
         self._cal: dict[int, _InstCal] = {}  # instance id -> calibration
         self._profiles: dict[int, _Profile] = {}  # instance id -> cached profile
         self._now_cache: dict[int, tuple] = {}  # instance id -> (state key, engine summary)
-        # instance id -> (profile of a capped class, its seats): ``capped_profile``
-        self._capped: dict[int, tuple[_Profile, float]] = {}
         self.batch_budget = 8192  # max_num_batched_tokens (vLLM's default; set from config)
         self.calib = WaitCalibrator()
         self.num_profiles = 0
@@ -432,10 +405,8 @@ class RWTEstimator:
     def invalidate(self, inst_id: int | None = None) -> None:
         if inst_id is None:
             self._profiles.clear()
-            self._capped.clear()
         else:
             self._profiles.pop(inst_id, None)
-            self._capped.pop(inst_id, None)
 
     # -- the profile -------------------------------------------------------------------------
     def basics(self, inst, st) -> tuple[float, float, float]:
@@ -465,23 +436,7 @@ class RWTEstimator:
         self._profiles[inst.id] = p
         return p
 
-    def capped_profile(self, inst, now_at: float, bucket_of, cap: SeatCap) -> _Profile:
-        """The start-time curve of the capped class alone on ``inst``: ``cap.seats`` seats,
-        held by the running requests due after ``cap.due_after_at`` (cached for
-        ``refresh_s`` per seat count)."""
-        p = self._capped.get(inst.id)
-        if (p is not None and now_at - p[0].computed_at < self.config.refresh_s
-                and p[1] == cap.seats):
-            return p[0]
-        p = self._compute(inst, now_at, bucket_of, cap.seats, cap.due_after_at)
-        self._capped[inst.id] = (p, cap.seats)
-        return p
-
-    def _compute(self, inst, now_at: float, bucket_of, seats_cap: float | None = None,
-                 due_after_at: float | None = None) -> _Profile:
-        """The profile of ``inst`` now; with ``seats_cap``, that of a class capped at that
-        many seats (``SeatCap``): only running requests due after ``due_after_at`` hold
-        them, and the iteration time stays the whole engine's."""
+    def _compute(self, inst, now_at: float, bucket_of) -> _Profile:
         self.num_profiles += 1
         cfg = self.config
         eng = inst.engine
@@ -494,11 +449,6 @@ class RWTEstimator:
         # Seats: max_num_seqs, or as many average sequences as the KV cache holds.
         seats, iter_s, c_tok = self.basics(inst, st)
         running, gens = eng.running_generated()
-        if seats_cap is not None:
-            seats = max(1.0, min(seats, seats_cap))
-            keep = [k for k, r in enumerate(running) if r.deadline_at > due_after_at]
-            running = [running[k] for k in keep]
-            gens = [gens[k] for k in keep]
         nr = len(running)
         g = np.asarray(gens, dtype=float)
         pending_prefill = sum(
@@ -689,42 +639,30 @@ class RWTEstimator:
         key=None,
         cut_in_horizon_s: float = math.inf,
         view: EngineView | None = None,
-        cap: SeatCap | None = None,
     ) -> WaitEstimate:
         """Waiting time until first token of a request at ``position`` (0-based, counted
         behind the engine's own waiting queue's ``position`` requests — callers pass the
         total requests ahead, engine-waiting included) with ``prompt_ahead_tokens`` of prompts
         ahead of it, on ``inst``. With ``key`` (an SLO class, say) the online calibration
         of that key corrects the model's bias and interval (``WaitCalibrator``). ``view``
-        (``self.view(inst, now_at)``) shares the engine's state between several calls.
-        ``cap``: the request's class is capped at fewer seats than the engine has
-        (``SeatCap``)."""
+        (``self.view(inst, now_at)``) shares the engine's state between several calls."""
         raw = self.wait_raw(inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
-                            bucket_of, cut_in_per_s, cut_in_horizon_s, view, cap)
+                            bucket_of, cut_in_per_s, cut_in_horizon_s, view)
         return raw if key is None else self.calib.adjust(key, raw)
 
     def wait_raw(self, inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
                  bucket_of, cut_in_per_s: float = 0.0,
                  cut_in_horizon_s: float = math.inf,
-                 view: EngineView | None = None, cap: SeatCap | None = None) -> WaitEstimate:
+                 view: EngineView | None = None) -> WaitEstimate:
         """The model's estimate, before the online calibration. Requests that cut in arrive
         at ``cut_in_per_s`` for at most ``cut_in_horizon_s`` (after that, later arrivals'
-        deadlines fall after this request's). With ``cap`` the request starts at the later
-        of its start on the whole engine (requests ahead and cut-ins through all ``S``
-        seats) and its start among its capped class (the ``cap.ahead`` requests of the class
-        ahead through ``cap.seats`` seats, at the whole engine's iteration time; no later
-        than ``cap.until_s``). Feeding the capped start into the cut-in rounds instead made
-        the batch predictions of ``qlm`` under overload longer still (conv load 9: batch
-        MdAPE 139% against 114%, ``benchmarks/rwt_accuracy``)."""
+        deadlines fall after this request's)."""
         if view is None:
             view = EngineView(inst, inst.engine.stats(), now_at)
         st = view.st
         seats, iter_s, c_tok = self._view_basics(view)
         base = max(0.0, st.busy_until_at - now_at)
-        if cap is not None and (cap.seats >= seats or cap.until_s <= 0
-                                or cap.ahead + 1.0 <= cap.seats - cap.num_running):
-            cap = None  # the cap leaves it a seat, or no longer applies to it
-        if position + 1.0 <= seats - st.num_running and cut_in_per_s <= 0 and cap is None:
+        if position + 1.0 <= seats - st.num_running and cut_in_per_s <= 0:
             # A seat is free: only prefill ahead and the request's own prefill remain.
             pm, pv = self._prefill_phase_view(view, prompt_ahead_tokens, own_prompt_tokens,
                                               True)
@@ -736,23 +674,8 @@ class RWTEstimator:
         j = position
         mean = sd = 0.0
         per_req_prompt = prompt_ahead_tokens / position if position > 0 else self.prompt_mean
-        cap_m = cap_v = 0.0
-        if cap is not None:
-            # its start among the capped class: the cap's seats turn over at the whole
-            # engine's iteration time (the other seats stay busy with uncapped work)
-            cap_m, cap_v = self.start_iters(self.capped_profile(inst, now_at, bucket_of, cap),
-                                            cap.ahead)
-            until = max(0.0, cap.until_s - p.base_s) / max(p.iter_s, 1e-12)
-            if cap_m > until:
-                cap_m, cap_v = until, 0.0
-        rounds = 3 if cut_in_per_s > 0 else 1
-        for k in range(rounds):
+        for _ in range(3 if cut_in_per_s > 0 else 1):
             xm, xv = self.start_iters(p, j)
-            if k == rounds - 1 and cap_m > xm:
-                # the cap bounds the start from below once the cut-ins are counted; it does
-                # not lengthen the wait the cut-ins are counted over (interactive work that
-                # arrives meanwhile takes the seats batch work may not)
-                xm, xv = cap_m, cap_v
             pre = (p.pending_prefill_tokens + prompt_ahead_tokens
                    + (j - position) * per_req_prompt) * c_tok
             mean = p.base_s + xm * p.iter_s + pre + own_m

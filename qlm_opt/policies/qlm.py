@@ -19,11 +19,11 @@ Every epoch:
      prefill s per token + mean output x iteration s) plus ``admission_margin`` Poisson
      standard deviations are kept from batch work until the next epoch, out of the
      instance's seats (the estimator's, or what its engine holds now if more); no urgent
-     forecast, no cap. The RWT wait model of batch work counts the cap (``_seat_cap``: its
-     average over the last ``rate_window_s`` of plans, ``estimator.SeatCap``);
+     forecast, no cap;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
-     (groups the plan cannot get on time go behind the others), the admission caps, and, with
+     (groups the plan cannot get on time go behind the others; the scored wait prediction's
+     cut-in rate leaves their members out, ``_note_demoted``), the admission caps, and, with
      ``planned_eviction=True`` (off by default: it lost up to 1.33 points on a row of the
      scenario suite), evictions for urgent first groups that pay for their recompute in the
      objective.
@@ -48,12 +48,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from qlm_opt.core.estimator import SeatCap
 from qlm_opt.core.executor import ExecutorConfig, group_weight
 from qlm_opt.planner import PlanGroup, PlanInstance, PlanningProblem, load_preset, solve
 from qlm_opt.planner.plan import batch_seat_caps
@@ -136,9 +135,6 @@ class QLMPolicy(QLMRWTPolicy):
         self.epochs_skipped = 0  # live: triggers that found a solve still running
         self.epoch_triggers: Counter[str] = Counter()
         self._class_weight: dict[str, float] = {}
-        # instance id -> [(clock time, batch seats from then on)], the last
-        # ``rate_window_s`` of plans (an uncapped plan counts as the estimator's seats)
-        self._cap_history: dict[int, deque[tuple[float, float]]] = {}
         self._tighter_cache: frozenset[str] | None = None  # ``_tighter_classes``
 
     def make_deterministic(self) -> None:
@@ -546,8 +542,6 @@ class QLMPolicy(QLMRWTPolicy):
         if plan.fallback_cause is not None:
             self.fallback_causes[plan.fallback_cause] += 1
         counts = self.executor.apply(plan, pi, now, members)
-        if self.admission:
-            self._note_caps(plan, now)
         self._note_demoted()
         for iid in self.executor.evicted_on:
             self.est.invalidate(iid)
@@ -567,21 +561,6 @@ class QLMPolicy(QLMRWTPolicy):
             plan.build_ms, plan.objective, plan.num_on_time, dict(counts) or "{}",
         )
 
-    def _note_caps(self, plan: Plan, now: float) -> None:
-        """Keep each ready instance's batch seats under this plan (its cap, or its seats when
-        uncapped) for ``_seat_cap``'s average."""
-        cut = now - self.rate_window_s
-        for inst in self.rt.instances:
-            if not inst.ready:
-                self._cap_history.pop(inst.id, None)
-                continue
-            cap = plan.batch_seats.get(inst.id)
-            seats = self.est.basics(inst, inst.engine.stats())[0]
-            h = self._cap_history.setdefault(inst.id, deque())
-            h.append((now, float(seats if cap is None else min(cap, seats))))
-            while len(h) > 1 and h[1][0] <= cut:
-                h.popleft()
-
     def _note_demoted(self) -> None:
         """Urgent work the plan cannot get on time goes behind the on-time work in its
         virtual queue (``RequestGroup.tier``, ``Executor.apply``): it no longer cuts in ahead
@@ -596,36 +575,6 @@ class QLMPolicy(QLMRWTPolicy):
             if g.tier and g.slo_class in tighter:
                 for _, _, r in g.members:
                     self._demote(r)
-
-    def _seat_cap(self, inst: Instance, g, now: float, queued_ahead: int) -> SeatCap | None:
-        """The plan-set admission cap on ``g`` on ``inst``, when ``g`` is batch work there
-        (due later than ``urgent_window_s``). The plan re-sets the cap every epoch and a
-        batch wait spans many epochs, so the cap assumed is its time average over the last
-        ``rate_window_s`` of plans (an uncapped plan counting as the engine's seats)."""
-        h = self._cap_history.get(inst.id)
-        if not h:
-            return None
-        window = self.executor.config.urgent_window_s
-        cut = now + window
-        if g.deadline_at <= cut:
-            return None
-        start = max(h[0][0], now - self.rate_window_s)
-        if now > start:
-            total = 0.0
-            for k, (at, v) in enumerate(h):
-                end = h[k + 1][0] if k + 1 < len(h) else now
-                total += v * max(0.0, end - max(at, start))
-            seats = total / (now - start)
-        else:
-            seats = h[-1][1]
-        # batch work ahead: everything ahead in the virtual queue but the urgent groups
-        # (due by ``cut``, first in deadline order), and the batch work waiting in the engine
-        urgent, _ = self.gq.vq(inst.id).requests_ahead(cut, 1 << 62, 0)
-        eng = inst.engine
-        running = sum(1 for r in eng.running_requests() if r.deadline_at > cut)
-        waiting = sum(1 for r in eng.waiting_requests() if r.deadline_at > cut)
-        return SeatCap(seats, float(waiting + max(0, queued_ahead - urgent)), running, cut,
-                       g.deadline_at - cut)
 
     @property
     def _tighter_classes(self) -> frozenset[str]:

@@ -21,14 +21,13 @@ pred_std_s) for the accuracy report (``estimator.RWTAccuracy``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections import deque
 from typing import TYPE_CHECKING
 
 from qlm_opt.domain import Request
-from qlm_opt.core.estimator import RWTEstimator, SeatCap
+from qlm_opt.core.estimator import RWTEstimator
 from qlm_opt.core.wait_calibration import WaitEstimate
 from qlm_opt.core.executor import Executor, ExecutorConfig
 from qlm_opt.core.policy import Policy
@@ -218,8 +217,8 @@ class QLMRWTPolicy(Policy):
                   ahead: tuple[int, int] | None = None) -> tuple:
         """What every wait estimate of a member of ``g`` on ``inst`` now shares: the engine's
         view, the requests and prompt tokens ahead (engine-waiting included), the cut-in rate
-        and its horizon, and the admission cap on its class (``_seat_cap``). Valid until the
-        engine, the queue or the estimator changes."""
+        and its horizon (the plain one, and the scored prediction's). Valid until the engine,
+        the queue or the estimator changes."""
         view = self.est.view(inst, now)
         st = view.st
         n, p = ahead if ahead is not None else self.gq.vq(inst.id).requests_ahead(
@@ -236,13 +235,7 @@ class QLMRWTPolicy(Policy):
                     (t for t in self._ttft.values() if t < own), default=0.0)
             horizon = max(0.0, g.deadline_at - now - tight)
         return (view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut,
-                horizon, self._seat_cap(inst, g, now, n), cut_scored)
-
-    def _seat_cap(self, inst: Instance, g: RequestGroup, now: float,
-                  queued_ahead: int) -> SeatCap | None:
-        """The admission cap on ``g``'s class on ``inst`` (``queued_ahead``: requests ahead
-        of ``g`` in the virtual queue). None: no cap (``qlm-rwt`` sets none)."""
-        return None
+                horizon, cut_scored)
 
     def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
               now: float, extra_prompt: float | None = None, raw: bool = True,
@@ -254,18 +247,16 @@ class QLMRWTPolicy(Policy):
         ``ctx`` (``_wait_ctx``) shares the per-group part between the members of a group.
         ``scored``: the prediction that is recorded and reported (``_record``), whose cut-in
         rate also leaves out the work a plan put behind on-time work."""
-        view, n, p, waiting_prompt, cut, horizon, cap, cut_scored = (
+        view, n, p, waiting_prompt, cut, horizon, cut_scored = (
             ctx if ctx is not None else self._wait_ctx(inst, g, now, ahead))
         if scored:
             cut = cut_scored
         if extra_prompt is None:
             extra_prompt = extra_ahead * prompt
-        if cap is not None and extra_ahead:
-            cap = dataclasses.replace(cap, ahead=cap.ahead + extra_ahead)
         return self.est.wait(
             inst, now, float(n + extra_ahead), p + extra_prompt + waiting_prompt,
             prompt, self._bucket, cut, key=None if raw else g.slo_class,
-            cut_in_horizon_s=horizon, view=view, cap=cap,
+            cut_in_horizon_s=horizon, view=view,
         )
 
     def _record(self, req: Request, now: float, raw: WaitEstimate) -> None:

@@ -174,40 +174,29 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
         QLMPolicy(workload=workload, admission_margin=-1.0)
 
 
-def test_wait_model_reads_the_average_cap_and_the_plan_late_work(fleet, workload):
-    """``qlm``'s wait model: a batch group's ``SeatCap`` carries the time average of the last
-    30 s of plans' caps (10 seats for the first 10 s of the window, 4 for the last 20: 6), and
-    an urgent group is uncapped. Interactive work a plan puts behind on-time work (tier 1)
-    stops counting in the batch class's cut-in rate of the scored prediction: its members,
-    once, over the 30-s window and the instances holding the model. The rate decisions read
-    keeps them."""
-    from collections import deque
-
+def test_scored_cut_in_rate_leaves_out_the_plan_late_work(fleet, workload):
+    """Interactive work a plan puts behind on-time work (tier 1) stops counting in the batch
+    class's cut-in rate of ``qlm``'s scored prediction: its members, once, over the 30-s
+    window and the instances holding the model. The rate decisions read keeps them; a
+    demoted request that then goes to the late lane is not taken off twice."""
     from qlm_opt.domain import Request
 
     sim, rt, pol, reqs = _fed(fleet, workload, QLMPolicy(workload=workload, preset="fast"), 60)
     now = sim.now()
     model = "llama-3.1-8b"
     iid = rt.ready_instances(model)[0].id
-    # queued by hand (no pull): one batch and one interactive group of two on ``iid``
+    # queued by hand (no pull): an interactive group of two on ``iid``
     groups = []
-    for k, (cls, ttft) in enumerate([("batch", 300.0), ("interactive", 2.0),
-                                     ("interactive", 2.0)]):
-        r = Request(10**6 + k, model, cls, 100, 50, now, now + ttft,
-                    priority=int(cls == "batch"))
+    for k in range(2):
+        r = Request(10**6 + k, model, "interactive", 100, 50, now, now + 2.0)
         rt.accept(r)
         g, _ = pol.gq.add(r, now)
         pol.gq.place(g, iid)
         groups.append(g)
-    batch, urgent = groups[0], groups[1]
-    assert urgent.size == 2
-    pol._cap_history[iid] = deque([(now - 40.0, 10.0), (now - 20.0, 4.0)])
-    cap = pol._seat_cap(rt.instances[iid], batch, now, 0)
-    assert cap is not None and cap.seats == pytest.approx(6.0)
-    assert cap.until_s == pytest.approx(batch.deadline_at - now - 30.0)
-    assert pol._seat_cap(rt.instances[iid], urgent, now, 0) is None
-    # the plan puts an interactive group late: the batch class's cut-in rate drops by its size
+    urgent = groups[0]
+    assert groups[1] is urgent and urgent.size == 2
     n_inst = len(rt.ready_instances(model))
+    step = 1.0 / pol.rate_window_s / n_inst
     before = pol._cut_in_per_s(model, "batch", now, scored=True)
     plain = pol._cut_in_per_s(model, "batch", now)
     assert before == plain > 0
@@ -215,6 +204,11 @@ def test_wait_model_reads_the_average_cap_and_the_plan_late_work(fleet, workload
     pol._note_demoted()
     pol._note_demoted()  # counted once
     after = pol._cut_in_per_s(model, "batch", now, scored=True)
-    assert before - after == pytest.approx(urgent.size / pol.rate_window_s / n_inst)
+    assert before - after == pytest.approx(urgent.size * step)
     # decisions keep the rate without it
     assert pol._cut_in_per_s(model, "batch", now) == plain
+    # one of them goes to the late lane: both rates drop by it once, relative to the above
+    late = urgent.members[0][2]
+    pol._went_late(late)
+    assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(after)
+    assert pol._cut_in_per_s(model, "batch", now) == pytest.approx(plain - step)

@@ -53,11 +53,11 @@ def test_shared_estimates_change_no_decision(monkeypatch):
     calls = {"plain": 0}
 
     def wait_raw(self, inst, now_at, position, ahead_tokens, own, bucket_of, cut=0.0,
-                 horizon=math.inf, view=None, cap=None):
+                 horizon=math.inf, view=None):
         # a fresh view (stats(), basics, engine summary) every call
         calls["plain"] += 1
         return plain_raw(self, inst, now_at, position, ahead_tokens, own, bucket_of, cut,
-                         horizon, cap=cap)
+                         horizon)
 
     monkeypatch.setattr(QLMRWTPolicy, "_predict", predict)
     monkeypatch.setattr(QLMRWTPolicy, "_predict_group", predict_group)
