@@ -73,12 +73,11 @@ class QLMRWTPolicy(Policy):
         # (model, class) -> times requests of that class went to the late lane: they do not
         # cut in ahead of anyone, so the cut-in rate leaves them out
         self._late_at: dict[tuple[str, str], deque[float]] = {}
-        # The same for requests a plan put behind on-time work (``qlm``: ``_note_demoted``), and
-        # for those of them that went late after (counted in ``_late_at`` then): the scored
-        # prediction's cut-in rate leaves them out too (``_cut_in_per_s(scored=True)``)
+        # The same for requests a plan put behind on-time work (``qlm``: ``_note_demoted``): the
+        # scored prediction's cut-in rate leaves them out too (``_cut_in_per_s(scored=True)``).
+        # One that goes late after leaves ``_demoted_at`` (``_late_at`` counts it then).
         self._demoted_at: dict[tuple[str, str], deque[float]] = {}
-        self._undemoted_at: dict[tuple[str, str], deque[float]] = {}
-        self._demoted: set[int] = set()  # req ids counted in ``_demoted_at``
+        self._demoted: dict[int, float] = {}  # req id -> its time in ``_demoted_at``
         # req id -> model estimate (before calibration): fed to the estimator's online calibration when
         # the first token comes
         self._raw_pred: dict[int, WaitEstimate] = {}
@@ -127,9 +126,7 @@ class QLMRWTPolicy(Policy):
         now = self.rt.now()
         key = (req.model, req.slo_class)
         self._late_at.setdefault(key, deque()).append(now)
-        if req.id in self._demoted:
-            self._demoted.discard(req.id)
-            self._undemoted_at.setdefault(key, deque()).append(now)
+        self._undemote(req)  # counted once, in ``_late_at``
         self._num_went_late += 1
 
     def _demote(self, req: Request) -> None:
@@ -137,8 +134,21 @@ class QLMRWTPolicy(Policy):
         classes; the scored prediction's cut-in rate leaves it out (once)."""
         if req.id in self._demoted:
             return
-        self._demoted.add(req.id)
-        self._demoted_at.setdefault((req.model, req.slo_class), deque()).append(self.rt.now())
+        now = self.rt.now()
+        self._demoted[req.id] = now
+        self._demoted_at.setdefault((req.model, req.slo_class), deque()).append(now)
+        self._num_went_late += 1
+
+    def _undemote(self, req: Request) -> None:
+        """``req`` is no longer behind on-time work (a later plan put it back on time, or it
+        went to the late lane): its demotion leaves the window's count, if still there
+        (entries leave ``_demoted_at`` by time, so one at its time is there iff its own is)."""
+        at = self._demoted.pop(req.id, None)
+        if at is None:
+            return
+        q = self._demoted_at.get((req.model, req.slo_class))
+        if q and at in q:
+            q.remove(at)
         self._num_went_late += 1
 
     def _bucket(self, req: Request) -> int:
@@ -150,7 +160,7 @@ class QLMRWTPolicy(Policy):
     def _observe_wait(self, req: Request) -> None:
         """First token: the observed wait of the latest placement calibrates the estimator."""
         raw = self._raw_pred.pop(req.id, None)
-        self._demoted.discard(req.id)
+        self._demoted.pop(req.id, None)
         info = req._sched
         if raw is None or info is None or info.placed_at is None or req.first_token_at is None:
             return
@@ -188,9 +198,7 @@ class QLMRWTPolicy(Policy):
                 n = max(0, n - self._recent(late, now))
             demoted = self._demoted_at.get((m, c)) if scored else None
             if demoted:
-                back = self._undemoted_at.get((m, c))
-                n = max(0, n - self._recent(demoted, now)
-                        + (self._recent(back, now) if back else 0))
+                n = max(0, n - self._recent(demoted, now))
             rate += n / self.rate_window_s
         self._cut_cache[(model, slo_class, scored)] = (now, self._num_arrived,
                                                        self._num_went_late, rate)
@@ -393,7 +401,7 @@ class QLMRWTPolicy(Policy):
     def remove(self, req: Request) -> bool:
         """Cancel: take ``req`` out of the global queue or its model's late lane."""
         self._raw_pred.pop(req.id, None)
-        self._demoted.discard(req.id)
+        self._demoted.pop(req.id, None)
         if self.gq.remove(req):
             return True
         return self.executor.remove_late(req)

@@ -178,7 +178,10 @@ def test_scored_cut_in_rate_leaves_out_the_plan_late_work(fleet, workload):
     """Interactive work a plan puts behind on-time work (tier 1) stops counting in the batch
     class's cut-in rate of ``qlm``'s scored prediction: its members, once, over the 30-s
     window and the instances holding the model. The rate decisions read keeps them; a
-    demoted request that then goes to the late lane is not taken off twice."""
+    demoted request put back on time counts again, and one that goes to the late lane is
+    taken off once."""
+    from collections import deque
+
     from qlm_opt.domain import Request
 
     sim, rt, pol, reqs = _fed(fleet, workload, QLMPolicy(workload=workload, preset="fast"), 60)
@@ -207,8 +210,23 @@ def test_scored_cut_in_rate_leaves_out_the_plan_late_work(fleet, workload):
     assert before - after == pytest.approx(urgent.size * step)
     # decisions keep the rate without it
     assert pol._cut_in_per_s(model, "batch", now) == plain
-    # one of them goes to the late lane: both rates drop by it once, relative to the above
-    late = urgent.members[0][2]
+    # a later plan puts it back on time: it cuts in again
+    pol.gq.set_tier(urgent, 0)
+    pol._note_demoted()
+    assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(before)
+    # put late again, then one of them goes to the late lane: both rates drop by it once
+    pol.gq.set_tier(urgent, 1)
+    pol._note_demoted()
+    late, other = (r for _, _, r in urgent.members)
     pol._went_late(late)
     assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(after)
     assert pol._cut_in_per_s(model, "batch", now) == pytest.approx(plain - step)
+    # a demotion older than the window no longer counts; the request going late then counts
+    # once, in the late lane's count, and never lifts the scored rate above the plain one
+    key = (model, "interactive")
+    pol._demoted[other.id] = now - 2 * pol.rate_window_s
+    pol._demoted_at[key] = deque([now - 2 * pol.rate_window_s])
+    pol._went_late(other)
+    assert pol._cut_in_per_s(model, "batch", now) == pytest.approx(plain - 2 * step)
+    assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(
+        plain - 2 * step)
