@@ -73,6 +73,11 @@ class QLMRWTPolicy(Policy):
         # (model, class) -> times requests of that class went to the late lane: they do not
         # cut in ahead of anyone, so the cut-in rate leaves them out
         self._late_at: dict[tuple[str, str], deque[float]] = {}
+        # The same for requests a plan put behind on-time work (``qlm``: ``_note_demoted``): the
+        # scored prediction's cut-in rate leaves them out too (``_cut_in_per_s(scored=True)``).
+        # One that goes late after leaves ``_demoted_at`` (``_late_at`` counts it then).
+        self._demoted_at: dict[tuple[str, str], deque[float]] = {}
+        self._demoted: dict[int, float] = {}  # req id -> its time in ``_demoted_at``
         # req id -> model estimate (before calibration): fed to the estimator's online calibration when
         # the first token comes
         self._raw_pred: dict[int, WaitEstimate] = {}
@@ -119,7 +124,32 @@ class QLMRWTPolicy(Policy):
         no longer cuts in ahead of anyone."""
         req._sched.pred_mean_s = None
         self._raw_pred.pop(req.id, None)
-        self._late_at.setdefault((req.model, req.slo_class), deque()).append(self.rt.now())
+        now = self.rt.now()
+        key = (req.model, req.slo_class)
+        self._late_at.setdefault(key, deque()).append(now)
+        self._undemote(req)  # counted once, in ``_late_at``
+        self._num_went_late += 1
+
+    def _demote(self, req: Request) -> None:
+        """A plan put ``req`` behind on-time work: it will not overtake work of looser
+        classes; the scored prediction's cut-in rate leaves it out (once)."""
+        if req.id in self._demoted:
+            return
+        now = self.rt.now()
+        self._demoted[req.id] = now
+        self._demoted_at.setdefault((req.model, req.slo_class), deque()).append(now)
+        self._num_went_late += 1
+
+    def _undemote(self, req: Request) -> None:
+        """``req`` is no longer behind on-time work (a later plan put it back on time, or it
+        went to the late lane): its demotion leaves the window's count, if still there
+        (entries leave ``_demoted_at`` by time, so one at its time is there iff its own is)."""
+        at = self._demoted.pop(req.id, None)
+        if at is None:
+            return
+        q = self._demoted_at.get((req.model, req.slo_class))
+        if q and at in q:
+            q.remove(at)
         self._num_went_late += 1
 
     def _bucket(self, req: Request) -> int:
@@ -131,6 +161,7 @@ class QLMRWTPolicy(Policy):
     def _observe_wait(self, req: Request) -> None:
         """First token: the observed wait of the latest placement calibrates the estimator."""
         raw = self._raw_pred.pop(req.id, None)
+        self._demoted.pop(req.id, None)
         info = req._sched
         if raw is None or info is None or info.placed_at is None or req.first_token_at is None:
             return
@@ -145,10 +176,13 @@ class QLMRWTPolicy(Policy):
         self._chosen = None
 
     # -- estimates ---------------------------------------------------------------------------
-    def _cut_in_per_s(self, model: str, slo_class: str, now: float) -> float:
+    def _cut_in_per_s(self, model: str, slo_class: str, now: float,
+                      scored: bool = False) -> float:
         """Arrivals per second of tighter classes for ``model``, per instance holding it:
-        under EDF they will overtake a request of ``slo_class`` while it waits."""
-        hit = self._cut_cache.get((model, slo_class))
+        under EDF they will overtake a request of ``slo_class`` while it waits. Those that
+        went to the late lane do not; with ``scored`` (the prediction that is reported, not
+        the one decisions read) neither do those a plan put behind on-time work."""
+        hit = self._cut_cache.get((model, slo_class, scored))
         if hit is not None and hit[0] == now and hit[1] == self._num_arrived \
                 and hit[2] == self._num_went_late:
             rate = hit[3]
@@ -163,8 +197,12 @@ class QLMRWTPolicy(Policy):
             late = self._late_at.get((m, c))
             if late:
                 n = max(0, n - self._recent(late, now))
+            demoted = self._demoted_at.get((m, c)) if scored else None
+            if demoted:
+                n = max(0, n - self._recent(demoted, now))
             rate += n / self.rate_window_s
-        self._cut_cache[(model, slo_class)] = (now, self._num_arrived, self._num_went_late, rate)
+        self._cut_cache[(model, slo_class, scored)] = (now, self._num_arrived,
+                                                       self._num_went_late, rate)
         n = max(1, len(self.rt.ready_instances(model)))
         return rate / n
 
@@ -188,12 +226,14 @@ class QLMRWTPolicy(Policy):
                   ahead: tuple[int, int] | None = None) -> tuple:
         """What every wait estimate of a member of ``g`` on ``inst`` now shares: the engine's
         view, the requests and prompt tokens ahead (engine-waiting included), the cut-in rate
-        and its horizon. Valid until the engine, the queue or the estimator changes."""
+        and its horizon (the plain one, and the scored prediction's). Valid until the engine,
+        the queue or the estimator changes."""
         view = self.est.view(inst, now)
         st = view.st
         n, p = ahead if ahead is not None else self.gq.vq(inst.id).requests_ahead(
             g.deadline_at, g.seq, g.tier)
         cut = self._cut_in_per_s(g.model, g.slo_class, now)
+        cut_scored = self._cut_in_per_s(g.model, g.slo_class, now, True) if cut > 0 else 0.0
         horizon = math.inf
         if cut > 0:
             # later arrivals of a tighter class cut in only while their deadline comes first
@@ -203,17 +243,23 @@ class QLMRWTPolicy(Policy):
                 tight = self._tighter_ttft[g.slo_class] = min(
                     (t for t in self._ttft.values() if t < own), default=0.0)
             horizon = max(0.0, g.deadline_at - now - tight)
-        return view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut, horizon
+        return (view, st.num_waiting + n, p, self._engine_waiting_prompt(inst, st), cut,
+                horizon, cut_scored)
 
     def _wait(self, inst: Instance, g: RequestGroup, extra_ahead: int, prompt: int,
               now: float, extra_prompt: float | None = None, raw: bool = True,
-              ahead: tuple[int, int] | None = None, ctx: tuple | None = None) -> WaitEstimate:
+              ahead: tuple[int, int] | None = None, ctx: tuple | None = None,
+              scored: bool = False) -> WaitEstimate:
         """Wait of a request of ``g`` behind ``extra_ahead`` members of its own group (with
         ``extra_prompt`` prompt tokens; default ``extra_ahead * prompt``) on ``inst``;
         ``raw=False`` applies the estimator's online calibration for the group's class.
-        ``ctx`` (``_wait_ctx``) shares the per-group part between the members of a group."""
-        view, n, p, waiting_prompt, cut, horizon = (
+        ``ctx`` (``_wait_ctx``) shares the per-group part between the members of a group.
+        ``scored``: the prediction that is recorded and reported (``_record``), whose cut-in
+        rate also leaves out the work a plan put behind on-time work."""
+        view, n, p, waiting_prompt, cut, horizon, cut_scored = (
             ctx if ctx is not None else self._wait_ctx(inst, g, now, ahead))
+        if scored:
+            cut = cut_scored
         if extra_prompt is None:
             extra_prompt = extra_ahead * prompt
         return self.est.wait(
@@ -243,7 +289,7 @@ class QLMRWTPolicy(Policy):
                      if rid != req.id and (at, rid) < (req.arrived_at, req.id)]
             k = len(ahead)
             ahead_prompt = sum(r.prompt_tokens for r in ahead)
-        raw = self._wait(inst, g, k, req.prompt_tokens, now, float(ahead_prompt))
+        raw = self._wait(inst, g, k, req.prompt_tokens, now, float(ahead_prompt), scored=True)
         self._record(req, now, raw)
 
     def _predict_group(self, g: RequestGroup, inst: Instance, now: float) -> None:
@@ -262,14 +308,17 @@ class QLMRWTPolicy(Policy):
         cum = 0
         for _, _, r in g.members:
             if r.first_token_at is None:
-                if k == 0 and first is not None and first[0] == r.prompt_tokens:
+                if (k == 0 and first is not None and first[0] == r.prompt_tokens
+                        and ctx[4] == ctx[6]):
                     # the estimate ``_choose`` made: position 0, nothing of the group ahead,
-                    # this prompt, the same context (the same call, the same floats)
+                    # this prompt, the same context and, with no plan-late work to leave out,
+                    # the same cut-in rate as the scored one (the same call, the same floats)
                     raw = first[1]
                 else:
                     if ctx is None:
                         ctx = self._wait_ctx(inst, g, now)
-                    raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx)
+                    raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx,
+                                     scored=True)
                 self._record(r, now, raw)
             k += 1
             cum += r.prompt_tokens
@@ -362,6 +411,7 @@ class QLMRWTPolicy(Policy):
     def remove(self, req: Request) -> bool:
         """Cancel: take ``req`` out of the global queue or its model's late lane."""
         self._raw_pred.pop(req.id, None)
+        self._demoted.pop(req.id, None)
         if self.gq.remove(req):
             return True
         return self.executor.remove_late(req)

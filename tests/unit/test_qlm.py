@@ -202,3 +202,61 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
     assert off.executor.batch_seats == {}
     with pytest.raises(ValueError, match="admission_margin"):
         QLMPolicy(workload=workload, admission_margin=-1.0)
+
+
+def test_scored_cut_in_rate_leaves_out_the_plan_late_work(fleet, workload):
+    """Interactive work a plan puts behind on-time work (tier 1) stops counting in the batch
+    class's cut-in rate of ``qlm``'s scored prediction: its members, once, over the 30-s
+    window and the instances holding the model. The rate decisions read keeps them; a
+    demoted request put back on time counts again, and one that goes to the late lane is
+    taken off once."""
+    from collections import deque
+
+    from qlm_opt.domain import Request
+
+    sim, rt, pol, reqs = _fed(fleet, workload, QLMPolicy(workload=workload, preset="fast"), 60)
+    now = sim.now()
+    model = "llama-3.1-8b"
+    iid = rt.ready_instances(model)[0].id
+    # queued by hand (no pull): an interactive group of two on ``iid``
+    groups = []
+    for k in range(2):
+        r = Request(10**6 + k, model, "interactive", 100, 50, now, now + 2.0)
+        rt.accept(r)
+        g, _ = pol.gq.add(r, now)
+        pol.gq.place(g, iid)
+        groups.append(g)
+    urgent = groups[0]
+    assert groups[1] is urgent and urgent.size == 2
+    n_inst = len(rt.ready_instances(model))
+    step = 1.0 / pol.rate_window_s / n_inst
+    before = pol._cut_in_per_s(model, "batch", now, scored=True)
+    plain = pol._cut_in_per_s(model, "batch", now)
+    assert before == plain > 0
+    pol.gq.set_tier(urgent, 1)
+    pol._note_demoted()
+    pol._note_demoted()  # counted once
+    after = pol._cut_in_per_s(model, "batch", now, scored=True)
+    assert before - after == pytest.approx(urgent.size * step)
+    # decisions keep the rate without it
+    assert pol._cut_in_per_s(model, "batch", now) == plain
+    # a later plan puts it back on time: it cuts in again
+    pol.gq.set_tier(urgent, 0)
+    pol._note_demoted()
+    assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(before)
+    # put late again, then one of them goes to the late lane: both rates drop by it once
+    pol.gq.set_tier(urgent, 1)
+    pol._note_demoted()
+    late, other = (r for _, _, r in urgent.members)
+    pol._went_late(late)
+    assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(after)
+    assert pol._cut_in_per_s(model, "batch", now) == pytest.approx(plain - step)
+    # a demotion older than the window no longer counts; the request going late then counts
+    # once, in the late lane's count, and never lifts the scored rate above the plain one
+    key = (model, "interactive")
+    pol._demoted[other.id] = now - 2 * pol.rate_window_s
+    pol._demoted_at[key] = deque([now - 2 * pol.rate_window_s])
+    pol._went_late(other)
+    assert pol._cut_in_per_s(model, "batch", now) == pytest.approx(plain - 2 * step)
+    assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(
+        plain - 2 * step)
