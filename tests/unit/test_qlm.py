@@ -5,11 +5,10 @@ import pytest
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.domain import RequestState
 from qlm_opt.policies.qlm import QLMPolicy
-from qlm_opt.core.runtime import Runtime
-from qlm_opt.hosts.simulated import Simulator
 from qlm_opt.whatif.workload import build_requests, synthetic_trace
 from qlm_opt.whatif.run import run_policy
 from tests.conftest import small_fleet_dict, small_workload_dict
+from tests.unit.feeding import fed as _fed
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +29,6 @@ def runs(fleet, workload):
         out[name] = run_policy(name, fleet, workload, reqs, track_rwt=False,
                                policy_options={"preset": "fast"} if name != "fcfs" else None)
     return out
-
-
-def _fed(fleet, workload, pol, n):
-    """A simulated fleet bound to ``pol``, fed the first ``n`` synthetic arrivals (the
-    clock at each one's arrival): (simulator, runtime, policy, requests)."""
-    sim = Simulator()
-    rt = Runtime(fleet, sim)
-    for inst in rt.instances:
-        inst.engine.set_waker(sim.engine_waker)
-    rt.bind(pol)
-    reqs = build_requests(synthetic_trace(workload), workload)[:n]
-    for r in reqs:
-        sim.clock.t = r.arrived_at
-        rt.accept(r)
-        pol.on_arrival(r)
-    return sim, rt, pol, reqs
 
 
 @pytest.mark.parametrize("name", ["qlm", "qlm-true-lengths"])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from qlm_opt.config import Fleet, Workload
 from qlm_opt.whatif.run import run_whatif
+from tests.unit.feeding import fed
 
 EX = Path(__file__).resolve().parents[2] / "qlm_opt" / "examples"
 
@@ -72,25 +73,10 @@ def test_shared_estimates_change_no_decision(monkeypatch):
 def _fed_rwt(n: int):
     """qlm-rwt on the example fleet, fed its first ``n`` synthetic arrivals without running
     the engines past them: (simulator, runtime, policy, requests)."""
-    from qlm_opt.core.runtime import Runtime
-    from qlm_opt.hosts.simulated import Simulator
     from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
-    from qlm_opt.whatif.workload import build_requests, synthetic_trace
 
-    fl = Fleet.load(EX / "fleet.toml")
     wl = Workload.load(EX / "workload.toml")
-    sim = Simulator()
-    rt = Runtime(fl, sim)
-    for inst in rt.instances:
-        inst.engine.set_waker(sim.engine_waker)
-    pol = QLMRWTPolicy.from_context(workload=wl)
-    rt.bind(pol)
-    reqs = build_requests(synthetic_trace(wl), wl)[:n]
-    for r in reqs:
-        sim.clock.t = r.arrived_at
-        rt.accept(r)
-        pol.on_arrival(r)
-    return sim, rt, pol, reqs
+    return fed(Fleet.load(EX / "fleet.toml"), wl, QLMRWTPolicy.from_context(workload=wl), n)
 
 
 def _new_request(reqs, i: int, slo_class: str, ttft_s: float, at: float, prompt: int):
