@@ -175,7 +175,10 @@ class QLMPolicy(QLMRWTPolicy):
     def on_finished(self, req) -> None:
         super().on_finished(req)
         if (req.first_token_at is not None and req.completed_at is not None
-                and req.num_generated > 1):
+                and req.num_generated > 1 and not req.num_preemptions
+                and not req.num_evictions and not req.num_failures):
+            # only uninterrupted decodes: a preempted or evicted request's gap would count
+            # its wait to resume as seat time
             tpot = (req.completed_at - req.first_token_at) / (req.num_generated - 1)
             old = self._tpot_seen.get(req.model)
             self._tpot_seen[req.model] = tpot if old is None else old + 0.02 * (tpot - old)

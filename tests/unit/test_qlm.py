@@ -143,6 +143,16 @@ def test_admission_reserve_uses_the_observed_time_per_token(fleet, workload):
     done.instance_id = next(iter(caps))
     pol.on_finished(done)
     assert pol._tpot_seen[model] == pytest.approx(5 * iter_s)
+    # an evicted or preempted request's gap holds its wait to resume, not seat time: unread
+    for i, field in enumerate(("num_evictions", "num_preemptions")):
+        gap = Request(id=10_001 + i, model=model, slo_class="batch", prompt_tokens=100,
+                      output_tokens=101, arrived_at=0.0, deadline_at=600.0, tpot_s=None,
+                      priority=1)
+        gap.first_token_at, gap.completed_at, gap.num_generated = 1.0, 500.0, 101
+        gap.instance_id = done.instance_id
+        setattr(gap, field, 1)
+        pol.on_finished(gap)
+        assert pol._tpot_seen[model] == pytest.approx(5 * iter_s)
     slower = pol._batch_seats(now)
     same_model = [i for i in caps if rt.instances[i].model == model]
     assert all(slower[i] < caps[i] for i in same_model)
