@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Seven workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Ten workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
-and a tensor-parallel 70B, and an L4-only fleet (second batch). Each is calibrated like the suite (loads where
+and a tensor-parallel 70B, and an L4-only fleet (second batch); a 60-s batch SLO, interactive
+work only, and Mooncake on two A100s (third batch). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -80,6 +81,20 @@ NEW = [
                  lengths={"prompt_max": 3000},
                  arrivals={"process": "gamma", "rate_per_s": 3.0, "cv": 2.0}),
              search=(0.2, 40.0)),
+    Scenario("h-batch-tight", "azure conv, 50% interactive 2 s / 50% batch 60 s; suite fleet",
+             {"name": "a100x4-l4x2", "instances": R.A100x4_L4x2},
+             _wl("hbt", {"interactive": {"ttft_s": 2.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 60.0, "share": 0.5, "priority": 1}}, R.FOUR_MODELS, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(1.0, 60.0)),
+    Scenario("h-interactive-only", "azure conv, 100% interactive (3 s); suite fleet",
+             {"name": "a100x4-l4x2", "instances": R.A100x4_L4x2},
+             _wl("hio", {"interactive": {"ttft_s": 3.0, "share": 1.0, "priority": 0}}, R.FOUR_MODELS, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(1.0, 60.0)),
+    Scenario("h-mooncake-small", "mooncake, one model on 2xA100, 30% interactive 6 s / 70% batch 1200 s",
+             {"name": "a100x2", "instances": [{"gpu": "A100-80GB", "model": "llama-3.1-8b", "count": 2}]},
+             _wl("hms", {"interactive": {"ttft_s": 6.0, "share": 0.3, "priority": 0},
+                         "batch": {"ttft_s": 1200.0, "share": 0.7, "priority": 1}}, {"llama-3.1-8b": 1.0}, 300.0),
+             trace="mooncake_conversation.jsonl", prompt_cap=100_000, search=(0.05, 20.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
