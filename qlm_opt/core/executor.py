@@ -245,6 +245,19 @@ class Executor:
         whose recompute (prompt + generated tokens) is at most ``cap`` tokens (default:
         ``evict_max_recompute_tokens``; None: any), cheapest first, at most one per member
         of ``g`` (and ``max_victims``)."""
+        gen = inst.engine.num_generated
+        return sorted(
+            self._eligible_victims(inst, g, cap),
+            key=lambda r: (-r.priority, r.prompt_tokens + gen(r)),
+        )[: min(g.size, self.config.max_victims)]
+
+    def has_victims(self, inst: Instance, g: RequestGroup) -> bool:
+        """Whether ``victims_for(inst, g)`` is non-empty, without sorting: the first
+        running request that qualifies answers."""
+        return any(True for _ in self._eligible_victims(inst, g))
+
+    def _eligible_victims(self, inst: Instance, g: RequestGroup, cap: int | None = -1):
+        """The running requests ``victims_for`` chooses from, unsorted (lazily)."""
         pr = g.members[0][2].priority
         # An evicted request recomputes prompt + generated tokens on what is usually a
         # saturated instance: only cheap victims are worth it (measured on the conv trace:
@@ -255,26 +268,9 @@ class Executor:
             cap = 1 << 62
         # a live engine knows only what it streamed back: Request.num_generated
         gen = inst.engine.num_generated
-        return sorted(
-            (r for r in inst.engine.running_requests()
-             if r.priority > pr and r.first_token_at is not None and r.tpot_s is None
-             and r.prompt_tokens + gen(r) <= cap),
-            key=lambda r: (-r.priority, r.prompt_tokens + gen(r)),
-        )[: min(g.size, self.config.max_victims)]
-
-    def has_victims(self, inst: Instance, g: RequestGroup) -> bool:
-        """Whether ``victims_for(inst, g)`` is non-empty, without sorting: the first
-        running request that qualifies answers."""
-        pr = g.members[0][2].priority
-        cap = self.config.evict_max_recompute_tokens
-        if cap is None:
-            cap = 1 << 62
-        gen = inst.engine.num_generated
-        for r in inst.engine.running_requests():
-            if (r.priority > pr and r.first_token_at is not None and r.tpot_s is None
-                    and r.prompt_tokens + gen(r) <= cap):
-                return True
-        return False
+        return (r for r in inst.engine.running_requests()
+                if r.priority > pr and r.first_token_at is not None and r.tpot_s is None
+                and r.prompt_tokens + gen(r) <= cap)
 
     def evict_for(self, inst: Instance, g: RequestGroup, now_at: float) -> int:
         """Evict ``victims_for(inst, g)`` to seat ``g``. The victims go back to their groups

@@ -16,10 +16,11 @@ Every epoch:
      per instance, the seats the urgent arrivals forecast for it hold on average (arrival
      rate of the classes whose TTFT is within ``ExecutorConfig.urgent_window_s``, split over
      the ready instances holding the model, times the time one holds a seat: mean prompt x
-     prefill s per token + mean output x iteration s) plus ``admission_margin`` Poisson
-     standard deviations are kept from batch work until the next epoch, out of the
-     instance's seats (the estimator's, or what its engine holds now if more); no urgent
-     forecast, no cap;
+     prefill s per token + mean output x iteration s, the iteration being the decode-only one
+     or, if longer, the time per output token observed on finished uninterrupted requests)
+     plus ``admission_margin`` Poisson standard deviations are kept from batch work until
+     the next epoch, out of the instance's seats (the estimator's, or what its engine holds
+     now if more); no urgent forecast, no cap;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others; the scored wait prediction's

@@ -62,8 +62,10 @@ def _req(i: int, model: str, deadline_at: float, prompt: int = 100, priority: in
                    deadline_at=deadline_at, tpot_s=None, priority=priority)
 
 
-def _queue(rt, reqs, where: int):
-    gq = GlobalQueue()
+def _queue(rt, reqs, where: int, gq: GlobalQueue | None = None):
+    """Accept ``reqs`` into ``gq`` (a new queue by default), new groups placed on instance
+    ``where``: (queue, new groups)."""
+    gq = GlobalQueue() if gq is None else gq
     groups = []
     for r in reqs:
         rt.accept(r)
@@ -259,11 +261,7 @@ def test_batch_waiting_in_an_engine_does_not_hold_urgent_work_back(fleet_rt):
     ex.pull(inst)
     assert inst.engine.stats().num_waiting == 2  # the slack is full of batch work
     assert sum(1 for r in batch if r in gq) >= 1  # and more batch work waits outside
-    for r in urgent:
-        rt.accept(r)
-        g, new = gq.add(r, 0.0)
-        if new:
-            gq.place(g, 0)
+    _queue(rt, urgent, 0, gq)
     ex.pull(inst)
     waiting = inst.engine.waiting_requests()
     # urgent work enters ahead of the batch requests, but at most `engine_slack` of it:
@@ -310,11 +308,7 @@ def test_pull_admits_batch_only_up_to_the_plans_cap(fleet_rt):
     assert ex.totals["batch_held"] >= 1
     # urgent work may take every seat that is left
     urgent = [_req(100 + i, "llama-3.1-8b", 2.0) for i in range(7)]
-    for r in urgent:
-        rt.accept(r)
-        g, new = gq.add(r, 0.0)
-        if new:
-            gq.place(g, 0)
+    _queue(rt, urgent, 0, gq)
     ex.pull(inst)
     nr, nw, mx = inst.engine.seat_counts()
     assert nr + nw == mx == 8
