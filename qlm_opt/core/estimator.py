@@ -298,6 +298,9 @@ class RWTEstimator:
         self.model_lengths: dict[str, LengthStats] = {}  # model -> stats over buckets
         self._cal: dict[int, _InstCal] = {}  # instance id -> calibration
         self._profiles: dict[int, _Profile] = {}  # instance id -> cached profile
+        # instance id -> requests its engine may hold (a TPOT cap, ``tpot_seats``): the
+        # policy sets it; ``basics`` counts no more seats than it
+        self.seat_caps: dict[int, int] = {}
         self._now_cache: dict[int, tuple] = {}  # instance id -> (state key, engine summary)
         self.batch_budget = 8192  # max_num_batched_tokens (vLLM's default; set from config)
         self.calib = WaitCalibrator()
@@ -419,6 +422,9 @@ class RWTEstimator:
         seats = float(st.max_num_seqs or 256)
         if st.kv_capacity_tokens > 0:
             seats = max(1.0, min(seats, st.kv_capacity_tokens / max(fp, 1.0)))
+        cap = self.seat_caps.get(inst.id)
+        if cap is not None and cap < seats:
+            seats = float(cap)
         im = self.engine_model(inst)
         keep = 1.0 - cal.hit_frac  # expected prefill per prompt token (prefix-cache hits)
         if im is not None:
@@ -426,6 +432,44 @@ class RWTEstimator:
         tps = st.decode_tokens_per_s or 1.0
         c_tok = 1.0 / st.prefill_tokens_per_s if st.prefill_tokens_per_s else 0.0
         return seats, max(st.num_running, 1) / tps, c_tok * keep
+
+    def tpot_seats(self, inst, st, tpot_s: float, headroom: float) -> int | None:
+        """The most requests ``inst``'s engine may hold so that a request's mean time per
+        output token stays within ``headroom * tpot_s``; None when even one request cannot
+        (a cap would only cost throughput) or the engine has no iteration model.
+
+        With ``b`` requests held, an iteration decodes ``b`` tokens over a KV cache of ``b``
+        footprints, and each request brings its prompt's prefill (less expected prefix-cache
+        hits) once per mean output length: per output token, the engine also prefills
+        ``b * prompt / output`` tokens. Prefill chunks come in lumps (a long prompt's chunk
+        is compute-bound whatever the decode batch), so their time is added to the decode
+        iteration's rather than hidden under its memory time."""
+        im = self.engine_model(inst)
+        if im is None or tpot_s <= 0:
+            return None
+        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
+        model = st.model or inst.model
+        mu = max(self.model_stats(model).mean if model else self.prior_mean, 1.0)
+        fp = cal.footprint_tokens or (self.prompt_mean + mu / 2.0)
+        seats = float(st.max_num_seqs or 256)
+        if st.kv_capacity_tokens > 0:
+            seats = max(1.0, min(seats, st.kv_capacity_tokens / max(fp, 1.0)))
+        prefill_per_token = im.c_tok * (1.0 - cal.hit_frac) * self.prompt_mean / mu
+        limit = headroom * tpot_s
+
+        def per_token(b: int) -> float:
+            return im.iteration_s(b, int(b * fp), b) + b * prefill_per_token
+
+        if per_token(1) > limit:
+            return None
+        lo, hi = 1, int(seats)  # per_token rises with b: the largest b within the limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if per_token(mid) <= limit:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def profile(self, inst, now_at: float, bucket_of) -> _Profile:
         """The instance's start-time curve (cached for ``refresh_s``)."""

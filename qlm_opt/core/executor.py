@@ -15,7 +15,9 @@ it: ``qlm`` feeds it the CP-SAT plan every epoch, ``qlm-rwt`` its RWT heuristics
     instance's virtual queue (``RequestGroup.tier``), so it does not push them late
     (Moore-Hodgson's rule, weighted and across instances, is what the knapsack solves);
   - *admission*: the plan's ``batch_seats`` cap how many batch requests each engine may
-    hold until the next plan (see *Pull*);
+    hold until the next plan, and its ``seat_caps`` how many requests of any class (the
+    TPOT caps: more would slow every decode past the tightest TPOT target the instance
+    serves) (see *Pull*);
   - *planned eviction* (``planned_evict``, off by default): when the plan's first group on a
     full instance is urgent, late as planned and on time if it started now, running batch
     requests are evicted for it if the on-time weight that gains exceeds what their
@@ -32,7 +34,8 @@ it: ``qlm`` feeds it the CP-SAT plan every epoch, ``qlm-rwt`` its RWT heuristics
   urgent work may take every seat. Batch work over the cap waits in the global queue, not in
   an engine, and stops being batch once it comes within the window of its deadline, so the
   cap delays it but never starves it. No cap (``qlm-rwt``, or no urgent demand forecast):
-  batch work takes every seat.
+  batch work takes every seat. An instance with a TPOT cap takes no request of any class
+  while its engine holds that many; the work waits in the global queue, in plan order.
 - **Steal** (``steal``): an idle instance takes the head group of the busiest instance of
   the same model.
 - **Evict** (``evict_for``): running lower-priority requests whose first token is out and
@@ -122,11 +125,16 @@ class Executor:
         # instance id -> batch requests its engine may hold (the current plan's admission);
         # an instance not here has no cap
         self.batch_seats: dict[int, int] = {}
+        # instance id -> requests (any class) its engine may hold: the plan's TPOT caps
+        self.seat_caps: dict[int, int] = {}
         self.evicted_on: set[int] = set()  # instances the last ``apply`` evicted on
 
     # -- pull --------------------------------------------------------------------------------
     def has_seat(self, inst: Instance) -> bool:
         nr, nw, mx = inst.engine.seat_counts()
+        cap = self.seat_caps.get(inst.id)
+        if cap is not None and cap < mx:
+            mx = cap
         return nw < self.config.engine_slack and nr + nw < mx
 
     def batch_held(self, inst: Instance, now_at: float) -> int:
@@ -142,7 +150,8 @@ class Executor:
         first), while the urgent backlog an engine holds stays bounded, so the global queue
         still decides what is past hope (EDF's domino effect). A request past hope moves to
         its model's late lane instead. Batch work (due later than ``urgent_window_s``) enters
-        only while the engine holds fewer batch requests than ``batch_seats[inst]``."""
+        only while the engine holds fewer batch requests than ``batch_seats[inst]``, and
+        nothing enters while it holds ``seat_caps[inst]`` requests."""
         rt = self.rt
         if not inst.ready:
             return
@@ -155,11 +164,12 @@ class Executor:
         waiting_at = None  # sorted deadlines waiting in the engine, once at the slack limit
         eng = inst.engine
         cap = self.batch_seats.get(inst.id)
+        held_cap = self.seat_caps.get(inst.id)
         batch_cut = now + self.config.urgent_window_s
         n_batch = None  # batch requests in the engine, counted when the cap first matters
         while True:
             nr, nw, mx = eng.seat_counts()
-            if nr + nw >= mx:
+            if nr + nw >= mx or (held_cap is not None and nr + nw >= held_cap):
                 return
             g = vq.head()
             if g is None and nw < slack and self.steal(inst):
@@ -423,6 +433,7 @@ class Executor:
                 else:
                     self.gq.place(g, ip.instance_id)
         self.batch_seats = dict(plan.batch_seats)
+        self.seat_caps = dict(plan.seat_caps)
         self.evicted_on = set()
         if self.config.planned_evict:
             for ip in plan.instances:

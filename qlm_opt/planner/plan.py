@@ -99,6 +99,9 @@ class Plan:
             urgent arrivals the forecast expects (``batch_seat_caps``). An instance not in
             the map has no cap (every seat may take batch work). Set by the policy from the
             same epoch's forecast; empty for plans without admission (``qlm-rwt``).
+        seat_caps: instance id -> how many requests of any class the instance's engine may
+            hold, so that the tightest TPOT target of the classes it serves stays met
+            (``RWTEstimator.tpot_seats``); empty when no class has a TPOT target.
     """
 
     instances: tuple[InstancePlan, ...]
@@ -116,6 +119,7 @@ class Plan:
     hint_objective: float | None = None
     fallback_cause: str | None = None
     batch_seats: Mapping[int, int] = field(default_factory=dict)
+    seat_caps: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def gap(self) -> float | None:

@@ -20,7 +20,12 @@ Every epoch:
      or, if longer, the time per output token observed on finished uninterrupted requests)
      plus ``admission_margin`` Poisson standard deviations are kept from batch work until
      the next epoch, out of the instance's seats (the estimator's, or what its engine holds
-     now if more); no urgent forecast, no cap;
+     now if more); no urgent forecast, no cap. Classes with a TPOT target add *TPOT caps*
+     (``Plan.seat_caps``): an instance whose model had arrivals of such a class within
+     ``rate_window_s`` holds at most as many requests (of any class) as keep the engine
+     model's time per output token (the decode iteration plus the prefill each admitted
+     request brings, spread over its mean output) within ``tpot_headroom`` x the tightest
+     target; the estimator and the planner count no more seats than that;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others; the scored wait prediction's
@@ -94,6 +99,8 @@ class QLMPolicy(QLMRWTPolicy):
         cover_late_s: float = 30.0,
         admission: bool = True,
         admission_margin: float = 1.0,
+        tpot_caps: bool = True,
+        tpot_headroom: float = 1.0,
         planned_eviction: bool = False,
         clairvoyant: bool = False,
         executor: ExecutorConfig | None = None,
@@ -105,6 +112,12 @@ class QLMPolicy(QLMRWTPolicy):
         # plan-set admission caps (module docstring, step 3); off: batch takes every seat
         self.admission = admission
         self.admission_margin = admission_margin
+        if not 0 < tpot_headroom <= 1:
+            raise ValueError(f"tpot_headroom must be in (0, 1], got {tpot_headroom}")
+        # TPOT caps (``_tpot_caps``): a cap keeps the predicted time per output token within
+        # this share of the tightest TPOT target
+        self.tpot_caps = tpot_caps
+        self.tpot_headroom = tpot_headroom
         # evictions from the plan (Executor.apply); the RWT heuristic only without a plan
         self.planned_eviction = planned_eviction
         self.executor_config.planned_evict = planned_eviction
@@ -140,6 +153,7 @@ class QLMPolicy(QLMRWTPolicy):
         # a request holds its seat once decoding, prefill chunks of others included
         self._tpot_seen: dict[str, float] = {}
         self._tighter_cache: frozenset[str] | None = None  # ``_tighter_classes``
+        self._tpot_cache: dict[str, float] | None = None  # ``_tpot_of``
 
     def make_deterministic(self) -> None:
         """What-if runs: reproducible solver search (see ``SolverPreset.deterministic``)."""
@@ -547,7 +561,15 @@ class QLMPolicy(QLMRWTPolicy):
         rt = self.rt
         now = rt.now()
         if self.admission:
-            plan = plan.replace(batch_seats=self._batch_seats(now))
+            # TPOT caps first: the batch caps come out of the seats they leave
+            caps = self._tpot_caps(now)
+            old = self.est.seat_caps
+            if caps != old:
+                for iid in set(caps) | set(old):
+                    if caps.get(iid) != old.get(iid):
+                        self.est.invalidate(iid)
+                self.est.seat_caps = caps
+            plan = plan.replace(batch_seats=self._batch_seats(now, caps), seat_caps=caps)
         self.last_plan = plan
         self.solve_ms.append(plan.solve_ms + plan.build_ms)
         self.statuses[str(plan.status)] += 1
@@ -602,9 +624,11 @@ class QLMPolicy(QLMRWTPolicy):
             got = self._tighter_cache = frozenset(c for c, t in self._ttft.items() if t < top)
         return got
 
-    def _batch_seats(self, now: float) -> dict[int, int]:
+    def _batch_seats(self, now: float, seat_caps: dict[int, int] | None = None
+                     ) -> dict[int, int]:
         """Admission caps for this epoch (module docstring, step 3): instance id -> batch
-        requests its engine may hold."""
+        requests its engine may hold, out of its seats (no more than ``seat_caps``, the
+        epoch's TPOT caps)."""
         window = self.executor.config.urgent_window_s
         span = min(self.rate_window_s, max(now, 1e-9))
         rate: dict[str, float] = {}  # model -> urgent arrivals per second
@@ -632,8 +656,41 @@ class QLMPolicy(QLMRWTPolicy):
                 # engine whose prompts share cached prefixes: it may hold more right now
                 nr, nw, _ = inst.engine.seat_counts()
                 seats[inst.id] = max(s, float(nr + nw))
+                cap = seat_caps.get(inst.id) if seat_caps else None
+                if cap is not None:
+                    seats[inst.id] = min(seats[inst.id], float(cap))
                 demand[inst.id] = lam / len(held) * (self.est.prompt_mean * c_tok + mu * iter_s)
         return batch_seat_caps(seats, demand, self.admission_margin)
+
+    def _tpot_caps(self, now: float) -> dict[int, int]:
+        """TPOT caps for this epoch (module docstring, step 3): instance id -> requests its
+        engine may hold, for each ready instance whose model had arrivals of a class with a
+        TPOT target within the last ``rate_window_s``; the tightest such target, with
+        ``tpot_headroom``, sets the cap (``RWTEstimator.tpot_seats``)."""
+        tpot = self._tpot_of
+        if not tpot or not self.tpot_caps:
+            return {}
+        target: dict[str, float] = {}  # model -> tightest TPOT of its recent arrivals
+        for (model, cls), q in self._arrivals.items():
+            t = tpot.get(cls)
+            if t is not None and self._recent(q, now) and t < target.get(model, math.inf):
+                target[model] = t
+        caps: dict[int, int] = {}
+        for model, t in target.items():
+            for inst in self.rt.ready_instances(model):
+                cap = self.est.tpot_seats(inst, inst.engine.stats(), t, self.tpot_headroom)
+                if cap is not None:
+                    caps[inst.id] = cap
+        return caps
+
+    @property
+    def _tpot_of(self) -> dict[str, float]:
+        """Class -> TPOT target, for the classes that have one."""
+        got = self._tpot_cache
+        if got is None:
+            classes = self.workload.classes.values() if self.workload is not None else ()
+            got = self._tpot_cache = {c.name: c.tpot_s for c in classes if c.tpot_s}
+        return got
 
     def _maybe_evict(self, inst: Instance) -> None:
         """The RWT eviction heuristic; with ``planned_eviction``, only while no plan is
@@ -653,7 +710,8 @@ class QLMPolicy(QLMRWTPolicy):
             "solve_ms": p.solve_ms, "build_ms": p.build_ms, "formulation": p.formulation,
             "instances": [{"instance": ip.instance_id, "model": ip.final_model,
                            "groups": list(ip.group_ids),
-                           "batch_seats": p.batch_seats.get(ip.instance_id)}
+                           "batch_seats": p.batch_seats.get(ip.instance_id),
+                           "seat_cap": p.seat_caps.get(ip.instance_id)}
                           for ip in p.instances],
         }
 

@@ -333,6 +333,28 @@ def test_the_next_plan_resets_the_cap_and_no_cap_fills_every_seat(fleet_rt):
     assert sum(inst.engine.seat_counts()[:2]) == 8
 
 
+def test_a_tpot_cap_holds_every_class_in_the_global_queue(fleet_rt):
+    """A plan's TPOT cap bounds what the engine holds, urgent work included; the rest waits
+    in the global queue, and the next plan without a cap lets it in."""
+    rt, _ = fleet_rt
+    inst = rt.instances[0]  # 8 seats
+    urgent = [_req(i, "llama-3.1-8b", 2.0) for i in range(6)]
+    gq, groups = _queue(rt, urgent, 0)
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=8))
+    pi = _pi(groups, 500, rt)
+    plan = _plan(pi, {0: [str(g.id) for g in groups]}).replace(seat_caps={0: 4})
+    ex.apply(plan, pi, 0.0)
+    assert ex.seat_caps == {0: 4}
+    ex.pull(inst)
+    assert sum(inst.engine.seat_counts()[:2]) == 4
+    assert sum(1 for r in urgent if r in gq) == 2
+    assert not ex.has_seat(inst)
+    ex.apply(plan.replace(seat_caps={}), pi, 0.0)
+    assert ex.has_seat(inst)
+    ex.pull(inst)
+    assert sum(inst.engine.seat_counts()[:2]) == 6 and not any(r in gq for r in urgent)
+
+
 def test_batch_near_its_deadline_is_urgent_and_passes_the_cap(fleet_rt):
     rt, _ = fleet_rt
     inst = rt.instances[0]

@@ -197,6 +197,76 @@ def test_admission_caps_follow_the_interactive_forecast(fleet, workload):
         QLMPolicy(workload=workload, admission_margin=-1.0)
 
 
+def _tpot_workload(tpot_s: float, **over) -> Workload:
+    return Workload.from_dict(small_workload_dict(duration_s=60, classes={
+        "interactive": {"ttft_s": 2.0, "tpot_s": tpot_s, "share": 0.6, "priority": 0},
+        "batch": {"ttft_s": 300.0, "share": 0.4, "priority": 1}}, **over))
+
+
+def test_tpot_caps_follow_the_target(fleet):
+    """An instance whose model gets arrivals of a class with a TPOT target holds no more
+    requests than keep the engine model's time per output token within it: a tighter target,
+    a smaller cap; one the engine cannot meet even for one request, no cap; a loose one, every
+    seat. The epoch's plan carries the caps to the executor, and the estimator and planner
+    count no more seats than the cap."""
+    wl = _tpot_workload(0.03)
+    sim, rt, pol, reqs = _fed(fleet, wl, QLMPolicy(workload=wl, preset="fast"), 60)
+    now = sim.now()
+    caps = pol._tpot_caps(now)
+    served = {r.model for r in reqs if r.slo_class == "interactive"}
+    assert caps and {rt.instances[i].model for i in caps} <= served
+    raw = {i: pol.est.basics(rt.instances[i], rt.instances[i].engine.stats())[0] for i in caps}
+    assert all(1 <= caps[i] <= raw[i] for i in caps)
+    assert any(caps[i] < raw[i] for i in caps)  # 30 ms binds on the 8B's A100s
+
+    def with_target(t):
+        pol._tpot_cache = {"interactive": t}
+        return pol._tpot_caps(now)
+
+    tighter = with_target(0.015)
+    assert all(tighter.get(i, 0) <= caps[i] for i in caps)
+    assert any(tighter.get(i, 0) < caps[i] for i in caps)
+    assert with_target(1e-4) == {}  # a single decode step is slower: capping gains nothing
+    loose = with_target(10.0)
+    assert {i: float(c) for i, c in loose.items() if i in raw} == {
+        i: float(int(s)) for i, s in raw.items()}
+    pol._tpot_cache = None
+    pol._replan("period")
+    plan = pol.last_plan
+    assert plan is not None and dict(plan.seat_caps) == pol.executor.seat_caps \
+        == pol.est.seat_caps != {}
+    for iid, cap in plan.seat_caps.items():
+        inst = rt.instances[iid]
+        assert pol.est.basics(inst, inst.engine.stats())[0] <= cap
+    assert {e["instance"]: e["seat_cap"] for e in pol.current_plan()["instances"]
+            if e["seat_cap"] is not None} == dict(plan.seat_caps)
+    # no class with a TPOT target, or the caps turned off: none
+    plain = _fed(fleet, Workload.from_dict(small_workload_dict(duration_s=60)),
+                 QLMPolicy(workload=Workload.from_dict(small_workload_dict(duration_s=60)),
+                           preset="fast"), 60)
+    assert plain[2]._tpot_caps(plain[0].now()) == {}
+    off = _fed(fleet, wl, QLMPolicy(workload=wl, preset="fast", tpot_caps=False), 60)
+    assert off[2]._tpot_caps(off[0].now()) == {}
+    with pytest.raises(ValueError, match="tpot_headroom"):
+        QLMPolicy(workload=wl, tpot_headroom=0.0)
+
+
+def test_tpot_caps_meet_more_tpot_targets(fleet):
+    """On a load where batch decodes share the engines, the TPOT caps keep interactive
+    requests' time per token within their target: far more of them meet their SLO."""
+    wl = _tpot_workload(0.04)
+    att = {}
+    for on in (False, True):
+        reqs = build_requests(synthetic_trace(wl), wl)
+        run = run_policy("qlm", fleet, wl, reqs, track_rwt=False,
+                         policy_options={"preset": "fast", "tpot_caps": on})
+        att[on] = run.metrics["per_class"]["interactive"]["slo_attainment"]
+        assert all(r.state in (RequestState.FINISHED, RequestState.DROPPED)
+                   for r in run.requests)
+        assert sum(r.state == RequestState.FINISHED for r in run.requests) == len(reqs)
+    assert att[True] >= att[False] + 0.2, att
+
+
 def test_scored_cut_in_rate_leaves_out_the_plan_late_work(fleet, workload):
     """Interactive work a plan puts behind on-time work (tier 1) stops counting in the batch
     class's cut-in rate of ``qlm``'s scored prediction: its members, once, over the 30-s
