@@ -122,7 +122,7 @@ NEW = [
                  lengths={"prompt_max": 4000},
                  batch_jobs=[{"submit_at_s": 30.0, "num_lines": 8000, "window": "15m",
                               "model": "llama-3.1-8b", "slo_class": "batch"}]),
-             search=(0.5, 40.0), extra={"loads": [1.0, 2.0]}),
+             search=(0.5, 40.0), extra={"loads": [4.0, 6.0]}),
     Scenario("h-small-gpus", "poisson arrivals, conversation lengths; llama-3.1-8b on 4xA10 (24 GB, "
              "little KV) + llama-3.2-1b on 2xL4; 50% interactive 3 s / batch 300 s",
              {"name": "a10x4-l4x2", "instances": [
@@ -144,6 +144,27 @@ NEW = [
                   "models": ["llama-3.1-8b", "qwen3-8b", "mistral-7b"]}]},
              _wl("hcs", R.CONV_CLASSES, {"llama-3.1-8b": 0.3, "qwen3-8b": 0.5, "mistral-7b": 0.2}, 300.0),
              trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(1.0, 80.0)),
+    # fifth batch: two more shapes with TPOT targets, built after h-tpot found that no policy
+    # weighed TPOT, to check the TPOT caps on shapes they were not built on (first run with
+    # the caps in place; tpot_headroom was chosen on h-tpot alone)
+    Scenario("h-tpot-mooncake", "mooncake; 50% interactive 5 s TTFT + 100 ms TPOT / batch 600 s; suite mooncake fleet",
+             {"name": "h100x4-a100x2", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 4},
+                 {"gpu": "A100-80GB", "model": "llama-3.2-1b", "count": 2}]},
+             _wl("htm", {"interactive": {"ttft_s": 5.0, "tpot_s": 0.1, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 600.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-8b": 0.7, "llama-3.2-1b": 0.3}, 300.0),
+             trace="mooncake_conversation.jsonl", prompt_cap=100_000, search=(0.5, 20.0)),
+    Scenario("h-tpot-3class", "synthetic conv lengths, gamma CV 2; chat 1 s + 40 ms TPOT (30%), api 5 s (30%), batch 1 h; 3xH100 llama-3.1-8b + 1xL40S qwen3-8b",
+             {"name": "h100x3-l40s", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 3},
+                 {"gpu": "L40S", "model": "qwen3-8b", "count": 1}]},
+             _wl("ht3", {"chat": {"ttft_s": 1.0, "tpot_s": 0.04, "share": 0.3, "priority": 0},
+                         "api": {"ttft_s": 5.0, "share": 0.3, "priority": 1},
+                         "batch": {"ttft_s": 3600.0, "share": 0.4, "priority": 2}},
+                 {"llama-3.1-8b": 0.75, "qwen3-8b": 0.25}, 300.0,
+                 lengths={"prompt_max": 4000}, arrivals={"process": "gamma", "rate_per_s": 4.0, "cv": 2.0}),
+             search=(0.2, 40.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s

@@ -37,7 +37,10 @@ it: ``qlm`` feeds it the CP-SAT plan every epoch, ``qlm-rwt`` its RWT heuristics
   batch work takes every seat. An instance with a TPOT cap takes no request of any class
   while its engine holds that many; the work waits in the global queue, in plan order.
 - **Steal** (``steal``): an idle instance takes the head group of the busiest instance of
-  the same model.
+  the same model; and (``steal_urgent``) an instance about to seat batch work takes, first,
+  the earliest on-time urgent head group waiting on another instance of its model, so urgent
+  work never waits on a full instance while a sibling seats batch (groups the plan put behind
+  stay where it put them).
 - **Evict** (``evict_for``): running lower-priority requests whose first token is out and
   whose recompute is cheap are aborted to seat an urgent group; they keep their tokens and
   resume by recompute. The heuristic (``victims_for`` under a recompute-token cap) is what
@@ -85,6 +88,7 @@ class ExecutorConfig:
     max_victims: int = 8  # evictions per urgent group
     demote_late: bool = True  # plan-late groups go behind on-time ones
     rebalance: bool = True  # move queued groups to their planned instance when it gains
+    steal_urgent: bool = True  # an instance about to seat batch takes a sibling's urgent head
     rebalance_horizon_s: float = 60.0  # only groups due within this are moved by the plan
     # work due within this is urgent: it may take any seat; work due later is batch work,
     # admitted up to the plan's ``batch_seats`` cap
@@ -174,6 +178,9 @@ class Executor:
             g = vq.head()
             if g is None and nw < slack and self.steal(inst):
                 g = vq.head()
+            elif (g is not None and g.deadline_at > batch_cut and nw < slack
+                  and self.steal_urgent(inst, batch_cut)):
+                g = vq.head()
             if cap is not None and g is not None and g.deadline_at > batch_cut:
                 # the head is batch work, and so is everything behind it (EDF order)
                 if n_batch is None:
@@ -241,6 +248,28 @@ class Executor:
         if g is None:
             return False
         self._move(g, inst.id)
+        return True
+
+    def steal_urgent(self, inst: Instance, batch_cut: float) -> bool:
+        """About to give a seat to batch work (its own head is due after ``batch_cut``),
+        ``inst`` first takes the earliest on-time urgent head group (due by ``batch_cut``, not
+        put behind by the plan) waiting on another instance of its model that has no seat for
+        it: urgent work never waits on a full instance while a sibling seats batch. Returns
+        whether a group moved."""
+        if inst.id in self.swap_after or not self.config.steal_urgent:
+            return False
+        best = None
+        for i in self.rt.ready_instances(inst.model):
+            if i is inst:
+                continue
+            h = self.gq.vq(i.id).head()
+            if (h is not None and h.tier == 0 and h.deadline_at <= batch_cut
+                    and (best is None or h.deadline_at < best.deadline_at)
+                    and not self.has_seat(i)):
+                best = h
+        if best is None:
+            return False
+        self._move(best, inst.id)
         return True
 
     def _move(self, g: RequestGroup, instance_id: int) -> None:

@@ -270,6 +270,38 @@ def test_batch_waiting_in_an_engine_does_not_hold_urgent_work_back(fleet_rt):
     assert sum(1 for r in urgent if r in gq) == 3
 
 
+@pytest.mark.parametrize("tier", [0, 1])
+def test_an_instance_about_to_seat_batch_takes_urgent_work_from_a_sibling(fleet_rt, tier):
+    """Instance 1 has batch queued and free seats while urgent work of the same model waits
+    on instance 0 (full): it takes the urgent group first, then its own batch. A group the
+    plan put behind (tier 1) stays where the plan left it."""
+    rt, _ = fleet_rt
+    full, idle = rt.instances[0], rt.instances[1]
+    ex = Executor(rt, GlobalQueue(), ExecutorConfig(engine_slack=8))
+    gq = ex.gq
+    _queue(rt, [_req(i, "llama-3.1-8b", 600.0, priority=1) for i in range(8)], 0, gq)
+    ex.pull(full)
+    assert sum(full.engine.seat_counts()[:2]) == 8  # full of batch
+    urgent = [_req(100 + i, "llama-3.1-8b", 2.0) for i in range(3)]
+    _, (ug,) = _queue(rt, urgent, 0, gq)
+    if tier:
+        gq.set_tier(ug, 1)
+    batch = [_req(300 + i, "llama-3.1-8b", 600.0, priority=1, arrived_at=1.0)
+             for i in range(10)]
+    _queue(rt, batch, 1, gq)
+    ex.pull(idle)
+    held = {r.id for r in idle.engine.waiting_requests()} | {
+        r.id for r in idle.engine.running_generated()[0]}
+    assert len(held) == 8
+    if tier == 0:
+        assert {r.id for r in urgent} <= held  # stolen from instance 0, seated first
+        assert ug.instance_id == idle.id and ex.num_rebalanced == 3
+        assert sum(1 for r in batch if r.id in held) == 5
+    else:
+        assert ug.instance_id == full.id and ex.num_rebalanced == 0
+        assert all(r in gq for r in urgent)
+
+
 # -- admission: the plan's batch seats ------------------------------------------------------
 
 def test_batch_seat_caps_reserve_follows_the_forecast():
