@@ -143,15 +143,21 @@ class PlanningProblem:
     )
     default_swap_ms: int | None = None
     weights: ObjectiveWeights = ObjectiveWeights()
+    # id -> group / instance, built once by the validation below (the planner looks groups up
+    # by id many times per epoch); read through `group_index` / `instance_index`.
+    _groups_by_id: dict[str, PlanGroup] = field(init=False, repr=False, compare=False)
+    _instances_by_id: dict[int, PlanInstance] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        group_ids = [g.id for g in self.groups]
-        if len(set(group_ids)) != len(group_ids):
+        by_id = {g.id: g for g in self.groups}
+        if len(by_id) != len(self.groups):
             raise ValueError("duplicate group ids in planning problem")
-        inst_ids = [i.id for i in self.instances]
-        if len(set(inst_ids)) != len(inst_ids):
+        insts = {i.id: i for i in self.instances}
+        if len(insts) != len(self.instances):
             raise ValueError("duplicate instance ids in planning problem")
-        known = set(inst_ids)
+        object.__setattr__(self, "_groups_by_id", by_id)
+        object.__setattr__(self, "_instances_by_id", insts)
+        known = insts
         for g in self.groups:
             if g.weight < 0 or g.size < 0:
                 raise ValueError(f"group {g.id}: weight and size must be >= 0")
@@ -199,10 +205,22 @@ class PlanningProblem:
         return tuple(sorted({g.model for g in self.groups}))
 
     def group_by_id(self) -> dict[str, PlanGroup]:
-        return {g.id: g for g in self.groups}
+        """A new dict group id -> group (the caller may change it)."""
+        return dict(self._groups_by_id)
 
     def instance_by_id(self) -> dict[int, PlanInstance]:
-        return {i.id: i for i in self.instances}
+        """A new dict instance id -> instance (the caller may change it)."""
+        return dict(self._instances_by_id)
+
+    @property
+    def group_index(self) -> Mapping[str, PlanGroup]:
+        """group id -> group, shared and built once per problem: do not mutate."""
+        return self._groups_by_id
+
+    @property
+    def instance_index(self) -> Mapping[int, PlanInstance]:
+        """instance id -> instance, shared and built once per problem: do not mutate."""
+        return self._instances_by_id
 
     def with_weights(self, weights: ObjectiveWeights) -> PlanningProblem:
         """The same instance with other objective weights (presets carry their own)."""
