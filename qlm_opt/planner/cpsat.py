@@ -846,9 +846,10 @@ class KnapsackModel:
         # The current model's groups first ("serve these, then swap"), then EDF on each
         # instance's own deadlines (Jackson's order).
         held = {i.id: i.current_model for i in self.insts}
+        rank = self.instance.edf_rank()  # EDF order as one int (ties are impossible)
         out = {
             iid: [g.id for g in sorted(gs, key=lambda g, i=iid: (
-                g.model != held[i], g.deadline_on(i), *edf_key(g)))]
+                g.model != held[i], g.deadline_on(i), rank[g.id]))]
             for iid, gs in seqs.items()
         }
         late = [g for g in self.groups if g.id not in placed]
@@ -856,10 +857,9 @@ class KnapsackModel:
             out = fallback_sequences(self.instance, groups=late, base=out)
             # A "late" group may still make it when served in plain EDF order among the
             # on-time ones; keep that order where it scores higher for the instance.
-            by_id = self.instance.group_index
             for i in self.insts:
                 seq = out[i.id]
-                edf = sorted(seq, key=lambda gid: edf_key(by_id[gid]))
+                edf = sorted(seq, key=rank.__getitem__)
                 if edf != seq and sequence_objective(self.instance, i, edf) > sequence_objective(
                     self.instance, i, seq
                 ):

@@ -18,15 +18,10 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from qlm_opt.planner.problem import PlanGroup, PlanningProblem
+from qlm_opt.planner.problem import PlanGroup, PlanningProblem, edf_key
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences
 
 __all__ = ["edf_key", "fallback_sequences", "fallback_plan"]
-
-
-def edf_key(g: PlanGroup) -> tuple[int, int, str]:
-    """The one EDF order used everywhere: deadline, then heavier first, then id."""
-    return (g.deadline_ms, -g.weight, g.id)
 
 
 def fallback_sequences(

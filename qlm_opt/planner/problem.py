@@ -25,6 +25,7 @@ __all__ = [
     "PlanningProblem",
     "SWAP_SCALE",
     "REQUEST_WEIGHT",
+    "edf_key",
 ]
 
 # The objective's on-time and swap terms are multiplied by this so the completion-time term,
@@ -68,6 +69,11 @@ class PlanGroup:
         if self.start_deadline_ms is None:
             return self.deadline_ms
         return self.start_deadline_ms + self.service_ms[instance_id]
+
+
+def edf_key(g: PlanGroup) -> tuple[int, int, str]:
+    """The one EDF order used everywhere: deadline, then heavier first, then id."""
+    return (g.deadline_ms, -g.weight, g.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +153,9 @@ class PlanningProblem:
     # by id many times per epoch); read through `group_index` / `instance_index`.
     _groups_by_id: dict[str, PlanGroup] = field(init=False, repr=False, compare=False)
     _instances_by_id: dict[int, PlanInstance] = field(init=False, repr=False, compare=False)
+    # group id -> rank in EDF order (`edf_key`), built on first use (`edf_rank`)
+    _edf_rank: dict[str, int] | None = field(default=None, init=False, repr=False,
+                                             compare=False)
 
     def __post_init__(self) -> None:
         by_id = {g.id: g for g in self.groups}
@@ -221,6 +230,16 @@ class PlanningProblem:
     def instance_index(self) -> Mapping[int, PlanInstance]:
         """instance id -> instance, shared and built once per problem: do not mutate."""
         return self._instances_by_id
+
+    def edf_rank(self) -> Mapping[str, int]:
+        """group id -> its rank in EDF order (`edf_key`; no ties: ids are unique), sorted
+        once per problem; ``sorted(ids, key=pi.edf_rank().__getitem__)`` sorts ids by EDF
+        without a Python key call per id. Shared: do not mutate."""
+        rank = self._edf_rank
+        if rank is None:
+            rank = {g.id: k for k, g in enumerate(sorted(self.groups, key=edf_key))}
+            object.__setattr__(self, "_edf_rank", rank)
+        return rank
 
     def with_weights(self, weights: ObjectiveWeights) -> PlanningProblem:
         """The same instance with other objective weights (presets carry their own)."""
