@@ -10,7 +10,7 @@ import random
 import pytest
 from ortools.sat.python import cp_model
 
-from qlm_opt.planner.cpsat import _add_le, _add_le_times
+from qlm_opt.planner.cpsat import _add_at_most_one, _add_exactly_one, _add_le, _add_le_times
 
 _L = cp_model.LinearExpr
 
@@ -64,3 +64,21 @@ def test_direct_constraints_reject_what_they_cannot_write():
         _add_le_times(m.proto, [0, 1], [1, 2], -1, 2)
     with pytest.raises(ValueError, match="non-zero"):
         _add_le_times(m.proto, [0, 1], [1, 0], 3, 2)
+
+
+def test_at_most_one_and_exactly_one_keep_the_given_order():
+    # `KnapsackModel._add_constraints` writes these two as literal lists in its own order,
+    # as `add_at_most_one` / `add_exactly_one` do (one literal included)
+    rng = random.Random(5)
+    for _ in range(50):
+        ref = cp_model.CpModel()
+        xs = [ref.new_bool_var(f"x{k}") for k in range(8)]
+        idx = rng.sample(range(8), rng.randint(1, 5))
+        ref.add_at_most_one([xs[k] for k in idx])
+        ref.add_exactly_one([xs[k] for k in idx])
+        got = cp_model.CpModel()
+        for k in range(8):
+            got.new_bool_var(f"x{k}")
+        _add_at_most_one(got.proto, idx)
+        _add_exactly_one(got.proto, idx)
+        assert str(got.proto) == str(ref.proto), idx
