@@ -24,7 +24,8 @@ from ortools.sat.python import cp_model
 
 from qlm_opt.planner.fallback import edf_key, fallback_plan, fallback_sequences
 from qlm_opt.planner.problem import SWAP_SCALE, PlanGroup, PlanningProblem
-from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences, sequence_objective
+from qlm_opt.planner.plan import (Plan, PlanStatus, plan_from_sequences, score_sequences,
+                                  sequence_objective)
 from qlm_opt.planner.presets import SolverPreset
 
 __all__ = ["solve", "choose_formulation", "primary_objective", "search_limit_s", "ExactModel",
@@ -80,10 +81,12 @@ def solve(
         core = inst.subset(keep)
 
     greedy_seqs = fallback_sequences(core)
-    greedy = plan_from_sequences(core, greedy_seqs, PlanStatus.FALLBACK, "fallback")
-    start_seqs = _hint_sequences(core, hint, greedy_seqs, greedy.objective)
+    # The greedy plan is only scored here; a Plan is built for it only if it is returned.
+    greedy_score = score_sequences(core, greedy_seqs)
+    start_seqs = _hint_sequences(core, hint, greedy_seqs, greedy_score[0])
     if core is not inst:
-        greedy = None  # the fallback for the whole instance is computed when needed
+        # the fallback for the whole instance is computed when needed
+        greedy_seqs, greedy_score = None, None
     formulation = choose_formulation(core, preset)
     model: ExactModel | KnapsackModel
     if formulation == "exact":
@@ -98,14 +101,18 @@ def solve(
         if result.status in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID):
             logger.warning("planner: %s model is %s; using the EDF fallback",
                            formulation, result.status_name)
-        plan = (fallback_plan(inst) if greedy is None else greedy).replace(build_ms=build_ms)
+        if greedy_seqs is None:
+            greedy_seqs = fallback_sequences(inst)
+        plan = plan_from_sequences(inst, greedy_seqs, PlanStatus.FALLBACK, "fallback",
+                                   build_ms=build_ms)
         cause = {cp_model.INFEASIBLE: "infeasible", cp_model.MODEL_INVALID: "model_invalid"}
         return plan.replace(solve_ms=result.solve_ms, search_det_s=result.det_s,
                             fallback_cause=cause.get(result.status, "timeout"))
 
     seqs = model.read_sequences(result.values)
     if core is not inst:
-        rest = [g for g in inst.groups if g.id not in {gid for s in seqs.values() for gid in s}]
+        placed = {gid for s in seqs.values() for gid in s}
+        rest = [g for g in inst.groups if g.id not in placed]
         seqs = fallback_sequences(inst, groups=rest, base=seqs)
     status = PlanStatus.OPTIMAL if result.status == cp_model.OPTIMAL else PlanStatus.FEASIBLE
     plan = plan_from_sequences(
@@ -125,10 +132,13 @@ def solve(
         # weight on time; then it is used. Its completion-time term is only a tie-break
         # that the knapsack approximates (service time, EDF order): a plan with the same
         # on-time weight and swaps is the solver's. The search figures stay on the plan.
-        greedy = fallback_plan(inst) if greedy is None else greedy
-        greedy = greedy.replace(build_ms=build_ms)
-        if primary_objective(inst, greedy) > primary_objective(inst, plan):
-            plan = greedy.replace(
+        if greedy_seqs is None:
+            greedy_seqs = fallback_sequences(inst)
+            greedy_score = score_sequences(inst, greedy_seqs)
+        if _primary(inst, greedy_score[1], greedy_score[2]) > primary_objective(inst, plan):
+            plan = plan_from_sequences(
+                inst, greedy_seqs, PlanStatus.FALLBACK, "fallback",
+                build_ms=build_ms,
                 solve_ms=result.solve_ms,
                 search_det_s=result.det_s,
                 solver_objective=result.objective,
@@ -146,8 +156,12 @@ def solve(
 
 def primary_objective(instance: PlanningProblem, plan: Plan) -> int:
     """The objective without its completion-time tie-break: weight on time less swaps."""
+    return _primary(instance, plan.on_time_weight, plan.num_swaps)
+
+
+def _primary(instance: PlanningProblem, on_time_weight: int, num_swaps: int) -> int:
     w = instance.weights
-    return w.on_time * plan.on_time_weight - w.swap_penalty * plan.num_swaps
+    return w.on_time * on_time_weight - w.swap_penalty * num_swaps
 
 
 def choose_formulation(instance: PlanningProblem, preset: SolverPreset) -> str:
@@ -170,8 +184,8 @@ def _hint_sequences(instance: PlanningProblem, hint: Plan | None,
         greedy = fallback_sequences(instance)
     if hint is None:
         return greedy
-    groups = instance.group_by_id()
-    insts = instance.instance_by_id()
+    groups = instance.group_index
+    insts = instance.instance_index
     base: dict[int, list[str]] = {}
     for iid, seq in hint.sequences().items():
         inst = insts.get(iid)
@@ -182,7 +196,7 @@ def _hint_sequences(instance: PlanningProblem, hint: Plan | None,
     warm = fallback_sequences(
         instance, groups=[g for g in instance.groups if g.id not in placed], base=base
     )
-    score = lambda s: plan_from_sequences(instance, s, PlanStatus.FALLBACK, "").objective  # noqa: E731
+    score = lambda s: score_sequences(instance, s)[0]  # noqa: E731
     if greedy_objective is None:
         greedy_objective = score(greedy)
     return warm if score(warm) >= greedy_objective else greedy
@@ -457,6 +471,65 @@ def deadline_levels(deadlines_ms: np.ndarray, num_levels: int) -> np.ndarray:
     return np.unique(np.concatenate(([d[0]], snapped)))
 
 
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+
+def _linear_terms(var_index: list[int], coefs: list[int]) -> tuple[list[int], list[int]]:
+    """The terms as OR-Tools writes a linear expression: by variable index, zero
+    coefficients left out. Variables must be distinct (OR-Tools would merge them)."""
+    if len(set(var_index)) != len(var_index):
+        raise ValueError(f"linear constraint: a variable appears twice in {var_index}")
+    if sorted(var_index) != var_index or 0 in coefs:
+        pairs = sorted((v, a) for v, a in zip(var_index, coefs) if a)
+        var_index, coefs = [v for v, _ in pairs], [a for _, a in pairs]
+    return var_index, coefs
+
+
+def _add_at_most_one(proto, literals: list[int]) -> None:
+    """``model.add_at_most_one`` by literal index: the literals in the given order."""
+    proto.constraints.add().at_most_one.literals.extend(literals)
+
+
+def _add_exactly_one(proto, literals: list[int]) -> None:
+    """``model.add_exactly_one`` by literal index: the literals in the given order."""
+    proto.constraints.add().exactly_one.literals.extend(literals)
+
+
+def _add_le(proto, var_index: list[int], coefs: list[int], bound: int) -> None:
+    """``sum(coefs * vars) <= bound`` written into the proto as ``model.add(
+    LinearExpr.weighted_sum(vars, coefs) <= bound)`` writes it; variables by index."""
+    var_index, coefs = _linear_terms(var_index, coefs)
+    lin = proto.constraints.add().linear
+    lin.vars.extend(var_index)
+    lin.coeffs.extend(coefs)
+    lin.domain.extend((_INT64_MIN, bound))
+
+
+def _add_le_times(proto, var_index: list[int], coefs: list[int], cap: int, lit: int) -> None:
+    """``sum(coefs * vars) <= cap * lit`` written as ``model.add(LinearExpr.weighted_sum(
+    vars, coefs) <= cap * lit)`` writes it: ``sum - cap * lit <= 0`` for one term,
+    ``cap * lit - sum >= 0`` for more, ``sum <= 0`` when ``cap`` is 0. Needs ``cap >= 0``
+    and non-zero coefficients (`tests/planner/test_knapsack_proto.py` checks the forms
+    against OR-Tools itself)."""
+    if cap < 0 or 0 in coefs or not var_index:
+        raise ValueError(f"_add_le_times: needs cap >= 0 ({cap}), non-zero coefficients "
+                         f"and at least one term ({len(var_index)})")
+    if cap == 0:
+        _add_le(proto, var_index, coefs, 0)
+        return
+    if len(var_index) == 1:
+        vs, cs = _linear_terms([var_index[0], lit], [coefs[0], -cap])
+        domain = (_INT64_MIN, 0)
+    else:
+        vs, cs = _linear_terms([*var_index, lit], [*(-a for a in coefs), cap])
+        domain = (0, _INT64_MAX)
+    lin = proto.constraints.add().linear
+    lin.vars.extend(vs)
+    lin.coeffs.extend(cs)
+    lin.domain.extend(domain)
+
+
 class KnapsackModel:
     """The EDF-knapsack formulation for large epochs; no ordering variables.
 
@@ -507,11 +580,11 @@ class KnapsackModel:
         g_model = np.array([midx[g.model] for g in self.groups], dtype=np.int64)
         busy = np.array([i.busy_until_ms for i in self.insts], dtype=np.int64)
 
-        # service[g, c] (ms), 0 where g cannot run on instance c.
+        # service[g, c] (ms), 0 where g cannot run on instance c; filled in one scatter.
         service = np.zeros((G, I), dtype=np.int64)
-        for r, g in enumerate(self.groups):
-            for iid, s in g.service_ms.items():
-                service[r, col[iid]] = s
+        service.flat[[r * I + col[iid] for r, g in enumerate(self.groups)
+                      for iid in g.service_ms]] = [
+            s for g in self.groups for s in g.service_ms.values()]
         # swap[c, m] (ms) to go from the current model to m; -1 = not allowed.
         swap = np.full((I, len(models)), -1, dtype=np.int64)
         holds = np.zeros((I, len(models)), dtype=bool)
@@ -543,14 +616,21 @@ class KnapsackModel:
             sel = part.ravel()
             cand[rows, sel] |= mask[rows, sel]
         gid_row = {g.id: r for r, g in enumerate(self.groups)}
+        hint_r: list[int] = []
+        hint_c: list[int] = []
         for iid, seq in hint_sequences.items():
             c = col.get(iid)
             if c is None:
                 continue
             for gid in seq:
                 r = gid_row.get(gid)
-                if r is not None and ok[r, c]:
-                    cand[r, c] = True
+                if r is not None:
+                    hint_r.append(r)
+                    hint_c.append(c)
+        if hint_r:
+            hr, hc = np.array(hint_r, dtype=np.int64), np.array(hint_c, dtype=np.int64)
+            sel = ok[hr, hc]
+            cand[hr[sel], hc[sel]] = True
 
         # Deadline levels, conservative: per (instance, model) block, at most
         # `deadline_levels` levels, and each group is checked at the largest level <= its
@@ -562,10 +642,12 @@ class KnapsackModel:
         # ignore them, which is optimistic for forecast groups only.
         horizon_ms = int(pre.horizon_s * 1000)
         deadline = np.array([g.deadline_ms for g in self.groups], dtype=np.int64)
-        dpair = np.repeat(deadline[:, None], I, axis=1)
-        for r, g in enumerate(self.groups):
-            if g.start_deadline_ms is not None:
-                dpair[r] = np.where(service[r] > 0, g.start_deadline_ms + service[r], 0)
+        start_by = [g.start_deadline_ms for g in self.groups]
+        has_start = np.array([d is not None for d in start_by], dtype=bool)
+        start_ms = np.array([0 if d is None else d for d in start_by], dtype=np.int64)
+        dpair = np.where(has_start[:, None],
+                         np.where(service > 0, start_ms[:, None] + service, 0),
+                         deadline[:, None])
         clamped = np.minimum(dpair, horizon_ms)
         # A pair is worth a y variable only if g alone could be on time on i.
         pairs = np.argwhere(cand & (ready <= clamped))
@@ -598,7 +680,10 @@ class KnapsackModel:
     # ---------------------------------------------------------------- model
     def _add_variables(self) -> None:
         m = self.model
-        self.y = [m.new_bool_var(f"on_time[g{r},i{self.insts[c].id}]") for r, c in self.y_pairs]
+        pairs = self.y_pairs.tolist()  # plain ints: numpy rows cost ~1 us each to unpack
+        ids = [i.id for i in self.insts]
+        new_bool_var = m.new_bool_var
+        self.y = [new_bool_var(f"on_time[g{r},i{ids[c]}]") for r, c in pairs]
         self.y_index = np.array([v.index for v in self.y], dtype=np.int64)
         # Models each instance may end up holding: its current one (None included) and those
         # of its y candidates.
@@ -611,8 +696,9 @@ class KnapsackModel:
                 opts[c].add(cur[c])
             else:  # holds a model no group needs: staying on it is an option
                 opts[c].add(None)
-        for (r, c) in self.y_pairs:
-            opts[c].add(int(self.g_model[r]))
+        g_model = self.g_model.tolist()
+        for r, c in pairs:
+            opts[c].add(g_model[r])
         self.cur = cur
         for c, i in enumerate(self.insts):
             for k in sorted(opts[c], key=lambda x: -1 if x is None else x):
@@ -620,57 +706,63 @@ class KnapsackModel:
                 self.hold[c, k] = m.new_bool_var(f"hold[i{i.id},{name}]")
 
     def _add_constraints(self) -> None:
-        m = self.model
+        # Written into the proto directly (`_add_at_most_one`, `_add_exactly_one`,
+        # `_add_le`, `_add_le_times`), in the form and order OR-Tools' own `add_*` calls
+        # write: building the expressions took ~2/3 of the constraint time.
+        proto = self.model.proto
+        y_idx = self.y_index.tolist()
         # Each group on time on at most one instance.
-        by_group: dict[int, list[cp_model.IntVar]] = {}
-        for (r, _c), v in zip(self.y_pairs.tolist(), self.y):
+        by_group: dict[int, list[int]] = {}
+        for r, v in zip(self.y_pairs[:, 0].tolist() if len(self.y_pairs) else [], y_idx):
             by_group.setdefault(r, []).append(v)
         for lits in by_group.values():
             if len(lits) > 1:
-                m.add_at_most_one(lits)
+                _add_at_most_one(proto, lits)
         # One model per instance.
-        per_inst: dict[int, list[cp_model.IntVar]] = {}
+        per_inst: dict[int, list[int]] = {}
         for (c, _k), lit in self.hold.items():
-            per_inst.setdefault(c, []).append(lit)
+            per_inst.setdefault(c, []).append(lit.index)
         for lits in per_inst.values():
-            m.add_exactly_one(lits)
+            _add_exactly_one(proto, lits)
         # Jackson's rule per (instance, model) block, one constraint per level.
         if not len(self.y_pairs):
             return
         rows, cols = self.y_pairs[:, 0], self.y_pairs[:, 1]
         svc = self.service[rows, cols]
+        svc_l = svc.tolist()
+        level_l = self.y_level_ms.tolist()
         cuts = np.flatnonzero(np.diff(self.y_block)) + 1
-        spans = list(zip(np.concatenate(([0], cuts)), np.concatenate((cuts, [len(rows)]))))
-        # instance column -> (y literals, services) of its current model's groups
-        current: dict[int, tuple[list, list[int]]] = {}
-        for lo, hi in spans:
-            c, k = int(cols[lo]), int(self.g_model[rows[lo]])
+        spans = list(zip(np.concatenate(([0], cuts)).tolist(),
+                         np.concatenate((cuts, [len(rows)])).tolist()))
+        heads = [(int(cols[lo]), int(self.g_model[rows[lo]])) for lo, _ in spans]
+        # instance column -> (y indices, services) of its current model's groups
+        current: dict[int, tuple[list[int], list[int]]] = {}
+        for (lo, hi), (c, k) in zip(spans, heads):
             if k == self.cur[c]:
-                current[c] = (self.y[lo:hi], svc[lo:hi].tolist())
-        for lo, hi in spans:
-            c, k = int(cols[lo]), int(self.g_model[rows[lo]])
+                current[c] = (y_idx[lo:hi], svc_l[lo:hi])
+        for (lo, hi), (c, k) in zip(spans, heads):
             base = int(self.busy[c] + self.swap[c, k])
-            lv = self.y_level_ms[lo:hi]
-            sv = svc[lo:hi]
-            cum = np.cumsum(sv)
-            lits = self.y[lo:hi]
-            w = self.hold[c, k]
-            ends = np.flatnonzero(np.diff(np.append(lv, -1))) + 1  # end of each level's run
+            lits = y_idx[lo:hi]
+            sv = svc_l[lo:hi]
+            cum = np.cumsum(svc[lo:hi]).tolist()
+            lv = level_l[lo:hi]
+            w = self.hold[c, k].index
+            # end of each level's run (levels are sorted within the block)
+            ends = [n for n in range(1, len(lv)) if lv[n] != lv[n - 1]] + [len(lv)]
             first = current.get(c) if k != self.cur[c] else None
             first_total = sum(first[1]) if first else 0
             for n, end in enumerate(ends):
-                cap = max(0, int(lv[end - 1]) - base)
+                cap = max(0, lv[end - 1] - base)
                 if k == self.cur[c]:
                     # served first, whatever the instance holds at the end
                     if cum[end - 1] > cap:
-                        m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap)
+                        _add_le(proto, lits[:end], sv[:end], cap)
                     continue
                 if n == len(ends) - 1 or cum[end - 1] > cap:
-                    m.add(_LinearExpr.weighted_sum(lits[:end], sv[:end].tolist()) <= cap * w)
+                    _add_le_times(proto, lits[:end], sv[:end], cap, w)
                 if first and first_total + cum[end - 1] > cap:
-                    terms = [*first[0], *lits[:end], w]
-                    coefs = [*first[1], *sv[:end].tolist(), first_total - cap]
-                    m.add(_LinearExpr.weighted_sum(terms, coefs) <= first_total)
+                    _add_le(proto, [*first[0], *lits[:end], w],
+                            [*first[1], *sv[:end], first_total - cap], first_total)
 
     def _add_objective(self) -> None:
         """On-time weight less swaps, in group-weight units: the plan's primary objective
@@ -701,15 +793,21 @@ class KnapsackModel:
         and, greedily in level order, the groups that fit Jackson's constraints."""
         m = self.model
         gid_row = {g.id: r for r, g in enumerate(self.groups)}
-        y_at = {(int(r), int(c)): j for j, (r, c) in enumerate(self.y_pairs)}
-        y_val = np.zeros(len(self.y), dtype=bool)
+        # plain ints (numpy scalars cost ~1 us each to index and convert)
+        pairs = self.y_pairs.tolist()
+        y_at = {(r, c): j for j, (r, c) in enumerate(pairs)}
+        y_level = self.y_level_ms.tolist()
+        y_service = (self.service[self.y_pairs[:, 0], self.y_pairs[:, 1]].tolist()
+                     if pairs else [])
+        g_model = self.g_model.tolist()
+        y_val = [False] * len(self.y)
         hold_val: dict[tuple[int, int | None], bool] = {key: False for key in self.hold}
         for c, i in enumerate(self.insts):
             seq_rows = [gid_row[g] for g in sequences.get(i.id, ()) if g in gid_row]
             cur = self.cur[c]
-            head = [r for r in seq_rows if int(self.g_model[r]) == cur]
-            tail = [r for r in seq_rows if int(self.g_model[r]) != cur]
-            kinds = {int(self.g_model[r]) for r in tail}
+            head = [r for r in seq_rows if g_model[r] == cur]
+            tail = [r for r in seq_rows if g_model[r] != cur]
+            kinds = {g_model[r] for r in tail}
             if len(kinds) > 1 or (tail and head and seq_rows.index(head[-1]) > seq_rows.index(
                     tail[0])):
                 # not "current model's groups, then one other model": hint the current
@@ -729,17 +827,17 @@ class KnapsackModel:
                     if k is None or k == cur:
                         break
                     base = int(self.busy[c] + self.swap[c, k])
-                cands = [(int(self.y_level_ms[j]), j) for r in part
+                cands = [(y_level[j], j) for r in part
                          if (j := y_at.get((r, c))) is not None]
                 for level, j in sorted(cands):
-                    s = int(self.service[self.y_pairs[j, 0], c])
+                    s = y_service[j]
                     if total + s <= level - base:
                         total += s
                         y_val[j] = True
         # A complete hint (every variable), written in bulk: one `add_hint` call per
         # variable cost ~20 us each, ~10% of the build.
         hint_vars: list[int] = self.y_index.tolist()
-        hint_vals: list[int] = y_val.astype(np.int64).tolist()
+        hint_vals: list[int] = [int(v) for v in y_val]
         hint_vars += [lit.index for lit in self.hold.values()]
         hint_vals += [int(hold_val[key]) for key in self.hold]
         m.proto.solution_hint.vars.extend(hint_vars)
@@ -751,16 +849,17 @@ class KnapsackModel:
         on = values[self.y_index].astype(bool) if len(self.y_index) else np.zeros(0, bool)
         seqs: dict[int, list[PlanGroup]] = {i.id: [] for i in self.insts}
         placed: set[str] = set()
-        for (r, c) in self.y_pairs[on]:
+        for r, c in self.y_pairs[on].tolist():
             g = self.groups[r]
             seqs[self.insts[c].id].append(g)
             placed.add(g.id)
         # The current model's groups first ("serve these, then swap"), then EDF on each
         # instance's own deadlines (Jackson's order).
         held = {i.id: i.current_model for i in self.insts}
+        rank = self.instance.edf_rank()  # EDF order as one int (ties are impossible)
         out = {
             iid: [g.id for g in sorted(gs, key=lambda g, i=iid: (
-                g.model != held[i], g.deadline_on(i), *edf_key(g)))]
+                g.model != held[i], g.deadline_on(i), rank[g.id]))]
             for iid, gs in seqs.items()
         }
         late = [g for g in self.groups if g.id not in placed]
@@ -768,10 +867,9 @@ class KnapsackModel:
             out = fallback_sequences(self.instance, groups=late, base=out)
             # A "late" group may still make it when served in plain EDF order among the
             # on-time ones; keep that order where it scores higher for the instance.
-            by_id = self.instance.group_by_id()
             for i in self.insts:
                 seq = out[i.id]
-                edf = sorted(seq, key=lambda gid: edf_key(by_id[gid]))
+                edf = sorted(seq, key=rank.__getitem__)
                 if edf != seq and sequence_objective(self.instance, i, edf) > sequence_objective(
                     self.instance, i, seq
                 ):

@@ -18,15 +18,10 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
 
-from qlm_opt.planner.problem import PlanGroup, PlanningProblem
+from qlm_opt.planner.problem import PlanGroup, PlanningProblem, edf_key
 from qlm_opt.planner.plan import Plan, PlanStatus, plan_from_sequences
 
 __all__ = ["edf_key", "fallback_sequences", "fallback_plan"]
-
-
-def edf_key(g: PlanGroup) -> tuple[int, int, str]:
-    """The one EDF order used everywhere: deadline, then heavier first, then id."""
-    return (g.deadline_ms, -g.weight, g.id)
 
 
 def fallback_sequences(
@@ -45,7 +40,8 @@ def fallback_sequences(
     Returns:
         instance id -> group ids in service order (base first).
     """
-    by_id = instance.group_by_id()
+    by_id = instance.group_index
+    swap_time = instance.swap_time_ms
     todo = sorted(instance.groups if groups is None else groups, key=edf_key)
     seqs: dict[int, list[str]] = {i.id: list((base or {}).get(i.id, ())) for i in instance.instances}
 
@@ -56,10 +52,10 @@ def fallback_sequences(
         m, t = inst.current_model, inst.busy_until_ms
         for gid in seqs[inst.id]:
             g = by_id[gid]
-            t += instance.swap_time_ms(inst, m, g.model) + g.service_ms[inst.id]
+            t += swap_time(inst, m, g.model) + g.service_ms[inst.id]
             m = g.model
         held[inst.id], free_at[inst.id] = m, t
-    insts = instance.instance_by_id()
+    insts = instance.instance_index
 
     # Step 1: coverage swaps. `target` is the model an instance will hold for the new groups.
     target = dict(held)
@@ -95,11 +91,13 @@ def fallback_sequences(
     # Steps 2 and 3: EDF, earliest finish.
     for g in todo:
         best_iid, best_end = -1, 0
-        for iid in by_model.get(g.model, ()):
-            s = g.service_ms.get(iid)
+        model, service = g.model, g.service_ms
+        for iid in by_model.get(model, ()):
+            s = service.get(iid)
             if s is None:
                 continue
-            end = free_at[iid] + instance.swap_time_ms(insts[iid], held[iid], g.model) + s
+            h = held[iid]  # no swap (0 ms) when it holds the model: most of these loops
+            end = free_at[iid] + (0 if h == model else swap_time(insts[iid], h, model)) + s
             if best_iid < 0 or end < best_end:
                 best_iid, best_end = iid, end
         if best_iid < 0:  # step 3: nobody holds it; swap wherever it ends first

@@ -22,6 +22,7 @@ __all__ = [
     "GroupTiming",
     "Plan",
     "plan_from_sequences",
+    "score_sequences",
     "sequence_objective",
     "batch_seat_caps",
 ]
@@ -155,35 +156,10 @@ def plan_from_sequences(
     differs from the one held, and not before its release. Instances missing from
     `sequences` stay idle.
     """
-    groups = instance.group_by_id()
-    w = instance.weights
     timings: dict[str, GroupTiming] = {}
     inst_plans: list[InstancePlan] = []
-    objective = 0
-    num_on_time = 0
-    on_time_weight = 0
-    for inst in instance.instances:
-        seq = tuple(sequences.get(inst.id, ()))
-        held = inst.current_model
-        t = inst.busy_until_ms
-        num_swaps = 0
-        for gid in seq:
-            g = groups[gid]
-            if g.model != held:
-                t += instance.swap_time_ms(inst, held, g.model)
-                held = g.model
-                num_swaps += 1
-            start = t = max(t, g.release_ms)
-            t += g.service_ms[inst.id]
-            on_time = t <= g.deadline_on(inst.id)
-            timings[gid] = GroupTiming(gid, inst.id, start, t, on_time)
-            objective -= w.completion_penalty * t
-            if on_time:
-                num_on_time += 1
-                on_time_weight += g.weight
-        objective -= SWAP_SCALE * w.swap_penalty * num_swaps
-        inst_plans.append(InstancePlan(inst.id, seq, inst.current_model, held, num_swaps))
-    objective += SWAP_SCALE * w.on_time * on_time_weight
+    objective, num_on_time, on_time_weight, _ = _compact(instance, sequences, timings,
+                                                         inst_plans)
     return Plan(
         instances=tuple(inst_plans),
         timings=timings,
@@ -196,13 +172,68 @@ def plan_from_sequences(
     )
 
 
+def score_sequences(instance: PlanningProblem,
+                    sequences: Mapping[int, Sequence[str]]) -> tuple[int, int, int]:
+    """(objective, on-time weight, swaps) of the plan `plan_from_sequences` would build,
+    without building it (no timings): for comparing candidate sequences."""
+    objective, _, on_time_weight, num_swaps = _compact(instance, sequences, None, None)
+    return objective, on_time_weight, num_swaps
+
+
+def _compact(
+    instance: PlanningProblem,
+    sequences: Mapping[int, Sequence[str]],
+    timings: dict[str, GroupTiming] | None,
+    inst_plans: list[InstancePlan] | None,
+) -> tuple[int, int, int, int]:
+    """The compact schedule of `sequences`: fills `timings` and `inst_plans` when given and
+    returns (objective, groups on time, on-time weight, swaps). The one implementation
+    behind `plan_from_sequences` and `score_sequences`."""
+    groups = instance.group_index
+    w = instance.weights
+    completion = w.completion_penalty
+    objective = 0
+    num_on_time = 0
+    on_time_weight = 0
+    total_swaps = 0
+    for inst in instance.instances:
+        seq = tuple(sequences.get(inst.id, ()))
+        iid = inst.id
+        held = inst.current_model
+        t = inst.busy_until_ms
+        num_swaps = 0
+        for gid in seq:
+            g = groups[gid]
+            if g.model != held:
+                t += instance.swap_time_ms(inst, held, g.model)
+                held = g.model
+                num_swaps += 1
+            start = t = max(t, g.release_ms)
+            service = g.service_ms[iid]
+            t += service
+            sd = g.start_deadline_ms  # `g.deadline_on(iid)`, inlined
+            on_time = t <= (g.deadline_ms if sd is None else sd + service)
+            if timings is not None:
+                timings[gid] = GroupTiming(gid, iid, start, t, on_time)
+            objective -= completion * t
+            if on_time:
+                num_on_time += 1
+                on_time_weight += g.weight
+        objective -= SWAP_SCALE * w.swap_penalty * num_swaps
+        total_swaps += num_swaps
+        if inst_plans is not None:
+            inst_plans.append(InstancePlan(iid, seq, inst.current_model, held, num_swaps))
+    objective += SWAP_SCALE * w.on_time * on_time_weight
+    return objective, num_on_time, on_time_weight, total_swaps
+
+
 def sequence_objective(instance: PlanningProblem, inst: PlanInstance, seq: Sequence[str]) -> int:
     """One instance's share of the objective for service order `seq` (compact timings).
 
     The objective is a sum over instances, so orders can be compared instance by instance.
     """
     w = instance.weights
-    groups = instance.group_by_id()
+    groups = instance.group_index
     held, t, total = inst.current_model, inst.busy_until_ms, 0
     for gid in seq:
         g = groups[gid]

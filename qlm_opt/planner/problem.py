@@ -25,6 +25,7 @@ __all__ = [
     "PlanningProblem",
     "SWAP_SCALE",
     "REQUEST_WEIGHT",
+    "edf_key",
 ]
 
 # The objective's on-time and swap terms are multiplied by this so the completion-time term,
@@ -68,6 +69,11 @@ class PlanGroup:
         if self.start_deadline_ms is None:
             return self.deadline_ms
         return self.start_deadline_ms + self.service_ms[instance_id]
+
+
+def edf_key(g: PlanGroup) -> tuple[int, int, str]:
+    """The one EDF order used everywhere: deadline, then heavier first, then id."""
+    return (g.deadline_ms, -g.weight, g.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,15 +149,24 @@ class PlanningProblem:
     )
     default_swap_ms: int | None = None
     weights: ObjectiveWeights = ObjectiveWeights()
+    # id -> group / instance, built once by the validation below (the planner looks groups up
+    # by id many times per epoch); read through `group_index` / `instance_index`.
+    _groups_by_id: dict[str, PlanGroup] = field(init=False, repr=False, compare=False)
+    _instances_by_id: dict[int, PlanInstance] = field(init=False, repr=False, compare=False)
+    # group id -> rank in EDF order (`edf_key`), built on first use (`edf_rank`)
+    _edf_rank: dict[str, int] | None = field(default=None, init=False, repr=False,
+                                             compare=False)
 
     def __post_init__(self) -> None:
-        group_ids = [g.id for g in self.groups]
-        if len(set(group_ids)) != len(group_ids):
+        by_id = {g.id: g for g in self.groups}
+        if len(by_id) != len(self.groups):
             raise ValueError("duplicate group ids in planning problem")
-        inst_ids = [i.id for i in self.instances]
-        if len(set(inst_ids)) != len(inst_ids):
+        insts = {i.id: i for i in self.instances}
+        if len(insts) != len(self.instances):
             raise ValueError("duplicate instance ids in planning problem")
-        known = set(inst_ids)
+        object.__setattr__(self, "_groups_by_id", by_id)
+        object.__setattr__(self, "_instances_by_id", insts)
+        known = insts
         for g in self.groups:
             if g.weight < 0 or g.size < 0:
                 raise ValueError(f"group {g.id}: weight and size must be >= 0")
@@ -199,10 +214,32 @@ class PlanningProblem:
         return tuple(sorted({g.model for g in self.groups}))
 
     def group_by_id(self) -> dict[str, PlanGroup]:
-        return {g.id: g for g in self.groups}
+        """A new dict group id -> group (the caller may change it)."""
+        return dict(self._groups_by_id)
 
     def instance_by_id(self) -> dict[int, PlanInstance]:
-        return {i.id: i for i in self.instances}
+        """A new dict instance id -> instance (the caller may change it)."""
+        return dict(self._instances_by_id)
+
+    @property
+    def group_index(self) -> Mapping[str, PlanGroup]:
+        """group id -> group, shared and built once per problem: do not mutate."""
+        return self._groups_by_id
+
+    @property
+    def instance_index(self) -> Mapping[int, PlanInstance]:
+        """instance id -> instance, shared and built once per problem: do not mutate."""
+        return self._instances_by_id
+
+    def edf_rank(self) -> Mapping[str, int]:
+        """group id -> its rank in EDF order (`edf_key`; no ties: ids are unique), sorted
+        once per problem; ``sorted(ids, key=pi.edf_rank().__getitem__)`` sorts ids by EDF
+        without a Python key call per id. Shared: do not mutate."""
+        rank = self._edf_rank
+        if rank is None:
+            rank = {g.id: k for k, g in enumerate(sorted(self.groups, key=edf_key))}
+            object.__setattr__(self, "_edf_rank", rank)
+        return rank
 
     def with_weights(self, weights: ObjectiveWeights) -> PlanningProblem:
         """The same instance with other objective weights (presets carry their own)."""

@@ -35,3 +35,14 @@ def test_swaps_a_spare_instance_for_an_unheld_model():
     plan = fallback_plan(pi)
     assert plan.num_swaps == 1
     assert plan.instances[1].final_model == "c"
+
+
+def test_group_by_id_is_a_copy_the_planner_does_not_share():
+    # The planner reads the problem's own index (`group_index`); a caller that changes the
+    # dict `group_by_id` gave it must not change what the planner sees.
+    pi = random_instance(10, 2, seed=3)
+    mine = pi.group_by_id()
+    gid = pi.groups[0].id
+    del mine[gid]
+    assert gid in pi.group_index and gid in pi.group_by_id()
+    assert validate_plan(pi, fallback_plan(pi)).ok
