@@ -340,8 +340,11 @@ class VllmRemoteEngine(LiveEngine):
     def _begin_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
         # An idle keep-alive connection: send the request now, not when the task first runs
         # (after the rest of the gateway's work for this request).
+        try:
+            data = self._request_bytes(run, ids, max_tokens, label)
+        except Exception:  # the task builds it again and fails the run the usual way
+            return
         conn = self._data_pool().idle()
-        data = self._request_bytes(run, ids, max_tokens, label)
         if conn is not None:
             conn.send(data)
         run.state = (conn, data)
