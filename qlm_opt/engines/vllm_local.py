@@ -314,6 +314,7 @@ class LiveEngine:
         if remaining <= 0:  # evicted right after its last token: nothing left to generate
             run.task = asyncio.get_running_loop().create_task(self._finish_now(run))
             return
+        self._begin_run(run, ids, max_tokens, label)
         run.task = asyncio.get_running_loop().create_task(
             self._run_guarded(run, ids, max_tokens, label))
 
@@ -562,6 +563,11 @@ class LiveEngine:
 
     def _tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
+
+    def _begin_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
+        """Called in ``submit`` before the run's task is created: an engine that can start
+        the run synchronously (``vllm_remote`` writes the request on an idle connection)
+        does it here, so that the engine works on it while the caller goes on."""
 
     async def _start_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
         raise NotImplementedError

@@ -6,9 +6,12 @@ went away). Load and KV use come from the server's Prometheus ``/metrics``, poll
 background.
 
 Two clients: the data path (one streamed completion per request, the gateway's hot path)
-uses aiohttp on a keep-alive connection pool, which costs about half of what httpx does per
-request on this path (``benchmarks/gateway_overhead``); the control path (``/metrics``,
-``/sleep``, ``/wake_up``) uses httpx.
+uses a minimal HTTP/1.1 client on keep-alive connections (``qlm_opt.engines.http1``): the
+request body is encoded in ``submit`` and, when an idle connection is at hand, written there
+and then, so that vLLM works on it while the gateway finishes its own work for the request;
+it costs less per request than aiohttp (used before), which cost about half of httpx
+(``benchmarks/gateway_overhead``). The control path (``/metrics``, ``/sleep``,
+``/wake_up``) uses httpx.
 
 Two modes:
 - **managed**: qlm-opt starts the server itself on 127.0.0.1 (``python -m
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import msgspec
 
+from qlm_opt.engines import http1
 from qlm_opt.engines.vllm_local import (
     Ewma,
     LiveEngine,
@@ -51,13 +55,21 @@ log = logging.getLogger(__name__)
 
 
 # -- Prometheus text ------------------------------------------------------------------------------
-def parse_metrics(text: str) -> dict[str, float]:
+def parse_metrics(text: str, names: tuple[str, ...] | None = None) -> dict[str, float]:
     """Sum each metric over its label sets: ``{"vllm:num_requests_running": 3.0, ...}``.
-    ``vllm:cache_config_info`` labels are returned as ``cache_config_info.<label>``."""
+    ``vllm:cache_config_info`` labels are returned as ``cache_config_info.<label>``.
+    ``names``: only these metrics (the others' lines are skipped unparsed: most of vLLM's
+    text is histogram buckets the engine does not read)."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
+        if names is not None:
+            if not line.startswith(names):
+                continue
+            n = len(line.partition("{")[0].partition(" ")[0])
+            if line[:n] not in names:  # a longer name with a wanted one as its prefix
+                continue
         try:
             head, value = line.rsplit(" ", 1)
             v = float(value)
@@ -198,7 +210,8 @@ class VllmRemoteEngine(LiveEngine):
         self.log_dir = Path(log_dir) if log_dir else None
         self.server: ManagedServer | None = None
         self._client = None  # httpx.AsyncClient: control path
-        self._session = None  # aiohttp.ClientSession: data path (streamed completions)
+        self._pool: http1.Pool | None = None  # data path (streamed completions)
+        self._pool_url: str | None = None  # the URL ``_pool`` talks to
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._poller: asyncio.Task | None = None
         self._tokenizers: dict[str, object] = {}
@@ -206,7 +219,7 @@ class VllmRemoteEngine(LiveEngine):
         self._prev_prompt: tuple[float, float] | None = None
         self._prev_preempt: float | None = None
         self._ready_flag = False
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}  # the /metrics values _apply_metrics reads
 
     @classmethod
     def managed_server(cls, instance_id: int, model: str, model_paths: dict[str, str],
@@ -230,15 +243,6 @@ class VllmRemoteEngine(LiveEngine):
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, read=None),
                                              headers=self._headers)
-        if self._session is None:
-            import aiohttp
-
-            # no pool limit (the scheduler bounds what is in flight), keep-alive reuse, no
-            # read timeout (a long generation streams for as long as it takes)
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0),
-                headers=self._headers, auto_decompress=False)
         if self.managed and self.model is not None and (self.server is None
                                                          or not self.server.alive()):
             await self._launch(self.model)
@@ -290,9 +294,9 @@ class VllmRemoteEngine(LiveEngine):
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self.server is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.server.stop)
 
@@ -313,7 +317,15 @@ class VllmRemoteEngine(LiveEngine):
         return list(tok.encode(text, add_special_tokens=False))
 
     # -- runs ----------------------------------------------------------------------------------
-    async def _start_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
+    def _data_pool(self) -> http1.Pool:
+        if self._pool is None or self._pool_url != self.url:  # a swap may change the URL
+            if self._pool is not None:
+                self._pool.close()
+            self._pool = http1.Pool(self.url, "/v1/completions", self._headers)
+            self._pool_url = self.url
+        return self._pool
+
+    def _request_bytes(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> bytes:
         body = {
             "model": self.model,
             "prompt": ids,
@@ -323,20 +335,59 @@ class VllmRemoteEngine(LiveEngine):
             "request_id": run.vid,
         }
         body.update(self.sampling_kwargs(run.req, max_tokens))
-        data = _encode(body)
-        async with self._session.post(self.url + "/v1/completions", data=data,
-                                      headers=_JSON) as r:
-            if r.status != 200:
-                detail = (await r.read()).decode(errors="replace")
-                raise _BadRequest(f"HTTP {r.status}: {detail[:300]}")
-            async for line in r.content:  # SSE: "data: {...}\n", "\n", .., "data: [DONE]"
+        return self._data_pool().request(_encode(body))
+
+    def _begin_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
+        # An idle keep-alive connection: send the request now, not when the task first runs
+        # (after the rest of the gateway's work for this request).
+        try:
+            data = self._request_bytes(run, ids, max_tokens, label)
+        except Exception:  # the task builds it again and fails the run the usual way
+            return
+        conn = self._data_pool().idle()
+        if conn is not None:
+            conn.send(data)
+        run.state = (conn, data)
+
+    async def _start_run(self, run: _Run, ids: list[int], max_tokens: int, label: int) -> None:
+        conn, data = run.state if run.state is not None else (
+            None, self._request_bytes(run, ids, max_tokens, label))
+        run.state = None  # this task owns the connection now
+        pool = self._data_pool()
+        while True:
+            if conn is None:
+                conn = await pool.connect()
+                conn.send(data)
+            try:
+                resp = await http1.read_head(conn)
+                break
+            except http1.ReusedConnectionClosed:
+                # the server had closed the idle connection: nothing was processed; once
+                # more on a fresh one (a fresh connection does not raise this)
+                conn.close()
+                conn = None
+            except BaseException:
+                conn.close()
+                raise
+        try:
+            if resp.status != 200:
+                detail = (await resp.read()).decode(errors="replace")
+                raise _BadRequest(f"HTTP {resp.status}: {detail[:300]}")
+            ended = False
+            async for line in resp.lines():  # SSE: "data: {...}\n", "\n", .., "data: [DONE]"
+                if ended:
+                    # read the rest ("data: [DONE]" follows at once): a response read to
+                    # its end returns its connection to the pool, one left half-read is
+                    # closed
+                    continue
                 if run.aborted:
                     return
                 if not line.startswith(b"data:"):
                     continue
                 chunk = line[5:].strip()
                 if chunk == b"[DONE]":
-                    break
+                    ended = True
+                    continue
                 msg = _decode(chunk)
                 if "error" in msg:
                     raise _BadRequest(str(msg["error"]))
@@ -349,14 +400,19 @@ class VllmRemoteEngine(LiveEngine):
                             self._fail(run, "engine_aborted")
                         else:
                             self._complete(run, fr)
-                        # read the rest ("data: [DONE]" follows at once): a response read
-                        # to its end returns its connection to the pool for the next
-                        # request, one left half-read is closed
-                        await r.read()
-                        return
+                        ended = True
+        finally:
+            pool.release(resp)  # reused only if read to its end; else closed (an abort)
 
     def _cancel_run(self, run: _Run) -> None:
-        # Cancelling the task closes the stream; the server aborts the request.
+        # Cancelling the task closes the stream; the server aborts the request. A request
+        # sent in ``submit`` whose task has not started yet: close its connection here (the
+        # cancelled task never runs).
+        if run.state is not None:
+            conn = run.state[0]
+            run.state = None
+            if conn is not None:
+                conn.close()
         if run.task is not None and not run.task.done():
             run.task.cancel()
 
@@ -416,7 +472,7 @@ class VllmRemoteEngine(LiveEngine):
     async def _fetch_metrics(self) -> None:
         r = await self._client.get(self.url + "/metrics", timeout=5.0)
         r.raise_for_status()
-        self._apply_metrics(parse_metrics(r.text), self._now())
+        self._apply_metrics(parse_metrics(r.text, _ENGINE_METRICS), self._now())
 
     def _apply_metrics(self, m: dict[str, float], now: float) -> None:
         self.metrics = m
@@ -500,11 +556,16 @@ class VllmRemoteEngine(LiveEngine):
             os.killpg(self.server.proc.pid, signal.SIGKILL)
 
 
+# what ``_apply_metrics`` reads of the server's /metrics
+_ENGINE_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                   "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                   "vllm:cache_config_info", "vllm:generation_tokens_total",
+                   "vllm:prompt_tokens_total", "vllm:num_preemptions_total")
+
+
 class _BadRequest(Exception):
     """The server refused the request (not an engine failure)."""
 
-
-_JSON = {"Content-Type": "application/json"}
 
 # the data path's JSON: msgspec (a declared dependency) is 3-10x faster than the stdlib's
 _encode = msgspec.json.Encoder().encode
@@ -514,8 +575,8 @@ _decode = msgspec.json.Decoder().decode
 def _is_transport_error(e: BaseException) -> bool:
     """The connection failed or broke (refused, reset, closed mid-stream): the server is
     gone or going, unlike an HTTP error answer."""
-    import aiohttp
     import httpx
 
-    return isinstance(e, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                          httpx.TransportError, ConnectionError))
+    # http1: ConnectionError (reset, refused, ProtocolError), EOFError (IncompleteReadError:
+    # closed mid-response), TimeoutError (connect), OSError (unreachable)
+    return isinstance(e, (httpx.TransportError, OSError, EOFError, TimeoutError))

@@ -91,6 +91,10 @@ class QLMRWTPolicy(Policy):
         # instance ``_choose`` picked: ``_on_place`` of that group there, right after,
         # predicts with the context, and reuses the estimate for a first member of that prompt
         self._chosen: tuple | None = None
+        # the clock time of the arrival being settled while ``_settle`` places its group: the
+        # members are predicted at that time (a live host's clock moves between two reads;
+        # the simulator's does not, so there this is ``rt.now()``)
+        self._settle_now: float | None = None
 
     @classmethod
     def from_context(cls, workload=None, fleet=None, **kw) -> QLMRWTPolicy:
@@ -172,7 +176,8 @@ class QLMRWTPolicy(Policy):
         """A group entered an instance's virtual queue: (re-)predict its members' waits."""
         inst = self.rt.instances[g.instance_id]
         if inst.ready:
-            self._predict_group(g, inst, self.rt.now())
+            now = self._settle_now
+            self._predict_group(g, inst, self.rt.now() if now is None else now)
         self._chosen = None
 
     # -- estimates ---------------------------------------------------------------------------
@@ -369,7 +374,11 @@ class QLMRWTPolicy(Policy):
                 self._ensure_swap(g.model)
                 return
             placed = g.instance_id != inst.id
-            self.gq.place(g, inst.id)  # on_place predicts the members
+            self._settle_now = now
+            try:
+                self.gq.place(g, inst.id)  # on_place predicts the members
+            finally:
+                self._settle_now = None
         inst = self.rt.instances[g.instance_id]
         if req.first_token_at is None and not placed:
             self._predict(req, g, inst, now)

@@ -38,6 +38,13 @@ def test_parse_metrics():
     assert m["vllm:kv_cache_usage_perc"] == 0.25
     assert m["cache_config_info.num_gpu_blocks"] == 256.0
     assert m["cache_config_info.block_size"] == 128.0
+    # only the named metrics: a longer name that starts with a wanted one stays out
+    text += 'vllm:num_requests_running_max{engine="0"} 9.0\n'
+    sub = parse_metrics(text, ("vllm:num_requests_running", "vllm:cache_config_info"))
+    assert sub == {"vllm:num_requests_running": 3.0, "vllm:cache_config_info": 1.0,
+                   "cache_config_info.block_size": 128.0,
+                   "cache_config_info.num_gpu_blocks": 256.0}
+    assert parse_metrics(text)["vllm:num_requests_running_max"] == 9.0
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +76,59 @@ def test_engine_conforms_to_the_protocol(loop, servers):
     before the test that kills a server."""
     run(loop, check_live_engine(servers[1], M0, prompt(7)))
     assert servers[1].process_alive() is True
+
+
+@pytest.mark.vllm
+def test_requests_go_out_in_submit_on_kept_alive_connections(loop, servers):
+    """The data path (``engines.http1``): with an idle keep-alive connection at hand, a
+    request is written in ``submit`` itself, before its task runs; sequential requests share
+    one connection; one aborted before its task ran closes its connection (so the server
+    aborts it), and the next request opens a new one and completes."""
+    import time
+
+    from qlm_opt.domain import Request
+    from qlm_opt.engines.vllm_local import attach_payload
+    from tests.engine_conformance import RecordingListener
+
+    eng = servers[1]
+    lis = RecordingListener(time.monotonic)
+
+    def new(k: int) -> Request:
+        now = lis.now()
+        r = Request(2 * 10**8 + k, M0, "interactive", 7, 3, now, now + 1000.0)
+        attach_payload(r, prompt_token_ids=prompt(60 + k, 7), sampling={"ignore_eos": True})
+        return r
+
+    async def body():
+        eng.bind(lis)
+        opened = []
+        for k in range(3):
+            r = new(k)
+            eng.submit(r, (0, r.id))
+            conn = payload(r).run.state[0]
+            if k:
+                assert conn is not None and conn.reused  # written in submit
+            await wait_until(lambda: r.is_done)
+            assert r.num_generated == 3
+            await wait_until(lambda: eng._pool._idle)  # read to its end, back in the pool
+            opened.append(eng._pool.num_opened)
+        r = new(3)
+        eng.submit(r, (0, r.id))
+        conn = payload(r).run.state[0]
+        assert conn is not None
+        eng.abort(r.id)
+        assert conn.writer.is_closing()
+        r2 = new(4)
+        eng.submit(r2, (0, r2.id))
+        assert payload(r2).run.state[0] is None  # nothing idle: the task connects
+        await wait_until(lambda: r2.is_done)
+        return opened, r, r2
+
+    opened, aborted, r2 = run(loop, body())
+    assert opened[1] == opened[2] == opened[0]
+    assert eng._pool.num_opened == opened[0] + 1
+    assert not aborted.is_done and r2.num_generated == 3
+    assert ("failed", aborted.id) not in lis.events
 
 
 @pytest.mark.vllm

@@ -129,3 +129,31 @@ def test_the_choice_estimate_is_the_first_members_prediction_until_anything_move
     raw, want = seen[batch.id]
     assert raw == want and raw is not stale
     assert raw.mean_s > stale.mean_s  # 3,000 more prompt tokens ahead of it now
+
+
+def test_an_arrival_on_a_moving_clock_is_predicted_with_the_choice_estimate():
+    """On a live host the clock moves between two reads. An arrival's group is chosen and
+    its members predicted at the one clock time ``on_arrival`` read: the prediction is the
+    estimate ``_choose`` made (not a second estimate a few microseconds later), as in the
+    simulator, where the clock stands still during an event."""
+    sim, rt, pol, reqs = _fed_rwt(120)
+    t0 = sim.now() + 5.0  # later than every open group's age: a new group
+    ticks = iter(range(1, 10**6))
+    sim.now = lambda: t0 + 1e-4 * next(ticks)  # every read of the clock is later
+    assert len(rt.ready_instances("llama-3.1-8b")) == 2
+    picked = []
+    choose = pol._choose
+
+    def spy(g, now):
+        inst = choose(g, now)
+        picked.append(pol._chosen)
+        return inst
+
+    pol._choose = spy
+    req = _new_request(reqs, 4, "interactive", 2.0, t0, 700)
+    rt.accept(req)
+    pol.on_arrival(req)
+    (chosen,) = picked
+    assert chosen is not None and chosen[0] is pol.gq.group_of(req)
+    assert pol._raw_pred[req.id] is chosen[5]
+    assert req._sched.placed_at == chosen[2] < sim.now()
