@@ -25,7 +25,8 @@ Every epoch:
      ``rate_window_s`` holds at most as many requests (of any class) as keep the engine
      model's time per output token (the decode iteration plus the prefill each admitted
      request brings, spread over its mean output) within ``tpot_headroom`` x the tightest
-     target; the estimator and the planner count no more seats than that;
+     target (refreshed every epoch, also when nothing is queued to plan); the estimator and
+     the planner count no more seats than that;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others; the scored wait prediction's
@@ -542,6 +543,10 @@ class QLMPolicy(QLMRWTPolicy):
                 self.est.observe_engine(inst)
         pi = self.snapshot(now)
         if pi is None:
+            # nothing queued to plan: the TPOT caps still follow the arrivals, so that the
+            # first requests of a TPOT class find their engines capped
+            if self.admission:
+                self.executor.seat_caps = self._refresh_tpot_caps(now)
             return
         members = self._members
         self.num_epochs += 1
@@ -562,13 +567,7 @@ class QLMPolicy(QLMRWTPolicy):
         now = rt.now()
         if self.admission:
             # TPOT caps first: the batch caps come out of the seats they leave
-            caps = self._tpot_caps(now)
-            old = self.est.seat_caps
-            if caps != old:
-                for iid in set(caps) | set(old):
-                    if caps.get(iid) != old.get(iid):
-                        self.est.invalidate(iid)
-                self.est.seat_caps = caps
+            caps = self._refresh_tpot_caps(now)
             plan = plan.replace(batch_seats=self._batch_seats(now, caps), seat_caps=caps)
         self.last_plan = plan
         self.solve_ms.append(plan.solve_ms + plan.build_ms)
@@ -661,6 +660,18 @@ class QLMPolicy(QLMRWTPolicy):
                     seats[inst.id] = min(seats[inst.id], float(cap))
                 demand[inst.id] = lam / len(held) * (self.est.prompt_mean * c_tok + mu * iter_s)
         return batch_seat_caps(seats, demand, self.admission_margin)
+
+    def _refresh_tpot_caps(self, now: float) -> dict[int, int]:
+        """This epoch's TPOT caps, handed to the estimator (whose profiles of the instances
+        whose cap changed are dropped); the plan carries them to the executor."""
+        caps = self._tpot_caps(now)
+        old = self.est.seat_caps
+        if caps != old:
+            for iid in set(caps) | set(old):
+                if caps.get(iid) != old.get(iid):
+                    self.est.invalidate(iid)
+            self.est.seat_caps = caps
+        return caps
 
     def _tpot_caps(self, now: float) -> dict[int, int]:
         """TPOT caps for this epoch (module docstring, step 3): instance id -> requests its

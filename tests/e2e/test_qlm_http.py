@@ -125,3 +125,32 @@ def test_grafana_dashboard_reads_exported_metrics(qsrv):
         re.findall(r"^# TYPE (qlm_[a-z0-9_]+)", text, re.M))
     missing = sorted(n for n in names if n not in exported)
     assert not missing, missing
+
+
+def test_tpot_caps_reach_the_live_executor():
+    """A class with a TPOT target, served live under ``qlm``: once its requests have arrived,
+    each engine holding their model is capped (the executor's ``seat_caps``, set every epoch
+    even when nothing is queued), within the engine's seats; no other engine is."""
+    s = settings_for(20.0, backend={"policy": "qlm"})
+    s.classes["interactive"].tpot_s = 0.02
+    srv = LiveServer(s)
+    try:
+        with httpx.Client(base_url=srv.url, headers=auth(), timeout=60) as c, \
+                concurrent.futures.ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda i: c.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "cap this", "max_tokens": 20},
+                headers={"x-slo-class": "interactive"}), range(16)))
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+        srv.wait_until(lambda: bool(srv.gateway.backend.policy.executor.seat_caps), timeout_s=30)
+
+        def state():
+            rt = srv.gateway.backend.runtime
+            return (dict(srv.gateway.backend.policy.executor.seat_caps),
+                    {i.id: (i.model, i.engine.seat_counts()[2]) for i in rt.instances})
+
+        caps, insts = srv.on_loop(state)
+        assert caps and all(insts[iid][0] == MODEL for iid in caps)
+        assert all(1 <= cap <= insts[iid][1] for iid, cap in caps.items())
+        assert {i for i, (m, _) in insts.items() if m == MODEL} == set(caps)
+    finally:
+        srv.stop()
