@@ -412,9 +412,9 @@ class RWTEstimator:
             self._profiles.pop(inst_id, None)
 
     # -- the profile -------------------------------------------------------------------------
-    def basics(self, inst, st) -> tuple[float, float, float]:
-        """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
-        ``stats()``, the roofline prior and the calibration."""
+    def _kv_seats(self, inst, st) -> tuple[_InstCal, float, float, float]:
+        """(calibration, mean output tokens, footprint tokens, seats): seats are
+        ``max_num_seqs``, or as many mean footprints as the KV cache holds; no cap applied."""
         cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
         model = st.model or inst.model
         mu = self.model_stats(model).mean if model else self.prior_mean
@@ -422,6 +422,12 @@ class RWTEstimator:
         seats = float(st.max_num_seqs or 256)
         if st.kv_capacity_tokens > 0:
             seats = max(1.0, min(seats, st.kv_capacity_tokens / max(fp, 1.0)))
+        return cal, mu, fp, seats
+
+    def basics(self, inst, st) -> tuple[float, float, float]:
+        """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
+        ``stats()``, the roofline prior and the calibration."""
+        cal, _, fp, seats = self._kv_seats(inst, st)
         cap = self.seat_caps.get(inst.id)
         if cap is not None and cap < seats:
             seats = float(cap)
@@ -447,14 +453,8 @@ class RWTEstimator:
         im = self.engine_model(inst)
         if im is None or tpot_s <= 0:
             return None
-        cal = self._cal.get(inst.id) or self._cal.setdefault(inst.id, _InstCal())
-        model = st.model or inst.model
-        mu = max(self.model_stats(model).mean if model else self.prior_mean, 1.0)
-        fp = cal.footprint_tokens or (self.prompt_mean + mu / 2.0)
-        seats = float(st.max_num_seqs or 256)
-        if st.kv_capacity_tokens > 0:
-            seats = max(1.0, min(seats, st.kv_capacity_tokens / max(fp, 1.0)))
-        prefill_per_token = im.c_tok * (1.0 - cal.hit_frac) * self.prompt_mean / mu
+        cal, mu, fp, seats = self._kv_seats(inst, st)
+        prefill_per_token = im.c_tok * (1.0 - cal.hit_frac) * self.prompt_mean / max(mu, 1.0)
         limit = headroom * tpot_s
 
         def per_token(b: int) -> float:

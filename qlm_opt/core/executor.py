@@ -171,6 +171,9 @@ class Executor:
         held_cap = self.seat_caps.get(inst.id)
         batch_cut = now + self.config.urgent_window_s
         n_batch = None  # batch requests in the engine, counted when the cap first matters
+        # a sibling's urgent work to take before seating batch: once none is found, none is
+        # until another group leaves a sibling (dispatching here changes no sibling)
+        look_urgent = self.config.steal_urgent
         while True:
             nr, nw, mx = eng.seat_counts()
             if nr + nw >= mx or (held_cap is not None and nr + nw >= held_cap):
@@ -178,9 +181,12 @@ class Executor:
             g = vq.head()
             if g is None and nw < slack and self.steal(inst):
                 g = vq.head()
-            elif (g is not None and g.deadline_at > batch_cut and nw < slack
-                  and self.steal_urgent(inst, batch_cut)):
-                g = vq.head()
+                look_urgent = self.config.steal_urgent
+            elif look_urgent and g is not None and g.deadline_at > batch_cut and nw < slack:
+                if self.steal_urgent(inst, batch_cut):
+                    g = vq.head()
+                else:
+                    look_urgent = False
             if cap is not None and g is not None and g.deadline_at > batch_cut:
                 # the head is batch work, and so is everything behind it (EDF order)
                 if n_batch is None:
