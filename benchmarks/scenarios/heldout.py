@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Ten workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Twenty-two workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
 and a tensor-parallel 70B, and an L4-only fleet (second batch); a 60-s batch SLO, interactive
-work only, and Mooncake on two A100s (third batch). Each is calibrated like the suite (loads where
+work only, and Mooncake on two A100s (third batch); seven more in the fifth session (TPOT
+targets, shared system prompts, a Batch API dump, small GPUs, cold swaps) and five in the
+sixth (one model on GPUs ~5x apart in speed, reasoning-length outputs, four SLO classes, a
+24-instance fleet, Mooncake on instances that may hold any of three models). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -165,6 +168,61 @@ NEW = [
                  {"llama-3.1-8b": 0.75, "qwen3-8b": 0.25}, 300.0,
                  lengths={"prompt_max": 4000}, arrivals={"process": "gamma", "rate_per_s": 4.0, "cv": 2.0}),
              search=(0.2, 40.0)),
+    # sixth batch (2026-11-30, sixth session): written down before any run
+    Scenario("h-hetero-speed", "azure conv; llama-3.1-8b on 2xH100 and 4xL4 (one model, ~5x apart "
+             "in speed) + qwen3-8b on 2xA100; 50% interactive 1.5 s / batch 600 s",
+             {"name": "h100x2-l4x4-a100x2", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "L4", "model": "llama-3.1-8b", "count": 4},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 2}]},
+             _wl("hhs", {"interactive": {"ttft_s": 1.5, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 600.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-8b": 0.7, "qwen3-8b": 0.3}, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
+    Scenario("h-reasoning", "synthetic ~1k-token prompts, ~1,500-token outputs (reasoning); "
+             "2 models on 4xH100; 60% interactive 3 s / batch 1 h",
+             {"name": "h100x4", "instances": [
+                 {"gpu": "H100-80GB", "model": "qwen3-8b", "count": 3},
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 1}]},
+             _wl("hrs", {"interactive": {"ttft_s": 3.0, "share": 0.6, "priority": 0},
+                         "batch": {"ttft_s": 3600.0, "share": 0.4, "priority": 1}},
+                 {"qwen3-8b": 0.75, "llama-3.1-8b": 0.25}, 300.0,
+                 lengths={"prompt_log_mu": 6.9, "prompt_log_sigma": 0.6, "prompt_max": 6000,
+                          "output_log_mu": 7.2, "output_log_sigma": 0.6, "output_max": 8192},
+                 arrivals={"process": "gamma", "rate_per_s": 2.0, "cv": 1.0}),
+             search=(0.1, 40.0)),
+    Scenario("h-four-class", "azure conv; 4 SLO classes (0.5 s 15%, 2 s 25%, 30 s 20%, 1 h 40%); "
+             "the suite's 4xA100 + 2xL4",
+             {"name": "a100x4-l4x2", "instances": R.A100x4_L4x2},
+             _wl("h4c", {"realtime": {"ttft_s": 0.5, "share": 0.15, "priority": 0},
+                         "interactive": {"ttft_s": 2.0, "share": 0.25, "priority": 1},
+                         "standard": {"ttft_s": 30.0, "share": 0.2, "priority": 2},
+                         "batch": {"ttft_s": 3600.0, "share": 0.4, "priority": 3}},
+                 R.FOUR_MODELS, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(1.0, 60.0)),
+    Scenario("h-large-fleet", "azure conv; 24 instances: 8xH100 llama-3.1-8b, 8xA100 qwen3-8b, "
+             "4xL40S mistral-7b, 4xL4 llama-3.2-1b; 60% interactive 2 s / batch 600 s",
+             {"name": "fleet24", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 8},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 8},
+                 {"gpu": "L40S", "model": "mistral-7b", "count": 4},
+                 {"gpu": "L4", "model": "llama-3.2-1b", "count": 4}]},
+             _wl("hlf", R.CONV_CLASSES, {"llama-3.1-8b": 0.4, "qwen3-8b": 0.35,
+                                         "mistral-7b": 0.15, "llama-3.2-1b": 0.1}, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(4.0, 200.0)),
+    Scenario("h-mooncake-swap", "mooncake (long prompts); 3 models on 2xH100 + 1xA100 that may "
+             "each hold any of them, warm swaps; 40% interactive 5 s / batch 900 s",
+             {"name": "h100x2-a100-swap", "warm_swaps": True, "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 1,
+                  "models": ["llama-3.1-8b", "qwen3-8b", "mistral-7b"]},
+                 {"gpu": "H100-80GB", "model": "qwen3-8b", "count": 1,
+                  "models": ["llama-3.1-8b", "qwen3-8b", "mistral-7b"]},
+                 {"gpu": "A100-80GB", "model": "mistral-7b", "count": 1,
+                  "models": ["llama-3.1-8b", "qwen3-8b", "mistral-7b"]}]},
+             _wl("hmw", {"interactive": {"ttft_s": 5.0, "share": 0.4, "priority": 0},
+                         "batch": {"ttft_s": 900.0, "share": 0.6, "priority": 1}},
+                 {"llama-3.1-8b": 0.5, "qwen3-8b": 0.3, "mistral-7b": 0.2}, 300.0),
+             trace="mooncake_conversation.jsonl", prompt_cap=100_000, search=(0.02, 10.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
