@@ -314,9 +314,18 @@ def _install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         return json_error(400, error_body(str(e), "invalid_request_error"))
 
     async def validation_error(request: Request, e: RequestValidationError) -> Response:
-        metrics.http_errors[422] += 1
         errs = e.errors()
         first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            # FastAPI puts the character offset where a field name would be
+            loc = first.get("loc", ())
+            at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            why = (first.get("ctx") or {}).get("error")
+            metrics.http_errors[400] += 1
+            return json_error(400, error_body(
+                f"The request body is not valid JSON{at}" + (f": {why}" if why else "."),
+                "invalid_request_error", None, "invalid_json"))
+        metrics.http_errors[422] += 1
         param = _loc(first.get("loc", ())) or None
         msg = "; ".join(f"{_loc(x.get('loc', ())) or 'body'}: {x.get('msg', 'invalid')}"
                         for x in errs[:5])

@@ -29,7 +29,10 @@ def test_400s(client):
     assert_error(r, 400, "context_length_exceeded")  # vicuna-13b: 4,096 tokens
     r = client.post("/v1/chat/completions", content=b"{not json",
                     headers={"content-type": "application/json"})
-    assert r.status_code in (400, 422) and "error" in r.json()
+    err = assert_error(r, 400, "invalid_json")
+    assert err["param"] is None and "not valid JSON at character 1" in err["message"]
+    r = client.post("/v1/batches", content=b"[1", headers={"content-type": "application/json"})
+    assert assert_error(r, 400, "invalid_json")["param"] is None
 
 
 def test_404s(client):
