@@ -116,6 +116,9 @@ class QLMRWTPolicy(Policy):
                                     clairvoyant=self.clairvoyant)
         rt.finish_hooks.append(self._calibrate)
         rt.first_token_hooks.append(self._observe_wait)
+        # a first token means the request left its engine's waiting queue: with at most
+        # `engine_slack` requests waiting there, the engine may take the next one now
+        rt.first_token_hooks.append(self._pump_after_first_token)
         self.gq.on_place = self._on_place
         self.executor = Executor(
             rt, self.gq, self.executor_config,
@@ -171,6 +174,10 @@ class QLMRWTPolicy(Policy):
             return
         self.est.calib.observe(req.slo_class, raw.mean_s, raw.std_s,
                                req.first_token_at - info.placed_at)
+
+    def _pump_after_first_token(self, req: Request) -> None:
+        if req.instance_id is not None:
+            self._pump(self.rt.instances[req.instance_id])
 
     def _on_place(self, g: RequestGroup) -> None:
         """A group entered an instance's virtual queue: (re-)predict its members' waits."""

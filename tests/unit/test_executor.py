@@ -134,7 +134,8 @@ def test_serve_these_then_swap(fleet_rt):
     g_llama = next(g for g in groups if g.model == "llama-3.1-8b")
     g_mistral = next(g for g in groups if g.model == "mistral-7b")
     gq.place(g_mistral, UNPLACED)
-    ex = Executor(rt, gq, ExecutorConfig())
+    # both llama requests may wait in the engine at once, so that one pull serves the group
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=len(llama)))
     pi = _pi(groups, 500, rt)
     # instance 1: its llama group first, then swap to mistral for the mistral group
     plan = _plan(pi, {1: [str(g_llama.id), str(g_mistral.id)]})
@@ -441,7 +442,9 @@ def test_apply_evicts_for_the_plans_late_urgent_first_group(fleet_rt):
     inst = rt.instances[0]
     batch = _full_of_batch(rt, sim, inst, prompt=1000)  # dearer than the 256-token heuristic
     gq, groups, pi, plan, urgent = _urgent_first(rt, sim, 2)
-    ex = Executor(rt, gq, ExecutorConfig(planned_evict=True), basics=lambda i: (8.0, 0.02, 1e-4))
+    # both urgent requests may wait in the engine at once: one pull seats the group
+    ex = Executor(rt, gq, ExecutorConfig(planned_evict=True, engine_slack=2),
+                  basics=lambda i: (8.0, 0.02, 1e-4))
     assert ex.victims_for(inst, groups[0]) == []  # the heuristic would evict nobody
     counts = ex.apply(plan, pi, sim.now())
     assert counts["evict"] == 2 and ex.evicted_on == {0}

@@ -281,7 +281,12 @@ def test_scored_cut_in_rate_leaves_out_the_plan_late_work(fleet, workload):
     now = sim.now()
     model = "llama-3.1-8b"
     iid = rt.ready_instances(model)[0].id
-    # queued by hand (no pull): an interactive group of two on ``iid``
+    # queued by hand (no pull): an interactive group of two on ``iid``, alone in its group
+    # (the run's own queued interactive requests of the model leave the queue first)
+    for g in list(pol.gq.groups.values()):
+        if g.model == model and g.slo_class == "interactive":
+            for r in g.requests():
+                pol.gq.remove(r)
     groups = []
     for k in range(2):
         r = Request(10**6 + k, model, "interactive", 100, 50, now, now + 2.0)

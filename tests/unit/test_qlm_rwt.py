@@ -157,3 +157,27 @@ def test_an_arrival_on_a_moving_clock_is_predicted_with_the_choice_estimate():
     assert chosen is not None and chosen[0] is pol.gq.group_of(req)
     assert pol._raw_pred[req.id] is chosen[5]
     assert req._sched.placed_at == chosen[2] < sim.now()
+
+
+def test_a_first_token_pulls_the_next_request_into_its_engine():
+    """With one request at most waiting inside an engine (`engine_slack` 1), the engine takes
+    the next one when a request's prefill is done (its first token), not at the next finish
+    or epoch: a burst at t=0 on one idle instance is seated within a few prefills."""
+    from qlm_opt.domain import Request
+    from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
+    from qlm_opt.whatif.run import run_policy
+
+    fl = Fleet.from_dict({"name": "one", "engine": {"max_num_seqs": 8},
+                          "instances": [{"gpu": "A100-80GB", "model": "llama-3.1-8b"}]})
+    wl = Workload.from_dict({"name": "burst", "duration_s": 1.0,
+                             "classes": {"interactive": {"ttft_s": 10.0, "share": 1.0}},
+                             "models": {"llama-3.1-8b": 1.0}})
+    reqs = [Request(id=i, model="llama-3.1-8b", slo_class="interactive", prompt_tokens=50,
+                    output_tokens=400, arrived_at=0.0, deadline_at=10.0, tpot_s=None,
+                    priority=0) for i in range(8)]
+    assert QLMRWTPolicy.epoch_s > 0.3  # the first epoch comes after the burst is seated
+    run = run_policy("qlm-rwt", fl, wl, reqs, track_rwt=False)
+    firsts = sorted(r.first_token_at for r in run.requests)
+    finishes = min(r.completed_at for r in run.requests)
+    # all eight prefilled one after another before any finish and before the first epoch
+    assert firsts[-1] < min(0.3, finishes), firsts
