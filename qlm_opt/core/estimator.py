@@ -697,10 +697,15 @@ class RWTEstimator:
     def wait_raw(self, inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
                  bucket_of, cut_in_per_s: float = 0.0,
                  cut_in_horizon_s: float = math.inf,
-                 view: EngineView | None = None) -> WaitEstimate:
+                 view: EngineView | None = None,
+                 cut_in_until_start: bool = False) -> WaitEstimate:
         """The model's estimate, before the online calibration. Requests that cut in arrive
         at ``cut_in_per_s`` for at most ``cut_in_horizon_s`` (after that, later arrivals'
-        deadlines fall after this request's)."""
+        deadlines fall after this request's). By default they arrive over the whole wait;
+        ``cut_in_until_start``: only until the request's own prefill starts (a seat is
+        free and the prefill ahead of it is done). Once its prefill is under way it is a
+        running request, and the engine finishes running requests' prefill before it
+        admits waiting ones, however urgent."""
         if view is None:
             view = EngineView(inst, inst.engine.stats(), now_at)
         st = view.st
@@ -726,7 +731,8 @@ class RWTEstimator:
             sd = math.sqrt(xv * p.iter_s ** 2 + own_v)
             if cut_in_per_s <= 0:
                 break
-            j = position + cut_in_per_s * max(0.0, min(mean, cut_in_horizon_s))
+            span = mean - own_m if cut_in_until_start else mean
+            j = position + cut_in_per_s * max(0.0, min(span, cut_in_horizon_s))
         sd = math.hypot(sd, self.config.rel_err * mean, self.config.min_std_s)
         return WaitEstimate(mean, sd)
 

@@ -61,7 +61,8 @@ class Runtime:
         self.dispatch_hooks: list[Callable[[Request, Instance], None]] = []
         # After the engine took the request: (request, instance, engine priority tuple).
         self.submit_hooks: list[Callable[[Request, Instance, tuple], None]] = []
-        # A policy predicted a request's wait: (request, clock time, WaitEstimate).
+        # A policy predicted a request's wait: (request, clock time, WaitEstimate, the
+        # model's WaitEstimate before the policy's calibration).
         self.predict_hooks: list[Callable] = []
         self.drop_hooks: list[Callable[[Request], None]] = []
         self._iter_models: dict[tuple[str, str, int], object] = {}  # (model, gpu, tp) ->

@@ -69,22 +69,24 @@ def sorted_quantile(xs: np.ndarray, q: float) -> float:
 
 
 class _Ring:
-    """The last ``size`` (mean, std, observed) triples of a calibration cell, in a numpy ring
-    (rows in rotated order once full), and how many arrived since the last fit."""
+    """The last ``size`` (mean, std, observed, bias factor fitted when it was predicted)
+    rows of a calibration cell, in a numpy ring (rows in rotated order once full), and how
+    many arrived since the last fit."""
 
     __slots__ = ("buf", "n", "pos", "new")
 
     def __init__(self, size: int) -> None:
-        self.buf = np.empty((size, 3))
+        self.buf = np.empty((size, 4))
         self.n = 0
         self.pos = 0
         self.new = 0
 
-    def append(self, m: float, s: float, o: float) -> None:
+    def append(self, m: float, s: float, o: float, c: float = 1.0) -> None:
         row = self.buf[self.pos]
         row[0] = m
         row[1] = s
         row[2] = o
+        row[3] = c
         self.pos += 1
         if self.pos == len(self.buf):
             self.pos = 0
@@ -127,6 +129,15 @@ class WaitCalibrator:
     predictions made before the observation use it (no look-ahead); the factors are
     refreshed every ``refresh`` new triples.
 
+    ``check_bias=True``: the bias factor is applied only while it has earned its place: at
+    each refit, the cell's completed predictions are scored (median absolute % error) as
+    corrected by the factor fitted when each was made, and as the model made them; when the
+    correction did not do better, ``c`` is 1. Under a backlog that grows, the waits observed
+    are those of requests predicted long before, and a factor learned from them can make
+    the next predictions worse than the model's own; this check sees that from outcomes
+    alone. Predictions must be announced with ``admit`` (its ``req_id`` matched by
+    ``observe``) for their factor to be known; an unannounced one counts as uncorrected.
+
     ``censored=True``: predictions announced with ``admit`` and not observed yet are
     censored observations: a request admitted ``e`` seconds ago is known to wait more than
     ``e``. They enter the interval factor ``k`` (a Kaplan-Meier quantile of the scores, the
@@ -138,7 +149,7 @@ class WaitCalibrator:
 
     def __init__(self, window: int = 400, min_n: int = 30, refresh: int = 16,
                  bin_ratio: float = 2.0, coverage: float = 0.9, censored: bool = False,
-                 censored_refresh_s: float = 5.0) -> None:
+                 censored_refresh_s: float = 5.0, check_bias: bool = False) -> None:
         if window < 1 or min_n < 1 or refresh < 1:
             raise ValueError("window, min_n and refresh must be >= 1")
         if bin_ratio <= 1.0:
@@ -154,6 +165,11 @@ class WaitCalibrator:
         self.coverage = coverage
         self.censored = censored
         self.censored_refresh_s = censored_refresh_s
+        self.check_bias = check_bias
+        # check_bias: cell -> the bias factor fitted (applied or not), and
+        # req id -> {cell: that factor when the request was predicted}
+        self._c_fit: dict[tuple, float] = {}
+        self._c_at: dict[int, dict] = {}
         self._data: dict[tuple, _Ring] = {}  # cell -> last ``window`` (m, s, o)
         self._fit: dict[tuple, tuple[float, float]] = {}  # cell -> (c, k)
         # censored mode: cell -> {req id: (m, s, admitted at)} not observed yet, and
@@ -168,8 +184,12 @@ class WaitCalibrator:
         return (key, self._bin(mean_s)), (key, None)
 
     def admit(self, key, req_id: int, mean_s: float, std_s: float, at: float) -> None:
-        """A prediction was made at clock time ``at`` (censored mode; no-op otherwise):
-        until ``observe`` with its ``req_id``, it counts as a wait longer than its age."""
+        """A prediction was made at clock time ``at``. Censored mode: until ``observe``
+        with its ``req_id``, it counts as a wait longer than its age. ``check_bias``: the
+        bias factors fitted now are kept, to score them when it is observed."""
+        if self.check_bias:
+            self._c_at[req_id] = {cell: self._c_fit.get(cell, 1.0)
+                                  for cell in self._cells(key, mean_s)}
         if not self.censored:
             return
         row = (max(mean_s, 1e-6), max(std_s, 1e-6), at)
@@ -178,6 +198,7 @@ class WaitCalibrator:
 
     def forget(self, key, req_id: int, mean_s: float) -> None:
         """A prediction that will never be observed (the request was dropped)."""
+        self._c_at.pop(req_id, None)
         for cell in self._cells(key, mean_s):
             p = self._pending.get(cell)
             if p is not None:
@@ -186,6 +207,7 @@ class WaitCalibrator:
     def observe(self, key, mean_s: float, std_s: float, observed_s: float,
                 req_id: int | None = None) -> None:
         m, sd, o = max(mean_s, 1e-6), max(std_s, 1e-6), max(observed_s, 1e-6)
+        c_at = self._c_at.pop(req_id, None) if self._c_at and req_id is not None else None
         for cell in self._cells(key, mean_s):
             if req_id is not None and self._pending:
                 p = self._pending.get(cell)
@@ -194,7 +216,7 @@ class WaitCalibrator:
             d = self._data.get(cell)
             if d is None:
                 d = self._data[cell] = _Ring(self.window)
-            d.append(m, sd, o)
+            d.append(m, sd, o, 1.0 if c_at is None else c_at.get(cell, 1.0))
             d.new += 1
             if d.new >= self.refresh or cell not in self._fit and d.n >= self.min_n:
                 self._refit(cell, d)
@@ -208,6 +230,12 @@ class WaitCalibrator:
         a = d.buf if d.n == self.window else d.buf[: d.n]
         m, s, o = a[:, 0], a[:, 1], a[:, 2]
         c = float(np.exp(sorted_median(np.sort(np.log(o / m)))))
+        if self.check_bias:
+            self._c_fit[cell] = c
+            corrected = sorted_median(np.sort(np.abs(a[:, 3] * m - o) / o))
+            plain = sorted_median(np.sort(np.abs(m - o) / o))
+            if not corrected < plain:
+                c = 1.0
         score = np.abs(o - c * m) / (c * s)
         k = sorted_quantile(np.sort(score), self.coverage)
         # the interval only ever widens the model's: a backlog that builds up makes the

@@ -274,6 +274,13 @@ class QLMRWTPolicy(Policy):
             cut = cut_scored
         if extra_prompt is None:
             extra_prompt = extra_ahead * prompt
+        if scored:
+            # the reported prediction: later urgent arrivals overtake it only until its
+            # prefill starts (``RWTEstimator.wait_raw``); decisions keep the whole wait
+            est = self.est.wait_raw(
+                inst, now, float(n + extra_ahead), p + extra_prompt + waiting_prompt,
+                prompt, self._bucket, cut, horizon, view, cut_in_until_start=True)
+            return est if raw else self.est.calib.adjust(g.slo_class, est)
         return self.est.wait(
             inst, now, float(n + extra_ahead), p + extra_prompt + waiting_prompt,
             prompt, self._bucket, cut, key=None if raw else g.slo_class,
@@ -288,7 +295,7 @@ class QLMRWTPolicy(Policy):
         info.pred_std_s = est.std_s
         self._raw_pred[req.id] = raw
         for fn in self.rt.predict_hooks:  # the accuracy tracker scores the first one
-            fn(req, now, est)
+            fn(req, now, est, raw)
 
     def _predict(self, req: Request, g: RequestGroup, inst: Instance, now: float) -> None:
         members = g.members
@@ -321,10 +328,11 @@ class QLMRWTPolicy(Policy):
         for _, _, r in g.members:
             if r.first_token_at is None:
                 if (k == 0 and first is not None and first[0] == r.prompt_tokens
-                        and ctx[4] == ctx[6]):
+                        and ctx[4] <= 0):
                     # the estimate ``_choose`` made: position 0, nothing of the group ahead,
-                    # this prompt, the same context and, with no plan-late work to leave out,
-                    # the same cut-in rate as the scored one (the same call, the same floats)
+                    # this prompt, the same context and no cut-ins (with cut-ins the scored
+                    # prediction counts them differently: ``_wait(scored=True)``), so the
+                    # same floats
                     raw = first[1]
                 else:
                     if ctx is None:

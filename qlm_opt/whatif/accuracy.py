@@ -23,6 +23,10 @@ class AccuracyRecord:
     raw: WaitEstimate | None = None  # the model's estimate before calibration
     calib: WaitCalibrator | None = None  # fed (raw, observed) at the first token
     key: object = None  # calibration cell key
+    # a second calibrator fed (its input, observed) at the first token: the one that set
+    # the scored mean, when it is not ``calib`` (``RWTTracker.on_predict``)
+    center_calib: WaitCalibrator | None = None
+    center_raw: WaitEstimate | None = None
 
 
 @dataclass(slots=True)
@@ -49,12 +53,15 @@ class RWTAccuracy:
 
     def predict(self, req: Request, placed_at: float, est: WaitEstimate,
                 raw: WaitEstimate | None = None, calib: WaitCalibrator | None = None,
-                key=None) -> None:
-        """An admission prediction: kept only when it is the request's first."""
+                key=None, center: tuple[WaitCalibrator, WaitEstimate] | None = None) -> None:
+        """An admission prediction: kept only when it is the request's first. ``center``:
+        (calibrator, its input) that set the mean, fed at the first token too."""
         if req.first_token_at is not None or req.id in self.records:
             return
-        self.records[req.id] = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s,
-                                              raw, calib, key)
+        rec = AccuracyRecord(req.slo_class, placed_at, est.mean_s, est.std_s, raw, calib, key)
+        if center is not None:
+            rec.center_calib, rec.center_raw = center
+        self.records[req.id] = rec
 
     def predict_dispatch(self, req: Request, placed_at: float, est: WaitEstimate,
                          raw: WaitEstimate | None = None, calib: WaitCalibrator | None = None,
@@ -83,6 +90,9 @@ class RWTAccuracy:
             if r is not None and r.calib is not None and r.raw is not None:
                 r.calib.observe(r.key, r.raw.mean_s, r.raw.std_s,
                                 req.first_token_at - r.placed_at, req.id)
+        if rec.center_calib is not None:
+            rec.center_calib.observe(rec.key, rec.center_raw.mean_s, rec.center_raw.std_s,
+                                     obs, req.id)
 
     def forget(self, req: Request) -> None:
         """``req`` was dropped before its first token: it is not scored, and a censored
@@ -91,6 +101,8 @@ class RWTAccuracy:
         rec = self.records.pop(req.id, None)
         if rec is not None and rec.calib is not None and rec.raw is not None:
             rec.calib.forget(rec.key, req.id, rec.raw.mean_s)
+        if rec is not None and rec.center_calib is not None:
+            rec.center_calib.forget(rec.key, req.id, rec.center_raw.mean_s)
 
     @staticmethod
     def _stats(rows) -> dict:
@@ -146,8 +158,13 @@ class RWTTracker:
         # Policies' admission predictions, recalibrated online (split-conformal, per class
         # and band) from earlier admission predictions and their outcomes, the ones still
         # waiting counted as censored in the interval: a policy's own calibration learns
-        # from its latest placement, not from admission.
+        # from its latest placement, not from admission. This sets the interval's width.
         self.admission_calib = WaitCalibrator(censored=True)
+        # The scored mean, where the policy reports its model's estimate before its own
+        # calibration: that estimate, times a bias factor (per class and band, from earlier
+        # admission predictions) only while the factor has done better than none
+        # (``WaitCalibrator(check_bias=True)``).
+        self.admission_center = WaitCalibrator(check_bias=True)
         self.bucket_of = lambda r: length_bucket(r.prompt_tokens)
         # instance id -> sorted [(priority, req id, req)] believed waiting in the engine
         self._mirror: dict[int, list[tuple]] = {}
@@ -161,14 +178,25 @@ class RWTTracker:
     def on_finish(self, req: Request) -> None:
         self.est.observe_completion(req, self.bucket_of(req))
 
-    def on_predict(self, req: Request, at: float, est: WaitEstimate) -> None:
+    def on_predict(self, req: Request, at: float, est: WaitEstimate,
+                   raw: WaitEstimate | None = None) -> None:
         """A policy predicted ``req``'s wait (placement): the first one is the admission
-        prediction, reported as recalibrated now by ``admission_calib``."""
+        prediction, reported as recalibrated now by ``admission_calib``. ``raw`` (the
+        policy's model estimate before its own calibration, when it gives one): the mean is
+        ``admission_center``'s of it instead, the interval's half-width
+        ``admission_calib``'s."""
         if req.first_token_at is not None or req.id in self.acc.records:
             return
         cal = self.admission_calib
         key = req.slo_class
-        self.acc.predict(req, at, cal.adjust(key, est, at), est, cal, key)
+        scored = cal.adjust(key, est, at)
+        center = None
+        if raw is not None:
+            cc = self.admission_center
+            scored = WaitEstimate(cc.adjust(key, raw).mean_s, scored.std_s)
+            cc.admit(key, req.id, raw.mean_s, raw.std_s, at)
+            center = (cc, raw)
+        self.acc.predict(req, at, scored, est, cal, key, center)
         cal.admit(key, req.id, est.mean_s, est.std_s, at)
 
     def on_submit(self, req: Request, inst, priority: tuple) -> None:

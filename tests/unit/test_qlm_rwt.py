@@ -37,7 +37,7 @@ def test_shared_estimates_change_no_decision(monkeypatch):
         ahead = [r for at, rid, r in g.members
                  if rid != req.id and (at, rid) < (req.arrived_at, req.id)]
         raw = self._wait(inst, g, len(ahead), req.prompt_tokens, now,
-                         float(sum(r.prompt_tokens for r in ahead)))
+                         float(sum(r.prompt_tokens for r in ahead)), scored=True)
         self._record(req, now, raw)
 
     def predict_group(self, g, inst, now):
@@ -46,7 +46,7 @@ def test_shared_estimates_change_no_decision(monkeypatch):
         for _, _, r in g.members:
             if r.first_token_at is None:
                 self._record(r, now, self._wait(inst, g, k, r.prompt_tokens, now, float(cum),
-                                                ahead=ahead))
+                                                ahead=ahead, scored=True))
             k += 1
             cum += r.prompt_tokens
 
@@ -54,11 +54,11 @@ def test_shared_estimates_change_no_decision(monkeypatch):
     calls = {"plain": 0}
 
     def wait_raw(self, inst, now_at, position, ahead_tokens, own, bucket_of, cut=0.0,
-                 horizon=math.inf, view=None):
+                 horizon=math.inf, view=None, cut_in_until_start=False):
         # a fresh view (stats(), basics, engine summary) every call
         calls["plain"] += 1
         return plain_raw(self, inst, now_at, position, ahead_tokens, own, bucket_of, cut,
-                         horizon)
+                         horizon, cut_in_until_start=cut_in_until_start)
 
     monkeypatch.setattr(QLMRWTPolicy, "_predict", predict)
     monkeypatch.setattr(QLMRWTPolicy, "_predict_group", predict_group)
@@ -98,11 +98,11 @@ def test_the_choice_estimate_is_the_first_members_prediction_until_anything_move
 
     seen = {}
 
-    def fresh(req, at, est):  # a fresh estimate at the moment of the prediction
+    def fresh(req, at, est, raw):  # a fresh estimate at the moment of the prediction
         g = pol.gq.group_of(req)
         inst = rt.instances[g.instance_id]
         seen[req.id] = (pol._raw_pred[req.id], pol._wait(inst, g, 0, req.prompt_tokens, at,
-                                                          0.0))
+                                                          0.0, scored=True))
 
     rt.predict_hooks.append(fresh)
     # the usual path: _choose, then place, with nothing in between
