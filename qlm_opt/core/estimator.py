@@ -424,6 +424,19 @@ class RWTEstimator:
             seats = max(1.0, min(seats, st.kv_capacity_tokens / max(fp, 1.0)))
         return cal, mu, fp, seats
 
+    def kv_peak_seats(self, inst, st) -> int | None:
+        """Requests the KV cache holds at their peak: its capacity over the footprint a
+        request reaches by its last token (the mean footprint of a running request, which is
+        halfway through its output on average, plus half the mean output). None where the
+        capacity is unknown or ``max_num_seqs`` binds first. Holding no more than this keeps
+        the engine from preempting (and recomputing) running requests as their outputs grow."""
+        if st.kv_capacity_tokens <= 0:
+            return None
+        _, mu, fp, _ = self._kv_seats(inst, st)
+        cap = int(st.kv_capacity_tokens / max(fp + mu / 2.0, 1.0))
+        mx = st.max_num_seqs or 256
+        return max(1, cap) if cap < mx else None
+
     def basics(self, inst, st) -> tuple[float, float, float]:
         """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
         ``stats()``, the roofline prior and the calibration."""

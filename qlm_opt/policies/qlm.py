@@ -26,7 +26,10 @@ Every epoch:
      model's time per output token (the decode iteration plus the prefill each admitted
      request brings, spread over its mean output) within ``tpot_headroom`` x the tightest
      target (refreshed every epoch, also when nothing is queued to plan); the estimator and
-     the planner count no more seats than that;
+     the planner count no more seats than that. *KV caps* (``kv_caps``, on by default) join
+     them on every instance whose KV cache, not ``max_num_seqs``, binds: no more requests
+     than the cache holds at their peak (``RWTEstimator.kv_peak_seats``), so that growing
+     outputs do not make the engine preempt running requests and recompute their prompts;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others; the scored wait prediction's
@@ -102,6 +105,7 @@ class QLMPolicy(QLMRWTPolicy):
         admission_margin: float = 1.0,
         tpot_caps: bool = True,
         tpot_headroom: float = 1.0,
+        kv_caps: bool = True,
         planned_eviction: bool = False,
         clairvoyant: bool = False,
         executor: ExecutorConfig | None = None,
@@ -118,6 +122,9 @@ class QLMPolicy(QLMRWTPolicy):
         # TPOT caps (``_tpot_caps``): a cap keeps the predicted time per output token within
         # this share of the tightest TPOT target
         self.tpot_caps = tpot_caps
+        # KV caps (``RWTEstimator.kv_peak_seats``): no more requests than the KV cache holds
+        # at their peak, so that growing outputs do not make the engine preempt
+        self.kv_caps = kv_caps
         self.tpot_headroom = tpot_headroom
         # evictions from the plan (Executor.apply); the RWT heuristic only without a plan
         self.planned_eviction = planned_eviction
@@ -678,19 +685,25 @@ class QLMPolicy(QLMRWTPolicy):
         engine may hold, for each ready instance whose model had arrivals of a class with a
         TPOT target within the last ``rate_window_s``; the tightest such target, with
         ``tpot_headroom``, sets the cap (``RWTEstimator.tpot_seats``)."""
+        caps: dict[int, int] = {}
+        if self.kv_caps:
+            for inst in self.rt.instances:
+                if inst.ready:
+                    cap = self.est.kv_peak_seats(inst, inst.engine.stats())
+                    if cap is not None:
+                        caps[inst.id] = cap
         tpot = self._tpot_of
         if not tpot or not self.tpot_caps:
-            return {}
+            return caps
         target: dict[str, float] = {}  # model -> tightest TPOT of its recent arrivals
         for (model, cls), q in self._arrivals.items():
             t = tpot.get(cls)
             if t is not None and self._recent(q, now) and t < target.get(model, math.inf):
                 target[model] = t
-        caps: dict[int, int] = {}
         for model, t in target.items():
             for inst in self.rt.ready_instances(model):
                 cap = self.est.tpot_seats(inst, inst.engine.stats(), t, self.tpot_headroom)
-                if cap is not None:
+                if cap is not None and cap < caps.get(inst.id, cap + 1):
                     caps[inst.id] = cap
         return caps
 

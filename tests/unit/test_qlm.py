@@ -328,3 +328,38 @@ def test_scored_cut_in_rate_leaves_out_the_plan_late_work(fleet, workload):
     assert pol._cut_in_per_s(model, "batch", now) == pytest.approx(plain - 2 * step)
     assert pol._cut_in_per_s(model, "batch", now, scored=True) == pytest.approx(
         plain - 2 * step)
+
+
+def test_kv_caps_keep_long_prompts_from_preempting_each_other():
+    """An 8B model on a 24-GB A10 holds about a dozen 4k-token requests at their peak; without
+    the KV caps the engine admits more, preempts as their outputs grow and recomputes their
+    prompts. With them, the engines preempt a third as often or less, and more requests meet their SLO."""
+    from qlm_opt.core.estimator import RWTEstimator
+
+    fl = Fleet.from_dict({"name": "a10", "instances": [
+        {"gpu": "A10", "model": "llama-3.1-8b", "count": 2}]})
+    wl = Workload.from_dict({
+        "name": "long-prompts", "seed": 3, "duration_s": 120.0,
+        "classes": {"interactive": {"ttft_s": 10.0, "share": 0.5, "priority": 0},
+                    "batch": {"ttft_s": 600.0, "share": 0.5, "priority": 1}},
+        "models": {"llama-3.1-8b": 1.0},
+        "lengths": {"prompt_log_mu": 8.2, "prompt_log_sigma": 0.2, "prompt_max": 6000,
+                    "output_log_mu": 6.0, "output_log_sigma": 0.4, "output_max": 1500},
+        "arrivals": {"process": "poisson", "rate_per_s": 2.5}})
+    out = {}
+    for on in (False, True):
+        reqs = build_requests(synthetic_trace(wl), wl)
+        run = run_policy("qlm", fl, wl, reqs, track_rwt=False,
+                         policy_options={"preset": "fast", "kv_caps": on})
+        assert sum(r.state == RequestState.FINISHED for r in run.requests) == len(reqs)
+        out[on] = (run.metrics["num_preemptions"], run.metrics["slo_attainment"])
+    assert out[False][0] >= 20 and 3 * out[True][0] <= out[False][0], out
+    assert out[True][1] > out[False][1], out
+    # the cap itself: capacity over (mean running footprint + half the mean output)
+    est = RWTEstimator(200.0, 100.0**2, 4000.0)
+    st = type("S", (), {"kv_capacity_tokens": 60_000, "max_num_seqs": 256,
+                        "model": None})()
+    cap = est.kv_peak_seats(type("I", (), {"id": 0, "model": None})(), st)
+    assert cap == int(60_000 / (4000.0 + 200.0 / 2 + 200.0 / 2))
+    st.kv_capacity_tokens = 10**9  # max_num_seqs binds first: no cap
+    assert est.kv_peak_seats(type("I", (), {"id": 0, "model": None})(), st) is None
