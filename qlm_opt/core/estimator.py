@@ -568,7 +568,9 @@ class RWTEstimator:
         else:
             cache: dict[int, tuple[float, float]] = {}
             if cfg.output_lengths == "learned":
-                lm, ls = self.out_model.predict_arrays(running)
+                ms, ss = self.out_model.predict_many(running)
+                lm = np.array(ms, dtype=float) if nr else np.empty(0)
+                ls = np.array(ss, dtype=float) if nr else np.empty(0)
             else:
                 lm = np.empty(nr)
                 ls = np.empty(nr)

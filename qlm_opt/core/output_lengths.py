@@ -130,71 +130,45 @@ class OutputLengthModel:
                 return c.predict(x, self.ridge)
         return self.prior
 
-    def _fit(self, who: tuple) -> tuple | None:
-        """The fit ``predict`` uses for requests of ``who`` = (model, class, tenant): the
-        first cell of its fallback chain with ``min_n`` completions, as (mean x, mean y,
-        slope, residual variance, 1 + 1/n, n (vxx + ridge)); None: the prior."""
-        model, cls, tenant = who
-        keys = (((model, cls, tenant), (model, cls), (model,)) if tenant is not None
-                else ((model, cls), (model,)))
-        for k in keys:
-            c = self.cells.get(k)
-            if c is not None and c.n >= self.min_n:
-                n = c.n
-                mx, my = c.sx / n, c.sy / n
-                vxx = c.sxx / n - mx * mx
-                vxy = c.sxy / n - mx * my
-                vyy = max(c.syy / n - my * my, 0.0)
-                b = vxy / (vxx + self.ridge)
-                res = max(vyy - 2 * b * vxy + b * b * vxx, 1e-4)
-                return mx, my, b, res, 1.0 + 1.0 / n, max(n * (vxx + self.ridge), 1e-9)
-        return None
-
-    def predict_arrays(self, reqs) -> tuple[np.ndarray, np.ndarray]:
-        """``predict`` of every request in ``reqs`` as two arrays (log-means, log-stds),
-        worked out per cell in NumPy (the estimator's profile: hundreds of running requests
-        a call). Within a few units in the last place of ``predict`` (NumPy's ``log1p`` and
-        ``d * d``, not Python's ``math.log1p`` and ``d ** 2``): not always the same floats."""
-        n = len(reqs)
-        if not n:
-            return np.empty(0), np.empty(0)
-        who = [(r.model, r.slo_class, r.tenant) for r in reqs]
-        x = np.log1p(np.array([r.prompt_tokens for r in reqs], dtype=float))
-        first = who[0]
-        if who.count(first) == n:  # one cell, the usual case
-            cells = [(first, None)]
-        else:
-            ids: dict[tuple, int] = {}
-            code = np.array([ids.setdefault(w, len(ids)) for w in who])
-            cells = [(w, code == j) for w, j in ids.items()]
-        ms = np.empty(n)
-        ss = np.empty(n)
-        for w, sel in cells:
-            f = self._fit(w)
+    def predict_many(self, reqs) -> tuple[list[float], list[float]]:
+        """``predict`` of every request in ``reqs``: (log-means, log-stds), the same floats,
+        with each cell's fit worked out once (``_LogFit.predict`` term by term)."""
+        ms: list[float] = []
+        ss: list[float] = []
+        add_m = ms.append
+        add_s = ss.append
+        fits: dict[tuple, tuple | None] = {}
+        get_fit = fits.get
+        ridge = self.ridge
+        log1p = math.log1p
+        sqrt = math.sqrt
+        pm, ps = self.prior
+        for req in reqs:
+            who = (req.model, req.slo_class, req.tenant)
+            f = get_fit(who, False)
+            if f is False:
+                f = None
+                for k in self._keys(req):
+                    c = self.cells.get(k)
+                    if c is not None and c.n >= self.min_n:
+                        n = c.n
+                        mx, my = c.sx / n, c.sy / n
+                        vxx = c.sxx / n - mx * mx
+                        vxy = c.sxy / n - mx * my
+                        vyy = max(c.syy / n - my * my, 0.0)
+                        b = vxy / (vxx + ridge)
+                        res = max(vyy - 2 * b * vxy + b * b * vxx, 1e-4)
+                        f = (mx, my, b, res, 1.0 + 1.0 / n, max(n * (vxx + ridge), 1e-9))
+                        break
+                fits[who] = f
             if f is None:
-                pm, ps = self.prior
-                if sel is None:
-                    ms.fill(pm)
-                    ss.fill(ps)
-                else:
-                    ms[sel] = pm
-                    ss[sel] = ps
+                add_m(pm)
+                add_s(ps)
                 continue
             mx, my, b, res, a1, den = f
-            d = x if sel is None else x[sel]
-            d = d - mx
-            m = b * d
-            m += my
-            v = d * d
-            v /= den
-            v += a1
-            v *= res
-            np.sqrt(v, out=v)
-            if sel is None:
-                ms, ss = m, v
-            else:
-                ms[sel] = m
-                ss[sel] = v
+            d = log1p(req.prompt_tokens) - mx
+            add_m(my + b * d)
+            add_s(sqrt(res * (a1 + d ** 2 / den)))  # ``** 2``: pow, not d * d (not always equal)
         return ms, ss
 
     def observe(self, req: Request, n_out: float,
