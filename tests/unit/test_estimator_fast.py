@@ -1,4 +1,6 @@
-"""The estimator's fast paths against the plain computations they replace (bit-identical)."""
+"""The estimator's fast paths against the plain computations they replace: bit-identical,
+or, where the floats differ (the profile's float32 matrix and its renewal by power series),
+within the bounds each test states."""
 
 from __future__ import annotations
 
