@@ -102,7 +102,38 @@ def _norm_cdf(z: np.ndarray) -> np.ndarray:
     return out
 
 
+def _norm_sf(z: np.ndarray) -> np.ndarray:
+    """Standard normal survival function 1 - Phi(z) by the erf of ``_norm_cdf``, in the
+    dtype of ``z`` (the profile's running-requests matrix: float32), written so that the
+    upper tail keeps its relative precision: 0.5 t (a1 + ... ) exp(-x^2) for z >= 0, one
+    minus it below (``1 - _norm_cdf(z)`` rounds the upper tail to the dtype's resolution
+    near 1, which a conditional residual divides by a small survival). In place on two
+    buffers."""
+    x = np.abs(z)
+    x *= 1.0 / _SQRT2
+    t = 0.3275911 * x
+    t += 1.0
+    np.divide(1.0, t, out=t)
+    poly = t * 1.061405429
+    poly += -1.453152027
+    poly *= t
+    poly += 1.421413741
+    poly *= t
+    poly += -0.284496736
+    poly *= t
+    poly += 0.254829592
+    poly *= t
+    x *= x
+    np.negative(x, out=x)
+    np.exp(x, out=x)
+    poly *= x
+    poly *= 0.5  # the upper tail
+    np.subtract(1.0, poly, out=poly, where=z < 0)
+    return poly
+
+
 _ZERO1 = np.zeros(1)
+_ONE1 = np.ones(1)
 _ARANGES: dict[int, np.ndarray] = {}
 
 
@@ -119,35 +150,55 @@ def _grid(horizon: float, n_pts: int) -> np.ndarray:
     return y
 
 
-def _renewal(c_run: np.ndarray, fcdf: np.ndarray, free: float
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _renewal_series(c_run: np.ndarray, fcdf: np.ndarray, free: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Expected starts by each grid point (``free`` seats at once, then one per completion)
     and completions of the new starts, from the running requests' expected completions
-    ``c_run`` and a new request's completion CDF ``fcdf`` on the grid: the renewal equation
-    stepped on the grid. ``np.diff`` and the reversed prefix ``d_start[:k][::-1]`` are
-    written as the slices they are (the same floats, the same dot products)."""
+    ``c_run`` and a new request's completion CDF ``fcdf`` on the grid: the renewal
+    equation, by power series rather than stepped on the grid. The starts per step solve
+    d = b + L d with L the lower-triangular Toeplitz matrix of the completion pmf
+    (d[k] = b[k] + sum_{m<k} d[m] fpmf[k-1-m], b = the running requests' completions per
+    step, b[0] = ``free``), i.e. D(z) = B(z) / A(z) with A(z) = 1 - sum_k fpmf[k] z^(k+1).
+    1 / A is found by Newton's iteration on power series (u <- u (2 - A u), doubling the
+    correct terms each round: six rounds of two short convolutions for 49 points instead
+    of 48 Python steps, about twice as fast). The stepped loop's quantities in another
+    summation order: within 1e-12 relative of it (unit test), not its floats."""
     n = len(fcdf)
-    fpmf = fcdf[1:] - fcdf[:-1]  # completion in (x[k-1], x[k]] after a start at 0
-    d_start = np.zeros(n)
-    c_new = np.zeros(n)
-    d_start[0] = free
-    d_run = c_run - np.concatenate((_ZERO1, c_run[:-1]))  # np.diff(c_run, prepend=0.0)
-    dot = np.dot
-    for k in range(1, n):
-        # completions in step k from requests started at steps < k
-        c_new[k] = dot(d_start[k - 1::-1], fpmf[:k])
-        d_start[k] = d_run[k] + c_new[k]
+    a = np.empty(n)
+    a[0] = 1.0
+    np.subtract(fcdf[:-1], fcdf[1:], out=a[1:])  # -fpmf
+    u = _ONE1
+    m = 1
+    conv = np.convolve
+    while m < n:
+        m = min(2 * m, n)
+        e = conv(a[:m], u)[:m]
+        e[0] -= 2.0
+        u = conv(u, e)[:m]
+        np.negative(u, out=u)
+    b = c_run - np.concatenate((_ZERO1, c_run[:-1]))
+    b[0] = free
+    d_start = conv(u, b)[:n]
+    c_new = d_start - b
+    c_new[0] = 0.0
     return np.cumsum(d_start), np.cumsum(c_new)
 
 
-def _running_completions(g: np.ndarray, lm: np.ndarray, ls: np.ndarray, x: np.ndarray
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def _running_completions(g: np.ndarray, lm: np.ndarray, ls: np.ndarray, x: np.ndarray,
+                         fast: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Expected completions of the running requests by each grid point ``x`` (iterations
     from now) and their variance: sum_i P_i(x) and sum_i P_i(x) (1 - P_i(x)), with
     P_i(x) = clip((F_i(g_i + x) - F_i(g_i)) / max(1 - F_i(g_i), 1e-9), 0, 1), P_i(0) = 0,
     F_i(g_i) = 0 for g_i = 0, and F_i the lognormal CDF (log-mean ``lm``, log-std ``ls``)
     at log(tokens + 0.5); ``g`` holds the tokens generated so far. The running x grid matrix
-    is built in place, the same operations in the same order as the expression."""
+    is built in place, the same operations in the same order as the expression.
+
+    ``fast``: the running x grid matrix in float32 (the per-request terms and the sums
+    stay float64), written with survival functions, P_i(x) = (S_i(g_i) - S_i(g_i + x)) /
+    max(S_i(g_i), 1e-9) with S_i = 1 - F_i (``_norm_sf``): the same quantity, about twice
+    as fast (half the bytes per pass, and NumPy's float32 ``log`` and ``exp`` are SIMD where
+    float64's are not without AVX-512), within about 1e-6 of the float64 expression per
+    request (unit test). Without ``fast``, the floats of the expression."""
     h = g + 0.5
     lmc = lm[:, None]
     lsc = ls[:, None]
@@ -155,20 +206,32 @@ def _running_completions(g: np.ndarray, lm: np.ndarray, ls: np.ndarray, x: np.nd
     z0 -= lmc
     z0 /= lsc
     f0 = np.where(g[:, None] > 0, _norm_cdf(z0), 0.0)
-    pij = h[:, None] + x[None, :]
-    np.log(pij, out=pij)
-    pij -= lmc
-    pij /= lsc
-    pij = _norm_cdf(pij)  # F(g + x)
-    surv = 1.0 - f0
-    np.maximum(surv, 1e-9, out=surv)
-    pij -= f0
-    pij /= surv
+    if fast:
+        s0 = 1.0 - f0  # S_i(g_i)
+        den = np.maximum(s0, 1e-9)
+        f32 = np.float32
+        pij = h.astype(f32)[:, None] + x.astype(f32)[None, :]
+        np.log(pij, out=pij)
+        pij -= lmc.astype(f32)
+        pij /= lsc.astype(f32)
+        pij = _norm_sf(pij)  # S(g + x)
+        np.subtract(s0.astype(f32), pij, out=pij)
+        pij /= den.astype(f32)
+    else:
+        pij = h[:, None] + x[None, :]
+        np.log(pij, out=pij)
+        pij -= lmc
+        pij /= lsc
+        pij = _norm_cdf(pij)  # F(g + x)
+        surv = 1.0 - f0
+        np.maximum(surv, 1e-9, out=surv)
+        pij -= f0
+        pij /= surv
     np.clip(pij, 0.0, 1.0, out=pij)
     pij[:, 0] = 0.0
     q = 1.0 - pij
     q *= pij
-    return pij.sum(axis=0), q.sum(axis=0)
+    return pij.sum(axis=0, dtype=np.float64), q.sum(axis=0, dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,14 +603,16 @@ class RWTEstimator:
         n_pts = cfg.grid_points
         x = _grid(horizon, n_pts)
         if len(running):
-            c_run, v_run = _running_completions(g, lm, ls, x)
+            # the float32 matrix (``_running_completions``); a clairvoyant point mass
+            # (log-std 1e-3) keeps float64: its CDF is too steep for float32's log
+            c_run, v_run = _running_completions(g, lm, ls, x, not self.clairvoyant)
         else:
             c_run = np.zeros(n_pts + 1)
             v_run = np.zeros(n_pts + 1)
         # Renewal of new starts on the grid.
         fcdf = _norm_cdf((np.log(np.maximum(x, 1e-9) + 0.5) - m_ln) / s_ln)
         fcdf[0] = 0.0
-        starts, new_done = _renewal(c_run, fcdf, free)
+        starts, new_done = _renewal_series(c_run, fcdf, free)
         cv2 = var / (mu * mu)
         vcount = v_run + new_done * cv2
         return _Profile(

@@ -1,4 +1,6 @@
-"""The estimator's fast paths against the plain computations they replace (bit-identical)."""
+"""The estimator's fast paths against the plain computations they replace: bit-identical,
+or, where the floats differ (the profile's float32 matrix and its renewal by power series),
+within the bounds each test states."""
 
 from __future__ import annotations
 
@@ -184,8 +186,71 @@ def test_running_completions_in_place_is_the_expression(nr, horizon, seed):
     assert np.array_equal(_bits(got[1]), _bits(want[1]))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.floats(8.0, 20000.0), st.integers(0, 2**31 - 1),
+       st.floats(0.01, 0.5))
+def test_running_completions_fast_is_close_to_the_expression(nr, horizon, seed, ls_lo):
+    """The profile's matrix in float32 with survival functions (``fast``, what ``_compute``
+    uses unless clairvoyant): not the floats of the float64 expression, but within 1e-5
+    per request of its sums (a log-std as low as 0.01, the learned model's floor, magnifies
+    the log's rounding), also for requests far in their length distribution's tail (a small
+    survival ``1 - F(g)`` divides the residual)."""
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, 3000, nr).astype(float)
+    g[rng.random(nr) < 0.2] = 0.0
+    lm = rng.normal(5.0, 1.5, nr)
+    ls = rng.uniform(ls_lo, 2.5, nr)
+    x = np.linspace(0.0, horizon, 49)
+    got = _estimator._running_completions(g, lm, ls, x, fast=True)
+    want = _running_completions_expression(g, lm, ls, x)
+    for a, b in zip(got, want):
+        assert a.dtype == np.float64 and a.shape == b.shape
+        assert np.max(np.abs(a - b)) <= 1e-5 * nr
+
+
+def test_norm_sf_keeps_the_upper_tail():
+    """``_norm_sf`` in float32 is 1 - ``_norm_cdf`` (float64) within 3e-7 absolute (the
+    rounding of z to float32), and within 1e-5 relative in the upper tail, where
+    ``1 - _norm_cdf`` in float32 rounds to 0 or to multiples of 6e-8; in float64 it is
+    1 - ``_norm_cdf`` where that subtraction is exact enough to compare (z < 6)."""
+    z = np.linspace(-8.0, 8.0, 4001)
+    want = 1.0 - _estimator._norm_cdf(z)
+    got = _estimator._norm_sf(z.astype(np.float32)).astype(float)
+    assert np.max(np.abs(got - want)) < 3e-7
+    tail = (z > 3.0) & (z < 6.0)
+    assert np.max(np.abs(got[tail] / want[tail] - 1.0)) < 1e-5
+    sf64 = _estimator._norm_sf(z)
+    assert np.max(np.abs(sf64[tail] / want[tail] - 1.0)) < 1e-6
+    far = z > 6.0  # beyond float64's 1 - Phi: against the float64 tail
+    assert np.max(np.abs(got[far] / sf64[far] - 1.0)) < 1e-5
+    plain32 = 1.0 - _estimator._norm_cdf(z.astype(np.float32)).astype(float)
+    assert np.max(np.abs(plain32[tail] / want[tail] - 1.0)) > 0.1  # what it avoids
+
+
+def test_profiles_use_the_fast_matrix_unless_clairvoyant(monkeypatch):
+    """``_compute`` builds the running-requests matrix with ``fast`` (float32), except for
+    the clairvoyant estimator (a point mass: log-std 1e-3), which keeps float64."""
+    seen = []
+    plain = _estimator._running_completions
+
+    def spy(g, lm, ls, x, fast=False):
+        seen.append(fast)
+        return plain(g, lm, ls, x, fast)
+
+    monkeypatch.setattr(_estimator, "_running_completions", spy)
+    for clair, want in ((False, True), (True, False)):
+        running = [Request(i, "m", "batch", 100 + i, 50 + i, 0.0, 600.0) for i in range(12)]
+        for i, r in enumerate(running):
+            r.num_generated = i
+        est = RWTEstimator(200.0, 150.0 ** 2, 300.0, clairvoyant=clair,
+                           iter_model_of=lambda i: IM)
+        est.profile(_Inst(_Eng(running, 0, 8)), 1.0, lambda r: 0)
+        assert seen.pop() is want
+
+
 def _renewal_expression(c_run, fcdf, free):
-    """The renewal step as the estimator wrote it before ``_renewal``."""
+    """The renewal stepped on the grid, as the estimator wrote it before
+    ``_renewal_series``."""
     n_pts = len(fcdf) - 1
     fpmf = np.diff(fcdf)
     d_start = np.zeros(n_pts + 1)
@@ -201,7 +266,9 @@ def _renewal_expression(c_run, fcdf, free):
 @settings(max_examples=150, deadline=None)
 @given(st.integers(1, 300), st.floats(8.0, 20000.0), st.floats(0.0, 64.0),
        st.integers(0, 2**31 - 1))
-def test_renewal_is_the_expression(nr, horizon, free, seed):
+def test_renewal_series_is_close_to_the_renewal(nr, horizon, free, seed):
+    """``_renewal_series`` (what ``_compute`` uses) solves the renewal stepped on the grid
+    in another summation order: within 1e-12 relative (of values at least 1)."""
     rng = np.random.default_rng(seed)
     g = rng.integers(0, 3000, nr).astype(float)
     lm = rng.normal(5.0, 1.5, nr)
@@ -211,10 +278,12 @@ def test_renewal_is_the_expression(nr, horizon, free, seed):
     fcdf = _estimator._norm_cdf((np.log(np.maximum(x, 1e-9) + 0.5) - rng.normal(5.0, 1.0))
                                 / rng.uniform(0.1, 2.0))
     fcdf[0] = 0.0
-    got = _estimator._renewal(c_run, fcdf, free)
+    got = _estimator._renewal_series(c_run, fcdf, free)
     want = _renewal_expression(c_run, fcdf, free)
-    assert np.array_equal(_bits(got[0]), _bits(want[0]))
-    assert np.array_equal(_bits(got[1]), _bits(want[1]))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert np.max(np.abs(a - b) / np.maximum(np.abs(b), 1.0)) < 1e-12
+    assert got[0][0] == free and got[1][0] == 0.0
 
 
 @settings(max_examples=300, deadline=None)
