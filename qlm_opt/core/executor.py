@@ -97,6 +97,9 @@ class ExecutorConfig:
     # work due within this is urgent: it may take any seat; work due later is batch work,
     # admitted up to the plan's ``batch_seats`` cap
     urgent_window_s: float = 30.0
+    # an urgent request may go past its engine's KV cap once it has waited this share of its
+    # TTFT budget: the engine may then preempt (lower-priority work) as outputs grow
+    kv_cap_wait: float = 0.8
     planned_evict: bool = False  # ``apply`` evicts for the plan's urgent first groups
 
     def __post_init__(self) -> None:
@@ -135,12 +138,19 @@ class Executor:
         self.batch_seats: dict[int, int] = {}
         # instance id -> requests (any class) its engine may hold: the plan's TPOT caps
         self.seat_caps: dict[int, int] = {}
+        # instance id -> requests its engine holds at their peak KV footprint (set by the
+        # policy every epoch): batch work stops there, and urgent work too until it has
+        # waited ``kv_cap_wait`` of its TTFT budget
+        self.kv_caps: dict[int, int] = {}
         self.evicted_on: set[int] = set()  # instances the last ``apply`` evicted on
 
     # -- pull --------------------------------------------------------------------------------
     def has_seat(self, inst: Instance) -> bool:
         nr, nw, mx = inst.engine.seat_counts()
         cap = self.seat_caps.get(inst.id)
+        if cap is not None and cap < mx:
+            mx = cap
+        cap = self.kv_caps.get(inst.id)
         if cap is not None and cap < mx:
             mx = cap
         return nw < self.config.engine_slack and nr + nw < mx
@@ -191,6 +201,14 @@ class Executor:
                     g = vq.head()
                 else:
                     look_urgent = False
+            kv_cap = self.kv_caps.get(inst.id)
+            if kv_cap is not None and nr + nw >= kv_cap:
+                if g is None or g.deadline_at > batch_cut:
+                    return
+                head = g.members[0][2]
+                if now < head.arrived_at + self.config.kv_cap_wait * (
+                        head.deadline_at - head.arrived_at):
+                    return
             if cap is not None and g is not None and g.deadline_at > batch_cut:
                 # the head is batch work, and so is everything behind it (EDF order)
                 if n_batch is None:

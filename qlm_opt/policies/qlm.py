@@ -26,10 +26,12 @@ Every epoch:
      model's time per output token (the decode iteration plus the prefill each admitted
      request brings, spread over its mean output) within ``tpot_headroom`` x the tightest
      target (refreshed every epoch, also when nothing is queued to plan); the estimator and
-     the planner count no more seats than that. *KV caps* (``kv_caps``, on by default) join
-     them on every instance whose KV cache, not ``max_num_seqs``, binds: no more requests
-     than the cache holds at their peak (``RWTEstimator.kv_peak_seats``), so that growing
-     outputs do not make the engine preempt running requests and recompute their prompts;
+     the planner count no more seats than that. *KV caps* (``kv_caps``, on by default; the
+     executor's ``kv_caps``), on every instance whose KV cache, not ``max_num_seqs``, binds:
+     the requests the cache holds at their peak (``RWTEstimator.kv_peak_seats``); at the cap
+     no batch work enters (the batch cap is at most the KV cap) and urgent work only once it
+     has waited ``ExecutorConfig.kv_cap_wait`` of its TTFT budget, so that growing outputs
+     do not make the engine preempt running requests and recompute their prompts;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others; the scored wait prediction's
@@ -554,6 +556,7 @@ class QLMPolicy(QLMRWTPolicy):
             # first requests of a TPOT class find their engines capped
             if self.admission:
                 self.executor.seat_caps = self._refresh_tpot_caps(now)
+                self.executor.kv_caps = self._kv_caps()
             return
         members = self._members
         self.num_epochs += 1
@@ -575,7 +578,8 @@ class QLMPolicy(QLMRWTPolicy):
         if self.admission:
             # TPOT caps first: the batch caps come out of the seats they leave
             caps = self._refresh_tpot_caps(now)
-            plan = plan.replace(batch_seats=self._batch_seats(now, caps), seat_caps=caps)
+            kv = self.executor.kv_caps = self._kv_caps()
+            plan = plan.replace(batch_seats=self._batch_seats(now, caps, kv), seat_caps=caps)
         self.last_plan = plan
         self.solve_ms.append(plan.solve_ms + plan.build_ms)
         self.statuses[str(plan.status)] += 1
@@ -630,11 +634,12 @@ class QLMPolicy(QLMRWTPolicy):
             got = self._tighter_cache = frozenset(c for c, t in self._ttft.items() if t < top)
         return got
 
-    def _batch_seats(self, now: float, seat_caps: dict[int, int] | None = None
-                     ) -> dict[int, int]:
+    def _batch_seats(self, now: float, seat_caps: dict[int, int] | None = None,
+                     kv_caps: dict[int, int] | None = None) -> dict[int, int]:
         """Admission caps for this epoch (module docstring, step 3): instance id -> batch
         requests its engine may hold, out of its seats (no more than ``seat_caps``, the
-        epoch's TPOT caps)."""
+        epoch's TPOT caps, nor ``kv_caps``, its KV caps: an instance with a KV cap and no
+        urgent forecast gets the KV cap itself)."""
         window = self.executor.config.urgent_window_s
         span = min(self.rate_window_s, max(now, 1e-9))
         rate: dict[str, float] = {}  # model -> urgent arrivals per second
@@ -662,11 +667,16 @@ class QLMPolicy(QLMRWTPolicy):
                 # engine whose prompts share cached prefixes: it may hold more right now
                 nr, nw, _ = inst.engine.seat_counts()
                 seats[inst.id] = max(s, float(nr + nw))
-                cap = seat_caps.get(inst.id) if seat_caps else None
-                if cap is not None:
-                    seats[inst.id] = min(seats[inst.id], float(cap))
+                for caps in (seat_caps, kv_caps):
+                    cap = caps.get(inst.id) if caps else None
+                    if cap is not None:
+                        seats[inst.id] = min(seats[inst.id], float(cap))
                 demand[inst.id] = lam / len(held) * (self.est.prompt_mean * c_tok + mu * iter_s)
-        return batch_seat_caps(seats, demand, self.admission_margin)
+        out = batch_seat_caps(seats, demand, self.admission_margin)
+        for iid, cap in (kv_caps or {}).items():
+            if cap < out.get(iid, cap + 1):
+                out[iid] = cap
+        return out
 
     def _refresh_tpot_caps(self, now: float) -> dict[int, int]:
         """This epoch's TPOT caps, handed to the estimator (whose profiles of the instances
@@ -685,6 +695,25 @@ class QLMPolicy(QLMRWTPolicy):
         engine may hold, for each ready instance whose model had arrivals of a class with a
         TPOT target within the last ``rate_window_s``; the tightest such target, with
         ``tpot_headroom``, sets the cap (``RWTEstimator.tpot_seats``)."""
+        tpot = self._tpot_of
+        if not tpot or not self.tpot_caps:
+            return {}
+        target: dict[str, float] = {}  # model -> tightest TPOT of its recent arrivals
+        for (model, cls), q in self._arrivals.items():
+            t = tpot.get(cls)
+            if t is not None and self._recent(q, now) and t < target.get(model, math.inf):
+                target[model] = t
+        caps: dict[int, int] = {}
+        for model, t in target.items():
+            for inst in self.rt.ready_instances(model):
+                cap = self.est.tpot_seats(inst, inst.engine.stats(), t, self.tpot_headroom)
+                if cap is not None:
+                    caps[inst.id] = cap
+        return caps
+
+    def _kv_caps(self) -> dict[int, int]:
+        """KV caps for this epoch (module docstring, step 3): instance id -> requests its
+        engine holds at their peak where the KV cache binds before ``max_num_seqs``."""
         caps: dict[int, int] = {}
         if self.kv_caps:
             for inst in self.rt.instances:
@@ -692,19 +721,6 @@ class QLMPolicy(QLMRWTPolicy):
                     cap = self.est.kv_peak_seats(inst, inst.engine.stats())
                     if cap is not None:
                         caps[inst.id] = cap
-        tpot = self._tpot_of
-        if not tpot or not self.tpot_caps:
-            return caps
-        target: dict[str, float] = {}  # model -> tightest TPOT of its recent arrivals
-        for (model, cls), q in self._arrivals.items():
-            t = tpot.get(cls)
-            if t is not None and self._recent(q, now) and t < target.get(model, math.inf):
-                target[model] = t
-        for model, t in target.items():
-            for inst in self.rt.ready_instances(model):
-                cap = self.est.tpot_seats(inst, inst.engine.stats(), t, self.tpot_headroom)
-                if cap is not None and cap < caps.get(inst.id, cap + 1):
-                    caps[inst.id] = cap
         return caps
 
     @property

@@ -485,3 +485,31 @@ def test_no_planned_eviction_when_off_or_the_group_is_on_time(fleet_rt):
     _, _, pi2, on_time_plan, _ = _urgent_first(rt, sim, 1, busy_ms=0, first_id=200)
     assert ex.apply(on_time_plan, pi2, sim.now())["evict"] == 0
     assert len(inst.engine.running_requests()) == len(batch)
+
+
+def test_kv_cap_stops_batch_and_holds_urgent_until_it_has_waited(fleet_rt):
+    """At its KV cap an engine takes no batch work, and urgent work only once the head
+    request has waited ``kv_cap_wait`` of its TTFT budget; below the cap both enter."""
+    rt, sim = fleet_rt
+    inst = rt.instances[0]
+    running = [_req(i, "llama-3.1-8b", 600.0, priority=1, output=5000) for i in range(2)]
+    for r in running:
+        rt.accept(r)
+        rt.dispatch(r, inst, (r.deadline_at, r.id))
+    sim.run([], lambda r: None, until_at=1.0)  # both running, nothing waiting
+    now = sim.now()
+    urgent = _req(10, "llama-3.1-8b", now + 4.0, arrived_at=now)
+    batch = _req(11, "llama-3.1-8b", now + 600.0, priority=1, arrived_at=now)
+    gq, _ = _queue(rt, [urgent, batch], 0)
+    ex = Executor(rt, gq, ExecutorConfig(kv_cap_wait=0.5, engine_slack=2))
+    ex.kv_caps = {0: 2}
+    assert not ex.has_seat(inst)
+    ex.pull(inst)
+    assert urgent in gq and batch in gq  # at the cap: neither enters
+    sim.run([], lambda r: None, until_at=now + 2.5)  # urgent has waited 2.5 of its 4 s
+    ex.pull(inst)
+    assert urgent not in gq and urgent.instance_id == 0  # past half its budget: it goes over
+    assert batch in gq  # batch never goes over
+    ex.kv_caps = {0: 4}  # room under the cap: batch enters too
+    ex.pull(inst)
+    assert batch not in gq and batch.instance_id == 0
