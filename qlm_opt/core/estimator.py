@@ -78,6 +78,19 @@ def _norm_cdf(z: np.ndarray) -> np.ndarray:
     written (IEEE + and * commute), so the floats are those of the expression."""
     x = np.abs(z)
     x /= _SQRT2
+    poly = _erfc_as(x)
+    np.subtract(1.0, poly, out=poly)  # erf
+    out = np.sign(z)
+    out *= poly
+    out += 1.0
+    out *= 0.5
+    return out
+
+
+def _erfc_as(x: np.ndarray) -> np.ndarray:
+    """erfc(x) for x >= 0 by Abramowitz-Stegun 7.1.26, t (a1 + t (a2 + ... + t a5))
+    exp(-x^2) with t = 1 / (1 + p x), operation by operation on two buffers (``x`` is
+    overwritten), so that both callers get the floats of the written expression."""
     t = 0.3275911 * x
     t += 1.0
     np.divide(1.0, t, out=t)
@@ -94,12 +107,7 @@ def _norm_cdf(z: np.ndarray) -> np.ndarray:
     np.negative(x, out=x)
     np.exp(x, out=x)
     poly *= x
-    np.subtract(1.0, poly, out=poly)  # erf
-    out = np.sign(z)
-    out *= poly
-    out += 1.0
-    out *= 0.5
-    return out
+    return poly
 
 
 def _norm_sf(z: np.ndarray) -> np.ndarray:
@@ -111,22 +119,7 @@ def _norm_sf(z: np.ndarray) -> np.ndarray:
     buffers."""
     x = np.abs(z)
     x *= 1.0 / _SQRT2
-    t = 0.3275911 * x
-    t += 1.0
-    np.divide(1.0, t, out=t)
-    poly = t * 1.061405429
-    poly += -1.453152027
-    poly *= t
-    poly += 1.421413741
-    poly *= t
-    poly += -0.284496736
-    poly *= t
-    poly += 0.254829592
-    poly *= t
-    x *= x
-    np.negative(x, out=x)
-    np.exp(x, out=x)
-    poly *= x
+    poly = _erfc_as(x)
     poly *= 0.5  # the upper tail
     np.subtract(1.0, poly, out=poly, where=z < 0)
     return poly
