@@ -754,15 +754,18 @@ class RWTEstimator:
         key=None,
         cut_in_horizon_s: float = math.inf,
         view: EngineView | None = None,
+        cut_in_until_start: bool = False,
     ) -> WaitEstimate:
         """Waiting time until first token of a request at ``position`` (0-based, counted
         behind the engine's own waiting queue's ``position`` requests — callers pass the
         total requests ahead, engine-waiting included) with ``prompt_ahead_tokens`` of prompts
         ahead of it, on ``inst``. With ``key`` (an SLO class, say) the online calibration
         of that key corrects the model's bias and interval (``WaitCalibrator``). ``view``
-        (``self.view(inst, now_at)``) shares the engine's state between several calls."""
+        (``self.view(inst, now_at)``) shares the engine's state between several calls;
+        ``cut_in_until_start`` as in ``wait_raw``."""
         raw = self.wait_raw(inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
-                            bucket_of, cut_in_per_s, cut_in_horizon_s, view)
+                            bucket_of, cut_in_per_s, cut_in_horizon_s, view,
+                            cut_in_until_start=cut_in_until_start)
         return raw if key is None else self.calib.adjust(key, raw)
 
     def wait_raw(self, inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,

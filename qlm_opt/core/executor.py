@@ -183,6 +183,7 @@ class Executor:
         eng = inst.engine
         cap = self.batch_seats.get(inst.id)
         held_cap = self.seat_caps.get(inst.id)
+        kv_cap = self.kv_caps.get(inst.id)
         batch_cut = now + self.config.urgent_window_s
         n_batch = None  # batch requests in the engine, counted when the cap first matters
         # a sibling's urgent work to take before seating batch: once none is found, none is
@@ -201,7 +202,6 @@ class Executor:
                     g = vq.head()
                 else:
                     look_urgent = False
-            kv_cap = self.kv_caps.get(inst.id)
             if kv_cap is not None and nr + nw >= kv_cap:
                 if g is None or g.deadline_at > batch_cut:
                     return

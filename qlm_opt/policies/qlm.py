@@ -555,8 +555,7 @@ class QLMPolicy(QLMRWTPolicy):
             # nothing queued to plan: the TPOT caps still follow the arrivals, so that the
             # first requests of a TPOT class find their engines capped
             if self.admission:
-                self.executor.seat_caps = self._refresh_tpot_caps(now)
-                self.executor.kv_caps = self._kv_caps()
+                self.executor.seat_caps, _ = self._refresh_caps(now)
             return
         members = self._members
         self.num_epochs += 1
@@ -576,9 +575,8 @@ class QLMPolicy(QLMRWTPolicy):
         rt = self.rt
         now = rt.now()
         if self.admission:
-            # TPOT caps first: the batch caps come out of the seats they leave
-            caps = self._refresh_tpot_caps(now)
-            kv = self.executor.kv_caps = self._kv_caps()
+            # TPOT and KV caps first: the batch caps come out of the seats they leave
+            caps, kv = self._refresh_caps(now)
             plan = plan.replace(batch_seats=self._batch_seats(now, caps, kv), seat_caps=caps)
         self.last_plan = plan
         self.solve_ms.append(plan.solve_ms + plan.build_ms)
@@ -678,9 +676,10 @@ class QLMPolicy(QLMRWTPolicy):
                 out[iid] = cap
         return out
 
-    def _refresh_tpot_caps(self, now: float) -> dict[int, int]:
-        """This epoch's TPOT caps, handed to the estimator (whose profiles of the instances
-        whose cap changed are dropped); the plan carries them to the executor."""
+    def _refresh_caps(self, now: float) -> tuple[dict[int, int], dict[int, int]]:
+        """This epoch's (TPOT caps, KV caps). The TPOT caps go to the estimator (whose
+        profiles of the instances whose cap changed are dropped), and the plan carries them
+        to the executor; the KV caps go to the executor here."""
         caps = self._tpot_caps(now)
         old = self.est.seat_caps
         if caps != old:
@@ -688,7 +687,8 @@ class QLMPolicy(QLMRWTPolicy):
                 if caps.get(iid) != old.get(iid):
                     self.est.invalidate(iid)
             self.est.seat_caps = caps
-        return caps
+        kv = self.executor.kv_caps = self._kv_caps()
+        return caps, kv
 
     def _tpot_caps(self, now: float) -> dict[int, int]:
         """TPOT caps for this epoch (module docstring, step 3): instance id -> requests its

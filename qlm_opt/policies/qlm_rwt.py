@@ -274,17 +274,12 @@ class QLMRWTPolicy(Policy):
             cut = cut_scored
         if extra_prompt is None:
             extra_prompt = extra_ahead * prompt
-        if scored:
-            # the reported prediction: later urgent arrivals overtake it only until its
-            # prefill starts (``RWTEstimator.wait_raw``); decisions keep the whole wait
-            est = self.est.wait_raw(
-                inst, now, float(n + extra_ahead), p + extra_prompt + waiting_prompt,
-                prompt, self._bucket, cut, horizon, view, cut_in_until_start=True)
-            return est if raw else self.est.calib.adjust(g.slo_class, est)
+        # the reported (scored) prediction: later urgent arrivals overtake it only until its
+        # prefill starts (``RWTEstimator.wait_raw``); decisions keep the whole wait
         return self.est.wait(
             inst, now, float(n + extra_ahead), p + extra_prompt + waiting_prompt,
             prompt, self._bucket, cut, key=None if raw else g.slo_class,
-            cut_in_horizon_s=horizon, view=view,
+            cut_in_horizon_s=horizon, view=view, cut_in_until_start=scored,
         )
 
     def _record(self, req: Request, now: float, raw: WaitEstimate) -> None:
