@@ -742,6 +742,18 @@ class RWTEstimator:
             resid_v += own_s * own_s * h * (1.0 - h)
         return resid_m + t, resid_v
 
+    def _flight_fits(self, v: EngineView) -> bool:
+        """Whether ``v``'s engine has an iteration model and the prefill pending on its
+        running requests fits one iteration's budget. Engines report that pending prefill
+        as whole prompts (``prefill_pass``: a prompt whose last chunk is in flight counts
+        in full), so past one budget it overstates what is left by up to whole prompts
+        (Mooncake's 12k-126k-token prompts), and the chunked-iteration cost built on it
+        with them."""
+        if v._pp is None:
+            self._prefill_phase_view(v, 0.0, 0.0, False)
+        pp = v._pp
+        return pp is not None and pp.pend <= pp.budget
+
     def wait(
         self,
         inst,
@@ -779,7 +791,12 @@ class RWTEstimator:
         ``cut_in_until_start``: only until the request's own prefill starts (a seat is
         free and the prefill ahead of it is done). Once its prefill is under way it is a
         running request, and the engine finishes running requests' prefill before it
-        admits waiting ones, however urgent."""
+        admits waiting ones, however urgent. With it (the scored prediction), a request
+        that finds a seat free for itself and its expected cut-ins is also costed as the
+        free-seat path costs one without cut-ins: the iteration in flight, then the prefill
+        ahead and its own in chunked iterations (``prefill_phase``), instead of the
+        profile's per-token prefill cost; unless the running requests' pending prefill
+        exceeds one iteration's budget (``_flight_fits``)."""
         if view is None:
             view = EngineView(inst, inst.engine.stats(), now_at)
         st = view.st
@@ -799,13 +816,26 @@ class RWTEstimator:
         per_req_prompt = prompt_ahead_tokens / position if position > 0 else self.prompt_mean
         for _ in range(3 if cut_in_per_s > 0 else 1):
             xm, xv = self.start_iters(p, j)
-            pre = (p.pending_prefill_tokens + prompt_ahead_tokens
-                   + (j - position) * per_req_prompt) * c_tok
-            mean = p.base_s + xm * p.iter_s + pre + own_m
-            sd = math.sqrt(xv * p.iter_s ** 2 + own_v)
+            if cut_in_until_start and xm == 0.0 and self._flight_fits(view):
+                # A seat is free for it and for the cut-ins before its prefill starts: as
+                # on the free-seat path above, the prefill ahead (cut-ins' prompts included)
+                # and its own run in chunked iterations after the one in flight, each at a
+                # whole iteration's cost (the decode batch rides along), not at the bare
+                # per-token prefill cost of the profile's queue model.
+                pm, pv = self._prefill_phase_view(
+                    view, prompt_ahead_tokens + (j - position) * per_req_prompt,
+                    own_prompt_tokens, True)
+                mean = base + pm
+                sd = math.sqrt(pv)
+                span = mean - own_m
+            else:
+                pre = (p.pending_prefill_tokens + prompt_ahead_tokens
+                       + (j - position) * per_req_prompt) * c_tok
+                mean = p.base_s + xm * p.iter_s + pre + own_m
+                sd = math.sqrt(xv * p.iter_s ** 2 + own_v)
+                span = mean - own_m if cut_in_until_start else mean
             if cut_in_per_s <= 0:
                 break
-            span = mean - own_m if cut_in_until_start else mean
             j = position + cut_in_per_s * max(0.0, min(span, cut_in_horizon_s))
         sd = math.hypot(sd, self.config.rel_err * mean, self.config.min_std_s)
         return WaitEstimate(mean, sd)

@@ -1,5 +1,6 @@
 """The scored (admission) wait prediction's parts: cut-ins counted only until the request's
-prefill starts (``RWTEstimator.wait_raw(cut_in_until_start=True)``), a bias factor applied
+prefill starts (``RWTEstimator.wait_raw(cut_in_until_start=True)``), and with a seat free
+the prefill ahead costed in chunked iterations as without cut-ins, a bias factor applied
 only while it beats none (``WaitCalibrator(check_bias=True)``), and the tracker's scored
 mean from the policy's model estimate (``RWTTracker.on_predict`` with ``raw``)."""
 
@@ -41,6 +42,44 @@ def test_cut_ins_still_count_while_the_request_waits_for_a_seat():
     whole = est.wait_raw(inst, 0.0, 0, 0, 4000, B, 20.0)
     start = est.wait_raw(inst, 0.0, 0, 0, 4000, B, 20.0, cut_in_until_start=True)
     assert none.mean_s < start.mean_s < whole.mean_s
+
+
+def _inst_prefilling(pending_prompts: list[int]):
+    """30 decoders of 64 seats, plus running requests whose prefill has not produced a
+    first token yet (``pending_prompts`` tokens each)."""
+    inst = _inst(30, 64)
+    for k, p in enumerate(pending_prompts):
+        inst.engine._running.append(Request(100 + k, "m", "batch", p, 100, 0.0, 600.0))
+    return inst
+
+
+def test_scored_prediction_with_a_free_seat_is_the_free_seat_one_as_cut_ins_vanish():
+    """A seat is free, two requests (2,000 prompt tokens) are ahead and a 3,000-token prompt
+    is prefilling: with no cut-ins the wait is the iteration in flight (carrying that
+    prefill), then the prefill ahead and its own in chunked iterations. A vanishing cut-in
+    rate must not switch the scored prediction to the profile's per-token cost of the
+    pending prefill (the conv 3 batch requests that had to wait for another's prefill were
+    under-predicted 1.4-1.6x that way). Decisions keep the profile's cost."""
+    est = _est()
+    inst = _inst_prefilling([3000])
+    free = est.wait_raw(inst, 0.0, 2, 2000, 500, B, 0.0)
+    scored = est.wait_raw(inst, 0.0, 2, 2000, 500, B, 1e-6, cut_in_until_start=True)
+    decide = est.wait_raw(inst, 0.0, 2, 2000, 500, B, 1e-6)
+    assert scored.mean_s == pytest.approx(free.mean_s, rel=1e-4)
+    assert decide.mean_s > 1.2 * free.mean_s
+
+
+def test_scored_prediction_keeps_the_profile_when_pending_prefill_exceeds_a_budget():
+    """Pending prefill of 12,000 tokens, past one iteration's 8,192: engines report it as
+    whole prompts, which overstates what is left, so the scored prediction keeps the
+    profile's cost, as decisions do."""
+    est = _est()
+    inst = _inst_prefilling([6000, 6000])
+    free = est.wait_raw(inst, 0.0, 2, 2000, 500, B, 0.0)
+    scored = est.wait_raw(inst, 0.0, 2, 2000, 500, B, 1e-6, cut_in_until_start=True)
+    decide = est.wait_raw(inst, 0.0, 2, 2000, 500, B, 1e-6)
+    assert scored.mean_s == pytest.approx(decide.mean_s, rel=1e-4)
+    assert abs(scored.mean_s - free.mean_s) > 0.1 * free.mean_s
 
 
 def _run(cal: WaitCalibrator, ratio, n: int = 3000, m: float = 100.0, seed: int = 0):
