@@ -792,7 +792,7 @@ class RWTEstimator:
         free and the prefill ahead of it is done). Once its prefill is under way it is a
         running request, and the engine finishes running requests' prefill before it
         admits waiting ones, however urgent. With it (the scored prediction), a request
-        that finds a seat free for itself and its expected cut-ins is also costed as the
+        with cut-ins that finds a seat free for itself and them is also costed as the
         free-seat path costs one without cut-ins: the iteration in flight, then the prefill
         ahead and its own in chunked iterations (``prefill_phase``), instead of the
         profile's per-token prefill cost; unless the running requests' pending prefill
@@ -816,12 +816,15 @@ class RWTEstimator:
         per_req_prompt = prompt_ahead_tokens / position if position > 0 else self.prompt_mean
         for _ in range(3 if cut_in_per_s > 0 else 1):
             xm, xv = self.start_iters(p, j)
-            if cut_in_until_start and xm == 0.0 and self._flight_fits(view):
+            if (cut_in_until_start and cut_in_per_s > 0 and xm == 0.0
+                    and self._flight_fits(view)):
                 # A seat is free for it and for the cut-ins before its prefill starts: as
-                # on the free-seat path above, the prefill ahead (cut-ins' prompts included)
-                # and its own run in chunked iterations after the one in flight, each at a
-                # whole iteration's cost (the decode batch rides along), not at the bare
-                # per-token prefill cost of the profile's queue model.
+                # on the free-seat path above (taken without cut-ins), the prefill ahead
+                # (cut-ins' prompts included) and its own run in chunked iterations after
+                # the one in flight, each at a whole iteration's cost (the decode batch
+                # rides along), not at the bare per-token prefill cost of the profile's
+                # queue model. Only with cut-ins: without them this is a request the
+                # engine's own count finds no seat for, and the profile's start stands.
                 pm, pv = self._prefill_phase_view(
                     view, prompt_ahead_tokens + (j - position) * per_req_prompt,
                     own_prompt_tokens, True)

@@ -82,6 +82,24 @@ def test_scored_prediction_keeps_the_profile_when_pending_prefill_exceeds_a_budg
     assert abs(scored.mean_s - free.mean_s) > 0.1 * free.mean_s
 
 
+def test_without_cut_ins_the_scored_prediction_is_the_decisions_one():
+    """The profile (refreshed once per simulated second) saw 4 free seats; the engine has
+    filled them since. A request without cut-ins is then costed by the profile's start,
+    scored or not: the scored prediction feeds ``qlm``'s urgent-miss trigger for such
+    classes, so costing it as a free seat would change decisions. With cut-ins the scored
+    prediction takes the free-seat cost."""
+    est = _est()
+    inst = _inst(60, 64)
+    est.profile(inst, 0.0, B)
+    for k in range(4):
+        inst.engine._running.append(Request(200 + k, "m", "batch", 500, 100, 0.0, 600.0))
+    scored = est.wait_raw(inst, 0.1, 1, 2000, 500, B, 0.0, cut_in_until_start=True)
+    decide = est.wait_raw(inst, 0.1, 1, 2000, 500, B, 0.0)
+    cut = est.wait_raw(inst, 0.1, 1, 2000, 500, B, 1e-6, cut_in_until_start=True)
+    assert scored == decide
+    assert cut.mean_s > 1.2 * scored.mean_s
+
+
 def _run(cal: WaitCalibrator, ratio, n: int = 3000, m: float = 100.0, seed: int = 0):
     """Admissions every second predicted ``m``, observed ``m * ratio(t) * e^Z`` (Z ~ N(0,
     0.1)), each observation coming back when its wait ends. Returns the median absolute %
