@@ -29,7 +29,7 @@ from qlm_opt.planner.plan import (Plan, PlanStatus, plan_from_sequences, score_s
 from qlm_opt.planner.presets import SolverPreset
 
 __all__ = ["solve", "choose_formulation", "primary_objective", "search_limit_s", "ExactModel",
-           "KnapsackModel", "deadline_levels"]
+           "KnapsackModel", "deadline_levels", "can_be_on_time"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,17 @@ def solve(
         return fallback_plan(inst, build_ms=_ms_since(t0)).replace(
             fallback_cause="time_limit_zero")
 
-    # Group cap: the most urgent groups go to CP-SAT, the rest are appended greedily.
+    # Group cap: the most urgent groups go to CP-SAT, the rest are appended greedily. With
+    # `cap_on_time_first`, groups that can still be on time come first: one already late
+    # everywhere gets no variable in the model, yet it took a place in the cap.
     core = inst
     if len(inst.groups) > preset.max_groups:
-        keep = {g.id for g in sorted(inst.groups, key=edf_key)[: preset.max_groups]}
+        if preset.cap_on_time_first:
+            live = can_be_on_time(inst)
+            order = sorted(inst.groups, key=lambda g: (g.id not in live, edf_key(g)))
+        else:
+            order = sorted(inst.groups, key=edf_key)
+        keep = {g.id for g in order[: preset.max_groups]}
         core = inst.subset(keep)
 
     greedy_seqs = fallback_sequences(core)
@@ -152,6 +159,25 @@ def solve(
         result.bound, build_ms, result.solve_ms,
     )
     return plan
+
+
+def can_be_on_time(instance: PlanningProblem) -> set[str]:
+    """Ids of the groups that would be on time on some instance if served there next: after
+    its busy-until, the swap to the group's model and the group's release, its service ends
+    by its deadline on that instance."""
+    out: set[str] = set()
+    insts = instance.instance_index
+    for g in instance.groups:
+        for iid, s in g.service_ms.items():
+            i = insts.get(iid)
+            if i is None or not instance.can_hold(i, g.model):
+                continue
+            ready = max(i.busy_until_ms + instance.swap_time_ms(i, i.current_model, g.model),
+                        g.release_ms)
+            if ready + s <= g.deadline_on(iid):
+                out.add(g.id)
+                break
+    return out
 
 
 def primary_objective(instance: PlanningProblem, plan: Plan) -> int:

@@ -63,6 +63,8 @@ class SolverPreset:
             wall in live ones, where the tenth-of-the-budget floor still holds): fast on
             backlog epochs, but it lost up to 2.9 points on suite rows (scenarios README).
         lp_cuts: CP-SAT's cutting planes (``cut_level`` 0 when false).
+        cap_on_time_first: the group cap takes the groups that can still be on time somewhere
+            first (EDF among them), then the late ones; false: EDF over all groups.
     """
 
     name: str = "default"
@@ -86,6 +88,7 @@ class SolverPreset:
     hint_repair: bool = True
     search_ref_vars: int = 0
     lp_cuts: bool = True
+    cap_on_time_first: bool = True
 
 
 class _ObjectiveFile(BaseModel):
@@ -116,6 +119,7 @@ class _PresetFile(BaseModel):
     hint_repair: bool = True
     search_ref_vars: int = Field(0, ge=0)
     lp_cuts: bool = True
+    cap_on_time_first: bool = True
     objective: _ObjectiveFile = _ObjectiveFile()
 
 
@@ -176,6 +180,7 @@ def load_preset(name_or_path: str | Path) -> SolverPreset:
         hint_repair=parsed.hint_repair,
         search_ref_vars=parsed.search_ref_vars,
         lp_cuts=parsed.lp_cuts,
+        cap_on_time_first=parsed.cap_on_time_first,
     )
 
 
@@ -201,6 +206,7 @@ def preset_to_toml(preset: SolverPreset, header: str = "") -> str:
         "hint_repair": preset.hint_repair,
         "search_ref_vars": preset.search_ref_vars,
         "lp_cuts": preset.lp_cuts,
+        "cap_on_time_first": preset.cap_on_time_first,
         "objective": {
             "on_time": preset.weights.on_time,
             "swap_penalty": preset.weights.swap_penalty,

@@ -123,3 +123,30 @@ def test_lp_cuts_off_reaches_the_solver():
             cpsat.cp_model.CpSolver = real
     assert any("cut_level: 0" in ln for ln in logs[False])
     assert not any("cut_level: 0" in ln for ln in logs[True])
+
+
+def _late_first_problem():
+    # h1, h2 are late everywhere (deadline -10 ms) and come first in EDF order; a and b can
+    # still be on time if served next (10 ms each, due at 30 and 40 ms).
+    groups = [group("h1", service={0: 50}, deadline_ms=-10, weight=1),
+              group("h2", service={0: 50}, deadline_ms=-10, weight=1),
+              group("a", service={0: 10}, deadline_ms=30, weight=5),
+              group("b", service={0: 10}, deadline_ms=40, weight=5)]
+    return planning(groups, [inst(0)])
+
+
+def test_can_be_on_time():
+    assert cpsat.can_be_on_time(_late_first_problem()) == {"a", "b"}
+    # busy until 25 ms: only b (ends at 35 <= 40) can still make it
+    pi = _late_first_problem()
+    pi = planning(list(pi.groups), [inst(0, busy_until_ms=25)])
+    assert cpsat.can_be_on_time(pi) == {"b"}
+
+
+@pytest.mark.parametrize("on_time_first, weight", [(True, 10), (False, 0)])
+def test_group_cap_takes_groups_that_can_be_on_time_first(on_time_first, weight):
+    pi = _late_first_problem()
+    pre = preset(formulation="knapsack", max_groups=2, cap_on_time_first=on_time_first)
+    plan = cpsat.solve(pi, pre)
+    assert plan.on_time_weight == weight
+    assert sorted(g for s in plan.sequences().values() for g in s) == ["a", "b", "h1", "h2"]
