@@ -167,14 +167,16 @@ def can_be_on_time(instance: PlanningProblem) -> set[str]:
     by its deadline on that instance."""
     out: set[str] = set()
     insts = instance.instance_index
+    free: dict[tuple[int, str], int | None] = {}  # (instance, model) -> busy-until + swap
     for g in instance.groups:
         for iid, s in g.service_ms.items():
-            i = insts.get(iid)
-            if i is None or not instance.can_hold(i, g.model):
-                continue
-            ready = max(i.busy_until_ms + instance.swap_time_ms(i, i.current_model, g.model),
-                        g.release_ms)
-            if ready + s <= g.deadline_on(iid):
+            key = (iid, g.model)
+            if key not in free:
+                i = insts.get(iid)
+                free[key] = (None if i is None or not instance.can_hold(i, g.model) else
+                             i.busy_until_ms + instance.swap_time_ms(i, i.current_model, g.model))
+            at = free[key]
+            if at is not None and max(at, g.release_ms) + s <= g.deadline_on(iid):
                 out.add(g.id)
                 break
     return out
