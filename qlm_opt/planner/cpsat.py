@@ -29,7 +29,7 @@ from qlm_opt.planner.plan import (Plan, PlanStatus, plan_from_sequences, score_s
 from qlm_opt.planner.presets import SolverPreset
 
 __all__ = ["solve", "choose_formulation", "primary_objective", "search_limit_s", "ExactModel",
-           "KnapsackModel", "deadline_levels"]
+           "KnapsackModel", "deadline_levels", "can_be_on_time"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,17 @@ def solve(
         return fallback_plan(inst, build_ms=_ms_since(t0)).replace(
             fallback_cause="time_limit_zero")
 
-    # Group cap: the most urgent groups go to CP-SAT, the rest are appended greedily.
+    # Group cap: the most urgent groups go to CP-SAT, the rest are appended greedily. With
+    # `cap_on_time_first`, groups that can still be on time come first: one already late
+    # everywhere gets no variable in the model, yet it took a place in the cap.
     core = inst
     if len(inst.groups) > preset.max_groups:
-        keep = {g.id for g in sorted(inst.groups, key=edf_key)[: preset.max_groups]}
+        if preset.cap_on_time_first:
+            live = can_be_on_time(inst)
+            order = sorted(inst.groups, key=lambda g: (g.id not in live, edf_key(g)))
+        else:
+            order = sorted(inst.groups, key=edf_key)
+        keep = {g.id for g in order[: preset.max_groups]}
         core = inst.subset(keep)
 
     greedy_seqs = fallback_sequences(core)
@@ -152,6 +159,27 @@ def solve(
         result.bound, build_ms, result.solve_ms,
     )
     return plan
+
+
+def can_be_on_time(instance: PlanningProblem) -> set[str]:
+    """Ids of the groups that would be on time on some instance if served there next: after
+    its busy-until, the swap to the group's model and the group's release, its service ends
+    by its deadline on that instance."""
+    out: set[str] = set()
+    insts = instance.instance_index
+    free: dict[tuple[int, str], int | None] = {}  # (instance, model) -> busy-until + swap
+    for g in instance.groups:
+        for iid, s in g.service_ms.items():
+            key = (iid, g.model)
+            if key not in free:
+                i = insts.get(iid)
+                free[key] = (None if i is None or not instance.can_hold(i, g.model) else
+                             i.busy_until_ms + instance.swap_time_ms(i, i.current_model, g.model))
+            at = free[key]
+            if at is not None and max(at, g.release_ms) + s <= g.deadline_on(iid):
+                out.add(g.id)
+                break
+    return out
 
 
 def primary_objective(instance: PlanningProblem, plan: Plan) -> int:
@@ -236,11 +264,24 @@ class _FirstSolution(cp_model.CpSolverSolutionCallback):
             self.hint_objective = self.objective_value
 
 
-def search_limit_s(preset: SolverPreset, build_s: float) -> float:
+def search_limit_s(preset: SolverPreset, build_s: float, num_vars: int = 0) -> float:
     """CP-SAT's wall limit in a live epoch: the budget (``time_limit_s``, build included)
-    less what the build took, but at least a tenth of it, so that the search can return the
-    hint or better even after a slow build."""
-    return max(0.1 * preset.time_limit_s, preset.time_limit_s - build_s)
+    less what the build took, times `search_scale` for a model of ``num_vars`` variables,
+    but at least a tenth of the budget, so that the search can return the hint or better
+    even after a slow build."""
+    return max(0.1 * preset.time_limit_s,
+               (preset.time_limit_s - build_s) * search_scale(preset, num_vars))
+
+
+def search_scale(preset: SolverPreset, num_vars: int) -> float:
+    """The share of the search limit a model of ``num_vars`` variables gets:
+    ``min(1, search_ref_vars / num_vars)``, 1 when ``search_ref_vars`` is 0 (off). A latency
+    option: on the backlog epochs CP-SAT runs to its limit, so their solve time is the limit;
+    this cuts it, and with it some plan quality (measured in benchmarks/scenarios/README.md)."""
+    ref = preset.search_ref_vars
+    if ref <= 0 or num_vars <= ref:
+        return 1.0
+    return ref / num_vars
 
 
 def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset, build_s: float = 0.0) -> _Result:
@@ -250,16 +291,19 @@ def _run_cpsat(model: cp_model.CpModel, preset: SolverPreset, build_s: float = 0
     if preset.deterministic and preset.time_limit_s > 0:
         # What-if: the live budget as deterministic time (build included in the rate), so
         # that a what-if plan gets the search a live epoch would get, and reproducibly.
-        p.max_deterministic_time = preset.time_limit_s * preset.deterministic_rate
+        p.max_deterministic_time = (preset.time_limit_s * preset.deterministic_rate
+                                    * search_scale(preset, len(model.proto.variables)))
         # A safety net only: where it is hit the run is no longer reproducible. On a 2-core
         # machine at load 9, 0.1 deterministic s took 2 s of wall time (the old net was
         # max(1, 20 x limit) s and was hit in most hard epochs).
         p.max_time_in_seconds = max(10.0, 100 * preset.time_limit_s)
         p.num_workers = 1  # one worker is deterministic, and cheaper per deterministic second
     else:
-        p.max_time_in_seconds = search_limit_s(preset, build_s)
+        p.max_time_in_seconds = search_limit_s(preset, build_s, len(model.proto.variables))
     p.random_seed = preset.random_seed
     p.cp_model_presolve = preset.presolve
+    if not preset.lp_cuts:
+        p.cut_level = 0
     if preset.time_limit_s < 1.0:
         # These two LNS workers run sub-solves that ignore the deadline: at a 100 ms limit
         # they overshot to 180-270 ms (p95) at 256 x 32; without them the limit holds.
@@ -561,6 +605,7 @@ class KnapsackModel:
     ) -> None:
         self.instance = instance
         self.preset = preset
+        self.repair_hint = preset.hint_repair
         self.model = _CpModel()
         self.groups = list(instance.groups)
         self.insts = list(instance.instances)
@@ -790,7 +835,9 @@ class KnapsackModel:
     # ---------------------------------------------------------------- hint and answer
     def add_hint(self, sequences: Mapping[int, Sequence[str]]) -> None:
         """Hint every variable from per-instance service orders: the instance's single model,
-        and, greedily in level order, the groups that fit Jackson's constraints."""
+        and, in level order, the groups that fit Jackson's constraints: first fit, or with
+        ``hint_repair`` weighted Moore-Hodgson (an overfull level drops the chosen group of
+        least weight per ms of service)."""
         m = self.model
         gid_row = {g.id: r for r, g in enumerate(self.groups)}
         # plain ints (numpy scalars cost ~1 us each to index and convert)
@@ -800,6 +847,7 @@ class KnapsackModel:
         y_service = (self.service[self.y_pairs[:, 0], self.y_pairs[:, 1]].tolist()
                      if pairs else [])
         g_model = self.g_model.tolist()
+        y_weight = ([self.groups[r].weight for r, _c in pairs] if self.repair_hint else [])
         y_val = [False] * len(self.y)
         hold_val: dict[tuple[int, int | None], bool] = {key: False for key in self.hold}
         for c, i in enumerate(self.insts):
@@ -822,6 +870,7 @@ class KnapsackModel:
                 continue
             # current model's groups first (no swap), then the other model's after the swap
             total = 0
+            chosen: list[int] = []  # y indices hinted on time on i
             for part, base in ((head, int(self.busy[c])), (tail, None)):
                 if base is None:
                     if k is None or k == cur:
@@ -831,9 +880,21 @@ class KnapsackModel:
                          if (j := y_at.get((r, c))) is not None]
                 for level, j in sorted(cands):
                     s = y_service[j]
-                    if total + s <= level - base:
+                    if self.repair_hint:
+                        # Weighted Moore-Hodgson: take the group, and while the level is
+                        # overfull drop the chosen group of least weight per ms of service.
+                        # Dropping only loosens the lower levels, so all stay satisfied.
+                        chosen.append(j)
                         total += s
-                        y_val[j] = True
+                        while total > level - base and chosen:
+                            out = min(chosen, key=lambda q: (y_weight[q] / y_service[q], -q))
+                            chosen.remove(out)
+                            total -= y_service[out]
+                    elif total + s <= level - base:
+                        total += s
+                        chosen.append(j)
+            for j in chosen:
+                y_val[j] = True
         # A complete hint (every variable), written in bulk: one `add_hint` call per
         # variable cost ~20 us each, ~10% of the build.
         hint_vars: list[int] = self.y_index.tolist()

@@ -54,6 +54,17 @@ class SolverPreset:
             planner reaches within its wall budget: measured on the reference machine (2-core
             VM, 2 workers) by ``benchmarks/solver_scaling/det_rate.py``. 1.0 reads the budget
             as deterministic seconds (about 3x the live search).
+        hint_repair: knapsack hint per instance by weighted Moore-Hodgson (take the groups
+            in deadline-level order; while a level is overfull, drop the chosen group of least
+            weight per ms of service) instead of first fit. On the backlog rows' epochs it
+            starts CP-SAT within about 2-3% of the plan it reaches at its limit.
+        search_ref_vars: 0 = off. Otherwise a model with more variables than this gets
+            ``search_ref_vars / variables`` of the search limit (deterministic in what-if runs,
+            wall in live ones, where the tenth-of-the-budget floor still holds): fast on
+            backlog epochs, but it lost up to 2.9 points on suite rows (scenarios README).
+        lp_cuts: CP-SAT's cutting planes (``cut_level`` 0 when false).
+        cap_on_time_first: the group cap takes the groups that can still be on time somewhere
+            first (EDF among them), then the late ones; false: EDF over all groups.
     """
 
     name: str = "default"
@@ -74,6 +85,10 @@ class SolverPreset:
     # and parallel workers interleave deterministically, so the same seed gives the same plan.
     deterministic: bool = False
     deterministic_rate: float = 0.3
+    hint_repair: bool = True
+    search_ref_vars: int = 0
+    lp_cuts: bool = True
+    cap_on_time_first: bool = True
 
 
 class _ObjectiveFile(BaseModel):
@@ -101,6 +116,10 @@ class _PresetFile(BaseModel):
     presolve: bool = False
     deterministic: bool = False
     deterministic_rate: float = Field(0.3, gt=0, le=10)
+    hint_repair: bool = True
+    search_ref_vars: int = Field(0, ge=0)
+    lp_cuts: bool = True
+    cap_on_time_first: bool = True
     objective: _ObjectiveFile = _ObjectiveFile()
 
 
@@ -158,6 +177,10 @@ def load_preset(name_or_path: str | Path) -> SolverPreset:
         weights=ObjectiveWeights(o.on_time, o.swap_penalty, o.completion_penalty),
         deterministic=parsed.deterministic,
         deterministic_rate=parsed.deterministic_rate,
+        hint_repair=parsed.hint_repair,
+        search_ref_vars=parsed.search_ref_vars,
+        lp_cuts=parsed.lp_cuts,
+        cap_on_time_first=parsed.cap_on_time_first,
     )
 
 
@@ -180,6 +203,10 @@ def preset_to_toml(preset: SolverPreset, header: str = "") -> str:
         "presolve": preset.presolve,
         "deterministic": preset.deterministic,
         "deterministic_rate": preset.deterministic_rate,
+        "hint_repair": preset.hint_repair,
+        "search_ref_vars": preset.search_ref_vars,
+        "lp_cuts": preset.lp_cuts,
+        "cap_on_time_first": preset.cap_on_time_first,
         "objective": {
             "on_time": preset.weights.on_time,
             "swap_penalty": preset.weights.swap_penalty,
