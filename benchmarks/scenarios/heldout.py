@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Twenty-two workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Twenty-four workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
@@ -10,7 +10,9 @@ and a tensor-parallel 70B, and an L4-only fleet (second batch); a 60-s batch SLO
 work only, and Mooncake on two A100s (third batch); seven more in the fifth session (TPOT
 targets, shared system prompts, a Batch API dump, small GPUs, cold swaps) and five in the
 sixth (one model on GPUs ~5x apart in speed, reasoning-length outputs, four SLO classes, a
-24-instance fleet, Mooncake on instances that may hold any of three models). Each is calibrated like the suite (loads where
+24-instance fleet, Mooncake on instances that may hold any of three models), and two in the
+seventh (many tiny requests on two L4s, written to probe a known limit and so not unseen;
+short requests on four 8B instances). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -223,6 +225,31 @@ NEW = [
                          "batch": {"ttft_s": 900.0, "share": 0.6, "priority": 1}},
                  {"llama-3.1-8b": 0.5, "qwen3-8b": 0.3, "mistral-7b": 0.2}, 300.0),
              trace="mooncake_conversation.jsonl", prompt_cap=100_000, search=(0.02, 10.0)),
+    # seventh batch (2026-11-30, seventh session). h-tiny was written to probe a limit the
+    # sixth session noted (one request waiting per engine admits one new request per engine
+    # iteration): it found `qlm` at 15% where `fcfs` attained 100%, and the free ride
+    # (ExecutorConfig.free_ride) was built on it, so it is not unseen. h-tiny-8b was written
+    # down before any run of it.
+    Scenario("h-tiny", "many tiny requests (~55-token prompts, ~7-token outputs, hundreds per "
+             "second); one 1B model on 2xL4; 50% interactive 0.5 s / batch 60 s",
+             {"name": "l4x2", "instances": [{"gpu": "L4", "model": "llama-3.2-1b", "count": 2}]},
+             _wl("htn", {"interactive": {"ttft_s": 0.5, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 60.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.2-1b": 1.0}, 120.0,
+                 lengths={"prompt_log_mu": 4.0, "prompt_log_sigma": 0.5, "prompt_max": 512,
+                          "output_log_mu": 2.0, "output_log_sigma": 0.5, "output_max": 64}),
+             search=(20.0, 400.0)),
+    Scenario("h-tiny-8b", "short requests (~100-token prompts, ~16-token outputs); 2 8B models "
+             "on 2xH100 + 2xA100; 40% interactive 1 s / batch 300 s",
+             {"name": "h100x2-a100x2", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 2}]},
+             _wl("ht8", {"interactive": {"ttft_s": 1.0, "share": 0.4, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.6, "priority": 1}},
+                 {"llama-3.1-8b": 0.6, "qwen3-8b": 0.4}, 120.0,
+                 lengths={"prompt_log_mu": 4.6, "prompt_log_sigma": 0.6, "prompt_max": 1024,
+                          "output_log_mu": 2.8, "output_log_sigma": 0.6, "output_max": 128}),
+             search=(10.0, 400.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s

@@ -493,6 +493,59 @@ class RWTEstimator:
         mx = st.max_num_seqs or 256
         return max(1, cap) if cap < mx else None
 
+    def free_prefill_tokens(self, inst, st, now_at: float, stretch: float = 1.0,
+                            iter_cap_s: float = 0.0, pace_req_s: float = 0.0,
+                            prompt_mean: float = 0.0, headroom: float = 1.0) -> float:
+        """Prompt tokens ``inst``'s next iteration may prefill beyond what it already has:
+        the most of (1) what keeps its compute within ``stretch`` times its memory time (a
+        decode iteration is memory-bound, so up to ``stretch`` = 1 that prefill rides free
+        and delays nobody), (2) what keeps it within ``iter_cap_s`` seconds, and (3) while
+        requests arrive for it faster than one per iteration (``pace_req_s`` per second, of
+        ``prompt_mean`` tokens: a pace that one request waiting per engine cannot keep), their
+        prompts are short (a mean prompt's prefill takes less than the memory time: a longer
+        one keeps the compute busy at one request per iteration) and it can prefill them (``pace * c_tok < 1``, ``pace = pace_req_s * prompt_mean``),
+        ``headroom`` times the prompt tokens that arrive during the iteration (with ``T``
+        extra tokens it takes ``it(T)``; ``T = h * pace * it(T)``, ``h`` at most halfway from
+        ``pace * c_tok`` to 1, where the solution stays finite), so that admission keeps pace
+        with arrivals. An engine that cannot prefill what arrives even compute-bound gets no
+        more than (1) and (2): there, more admission adds no throughput. The decoders and
+        the running requests' pending prefill come first; at most the token budget. Prompt
+        tokens count at ``1 - hit_frac`` (expected prefix-cache hits)."""
+        b, pend, kv = self._engine_now(inst, st, now_at)
+        im = self.engine_model(inst)
+        total = float(inst.engine.config.max_num_batched_tokens or self.batch_budget)
+        first = b + pend  # tokens the iteration computes before any new prompt
+        if im is not None and im.c_tok > 0:
+            c = im.c_tok
+            over = im.overhead_s + im.s_seq * b
+            mem = im.m0 + im.m_kv * kv
+        else:
+            # no roofline: the decode iteration (memory-bound) and the prefill time per token
+            _, mem, c = self.basics(inst, st)
+            over = 0.0
+            if c <= 0:
+                return 0.0
+        cal = self._cal.get(inst.id)
+        keep = max(1.0 - cal.hit_frac, 0.01) if cal is not None else 1.0
+        free = max(stretch * mem, iter_cap_s - over) / c - first
+        pace = pace_req_s * prompt_mean * keep  # tokens to compute per second
+        rho = pace * c  # the share of the engine's compute the arrivals' prefill needs
+        # pace matters only for short prompts: one whose prefill outlasts the memory time
+        # keeps the engine's compute busy at one new request per iteration
+        if (0.0 < rho < 1.0 and prompt_mean * keep * c < mem
+                and pace_req_s * (over + max(c * first, mem)) > 1.0):
+            # headroom to drain a backlog, but at most halfway from rho to 1: near saturation
+            # the iteration that keeps pace grows without bound
+            lam = pace * min(headroom, 0.5 * (1.0 + 1.0 / rho))
+            t = lam * (over + mem)  # memory-bound: the iteration does not lengthen
+            if c * (first + t) > mem:  # compute-bound: it(T) = over + c (first + T)
+                t = lam * (over + c * first) / (1.0 - lam * c)
+            free = max(free, t)
+        free = min(free, total - first)
+        if free <= 0.0:
+            return 0.0
+        return free / keep
+
     def basics(self, inst, st) -> tuple[float, float, float]:
         """(seats S, decode iteration seconds at batch S, prefill seconds per token) from
         ``stats()``, the roofline prior and the calibration."""

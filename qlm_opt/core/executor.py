@@ -88,6 +88,17 @@ class ExecutorConfig:
     # other urgent request in the global queue, free to go to whichever instance seats it
     # first, in deadline order (4 cost 1.5-10 points on the scenario suite, README)
     engine_slack: int = 1
+    # ... and beyond that, more while their prompts ride the engine's next iteration
+    # (``Executor.free_tokens``, the estimator's ``free_prefill_tokens``): prefill that keeps
+    # the iteration's compute within ``free_ride`` x its memory time (1: it delays nobody), so
+    # that an engine is not held to one new request per iteration on short prompts; 0: off
+    free_ride: float = 1.0
+    # ... or while the next iteration stays within this share of the tightest TTFT target
+    # (``Executor.tightest_ttft_s``, set by the policy), whichever admits more
+    ride_share: float = 0.05
+    # ... and at least this many times the prompt tokens that arrive for the engine during
+    # its next iteration, so that admission keeps pace with arrivals (0: off)
+    pace_headroom: float = 2.0
     evict_max_recompute_tokens: int = 256  # only victims this cheap to recompute
     max_victims: int = 8  # evictions per urgent group
     demote_late: bool = True  # plan-late groups go behind on-time ones
@@ -124,6 +135,10 @@ class Executor:
         self.basics = basics
         self.on_late = on_late
         self.predicts_miss: Callable | None = None
+        # free_tokens(inst) -> prompt tokens the engine's next iteration prefills for free (the
+        # policy's estimator); None: no free ride
+        self.free_tokens: Callable | None = None
+        self.tightest_ttft_s: float | None = None  # the tightest TTFT target served, s
         self._last_swap_at: dict[int, float] = {}  # instance id -> clock time of last swap
         # instance id -> model it swaps to once its queued groups of the old model drain
         self.swap_after: dict[int, str] = {}
@@ -166,8 +181,10 @@ class Executor:
         the engine: work due later (batch) waiting there does not hold an urgent request back
         in the global queue (the engine orders its waiting queue by deadline, so it goes
         first), while the urgent backlog an engine holds stays bounded, so the global queue
-        still decides what is past hope (EDF's domino effect). A request past hope moves to
-        its model's late lane instead. Batch work (due later than ``urgent_window_s``) enters
+        still decides what is past hope (EDF's domino effect). Beyond that, more may wait
+        while their prompts ride the engine's next iteration (``free_tokens``, see
+        ``ExecutorConfig.free_ride``): short prompts are not held to one per iteration. A
+        request past hope moves to its model's late lane instead. Batch work (due later than ``urgent_window_s``) enters
         only while the engine holds fewer batch requests than ``batch_seats[inst]``, and
         nothing enters while it holds ``seat_caps[inst]`` requests."""
         rt = self.rt
@@ -180,6 +197,7 @@ class Executor:
         # no seat); a dispatch does not change them (engine events reach the policy later).
         basics = None
         waiting_at = None  # sorted deadlines waiting in the engine, once at the slack limit
+        ride = None  # prompt tokens that may still ride free in the next iteration
         eng = inst.engine
         cap = self.batch_seats.get(inst.id)
         held_cap = self.seat_caps.get(inst.id)
@@ -221,9 +239,15 @@ class Executor:
                     return
                 if waiting_at is None:
                     waiting_at = sorted(r.deadline_at for r in inst.engine.waiting_requests())
-                due_at = g.members[0][2].deadline_at
+                head = g.members[0][2]
+                due_at = head.deadline_at
                 if bisect.bisect_right(waiting_at, due_at) >= slack:
-                    return
+                    if ride is None:
+                        ride = self._free_ride(inst)
+                    need = head.prompt_tokens + head.num_generated
+                    if need > ride:
+                        return
+                    ride -= need
                 bisect.insort(waiting_at, due_at)
             if g is None:
                 self._maybe_swap_after(inst, now)
@@ -244,6 +268,16 @@ class Executor:
             if n_batch is not None and req.deadline_at > batch_cut:
                 n_batch += 1
             rt.dispatch(req, inst, (req.deadline_at, req.id))
+
+    def _free_ride(self, inst: Instance) -> float:
+        """Prompt tokens beyond the engine's waiting queue that its next iteration still
+        prefills for free (0 without ``free_ride`` or an estimator)."""
+        if self.config.free_ride <= 0 or self.free_tokens is None:
+            return 0.0
+        cap_s = self.config.ride_share * (self.tightest_ttft_s or 0.0)
+        return (self.free_tokens(inst, self.config.free_ride, cap_s,
+                                 self.config.pace_headroom)
+                - inst.engine.waiting_tokens())
 
     def _to_late_lane(self, req: Request) -> None:
         self.late.setdefault(req.model, deque()).append(req)

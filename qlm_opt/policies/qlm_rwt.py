@@ -68,6 +68,9 @@ class QLMRWTPolicy(Policy):
         self.rate_window_s = rate_window_s
         self.clairvoyant = clairvoyant
         self._arrivals: dict[tuple[str, str], deque[float]] = {}  # (model, class) -> times
+        # model -> mean prompt tokens of its arrivals (moving average), and the pace cache
+        self._prompt_mean: dict[str, float] = {}
+        self._pace_cache: dict[str, tuple[float, float]] = {}
         self._ttft: dict[str, float] = {}  # class -> TTFT target, s
         self._tighter_ttft: dict[str, float] = {}  # class -> longest tighter TTFT target, s
         # (model, class) -> times requests of that class went to the late lane: they do not
@@ -125,6 +128,33 @@ class QLMRWTPolicy(Policy):
             basics=lambda inst: self.est.basics(inst, inst.engine.stats()),
             on_late=self._went_late,
         )
+        self.executor.free_tokens = self._free_tokens
+        if self.workload is not None and self.workload.classes:
+            self.executor.tightest_ttft_s = min(
+                c.ttft_s for c in self.workload.classes.values())
+
+    def _free_tokens(self, inst: Instance, stretch: float, cap_s: float,
+                     headroom: float) -> float:
+        """The executor's ``free_tokens``: the estimator's, with the pace of the requests
+        arriving for ``inst`` (its model's, over its ready instances) and their mean prompt."""
+        now = self.rt.now()
+        pace = self._pace(inst.model, now) if headroom > 0 else 0.0
+        return self.est.free_prefill_tokens(inst, inst.engine.stats(), now, stretch, cap_s,
+                                            pace, self._prompt_mean.get(inst.model, 0.0),
+                                            headroom)
+
+    def _pace(self, model: str, now: float) -> float:
+        """Requests per second arriving for one ready instance of ``model`` over the last
+        ``rate_window_s`` (refreshed at most once a second)."""
+        got = self._pace_cache.get(model)
+        if got is not None and now - got[0] < 1.0:
+            return got[1]
+        span = min(self.rate_window_s, max(now, 1e-9))
+        n = sum(self._recent(q, now) for (m, _), q in self._arrivals.items() if m == model)
+        ready = sum(1 for _ in self.rt.ready_instances(model)) or 1
+        pace = n / span / ready
+        self._pace_cache[model] = (now, pace)
+        return pace
 
     def _went_late(self, req: Request) -> None:
         """A request went to the late lane: its wait is measured from its dispatch, and it
@@ -373,6 +403,9 @@ class QLMRWTPolicy(Policy):
             q = self._arrivals[(req.model, req.slo_class)] = deque()
         q.append(now)
         self._num_arrived += 1
+        pm = self._prompt_mean.get(req.model)
+        self._prompt_mean[req.model] = (float(req.prompt_tokens) if pm is None
+                                        else pm + 0.01 * (req.prompt_tokens - pm))
         g, new = self.gq.add(req, now)
         self._settle(g, new, req, now)
 

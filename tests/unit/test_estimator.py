@@ -154,3 +154,59 @@ def test_free_seat_wait_counts_prefill_ahead():
     b = est.wait(inst, 0.0, 3, 30000, 500, lambda r: 0)
     # 30k prompt tokens ahead take about 30k * c_tok of compute, in 8k-token chunks
     assert b.mean_s - a.mean_s > 0.8 * 30000 * IM.c_tok
+
+
+def test_free_prefill_tokens_fill_a_memory_bound_iteration_and_no_more():
+    """The prompt tokens an engine's next iteration prefills for free: with the decoders,
+    the iteration's compute reaches ``stretch`` times its memory time and stops there."""
+    est = _est()
+    for nrun in (0, 10, 60):
+        inst = _inst(nrun, 256)
+        st = inst.engine.stats()
+        mem = IM.m0 + IM.m_kv * st.kv_used_tokens
+        for stretch in (1.0, 2.0):
+            free = est.free_prefill_tokens(inst, st, 0.0, stretch)
+            assert free == max(0.0, stretch * mem / IM.c_tok - nrun)
+            b = nrun + free
+            assert IM.iteration_s(int(b), 0) <= IM.overhead_s + stretch * mem + 1e-12
+            if free > 0:  # ten tokens more would lengthen the iteration past that
+                assert IM.iteration_s(int(b) + 10, 0) > IM.overhead_s + stretch * mem
+    # more decoders than the free tokens: nothing rides
+    assert est.free_prefill_tokens(_inst(150, 256), _inst(150, 256).engine.stats(), 0.0) == 0.0
+
+
+def test_free_prefill_tokens_keep_pace_with_arrivals_the_engine_can_serve():
+    """With requests arriving faster than one per iteration, ``pace`` prompt tokens a
+    second, the iteration may take ``T`` more where ``T`` = headroom x pace x (the
+    iteration's time with ``T``): admission keeps pace. An engine that could not prefill
+    what arrives even compute-bound gets nothing more, nor one that gets fewer requests."""
+    est = _est()
+    inst = _inst(10, 256)
+    st = inst.engine.stats()
+    base = est.free_prefill_tokens(inst, st, 0.0)
+    for pace in (4000.0, 4500.0):  # tokens/s; c_tok = 1e-4: compute-bound with the ride
+        t = est.free_prefill_tokens(inst, st, 0.0, pace_req_s=pace / 10.0, prompt_mean=10.0,
+                                    headroom=2.0)
+        it = IM.overhead_s + IM.c_tok * (10 + t)  # compute-bound with the ten decoders
+        rho = pace * IM.c_tok
+        h = min(2.0, 0.5 * (1.0 + 1.0 / rho))  # the headroom, at most halfway to saturation
+        assert it > IM.overhead_s + IM.m0 and t > base
+        assert abs(t - h * pace * it) < 1e-6
+    # at 8,000 tokens/s (80% of the engine's compute) headroom 2 would be past it: the
+    # headroom stops halfway to saturation (90%), and the iteration stays finite
+    t = est.free_prefill_tokens(inst, st, 0.0, pace_req_s=800.0, prompt_mean=10.0,
+                                headroom=2.0)
+    assert abs(t - 9000.0 * (IM.overhead_s + IM.c_tok * (10 + t))) < 1e-6
+    # 20,000 tokens/s is more than it can prefill at all: no more than without a pace
+    assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=2000.0, prompt_mean=10.0,
+                                    headroom=2.0) == base
+    # 4,000 tokens/s in 4 requests of 1,000 a second: fewer than one per iteration, which
+    # one request waiting per engine keeps up with: no pace
+    assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=4.0, prompt_mean=1000.0,
+                                    headroom=2.0) == base
+    # more than one a iteration, but prompts whose prefill outlasts the memory time (110
+    # tokens x 0.1 ms > 10 ms): one per iteration keeps the compute busy, no pace
+    assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=80.0, prompt_mean=110.0,
+                                    headroom=2.0) == base
+    assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=80.0, prompt_mean=90.0,
+                                    headroom=2.0) > base

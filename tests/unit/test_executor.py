@@ -513,3 +513,37 @@ def test_kv_cap_stops_batch_and_holds_urgent_until_it_has_waited(fleet_rt):
     ex.kv_caps = {0: 4}  # room under the cap: batch enters too
     ex.pull(inst)
     assert batch not in gq and batch.instance_id == 0
+
+
+@pytest.mark.parametrize("prompt, extra", [(50, 5), (400, 0)])
+def test_short_prompts_ride_free_past_the_slack(fleet_rt, prompt, extra):
+    """Beyond `engine_slack`, more requests may wait in the engine while their prompts fit
+    the tokens its next iteration prefills for free (``free_tokens``): short prompts are not
+    held to one new request per iteration, long ones still are."""
+    rt, _ = fleet_rt
+    inst = rt.instances[0]
+    reqs = [_req(i, "llama-3.1-8b", 5.0 + 0.01 * i, prompt=prompt) for i in range(8)]
+    gq, _ = _queue(rt, reqs, 0)
+    asked = []
+
+    def free(i, stretch, cap_s, headroom):
+        asked.append(stretch)
+        return 300.0
+
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=1, free_ride=2.0))
+    ex.free_tokens = free
+    ex.pull(inst)
+    st = inst.engine.stats()
+    # the first enters as the slack; then 300 free tokens less its 50 hold five more
+    # 50-token prompts, and no 400-token one (what the engine started since counts alike)
+    assert st.num_running + st.num_waiting == 1 + extra
+    assert sum(1 for r in reqs if r in gq) == len(reqs) - 1 - extra
+    assert asked and set(asked) == {2.0}
+    # off: the slack alone
+    rt2_reqs = [_req(100 + i, "llama-3.1-8b", 5.0, prompt=prompt) for i in range(4)]
+    gq2, _ = _queue(rt, rt2_reqs, 1)
+    off = Executor(rt, gq2, ExecutorConfig(engine_slack=1, free_ride=0.0))
+    off.free_tokens = free
+    off.pull(rt.instances[1])
+    st = rt.instances[1].engine.stats()
+    assert st.num_running + st.num_waiting == 1
