@@ -499,11 +499,11 @@ class RWTEstimator:
         """Prompt tokens ``inst``'s next iteration may prefill beyond what it already has:
         the most of (1) what keeps its compute within ``stretch`` times its memory time (a
         decode iteration is memory-bound, so up to ``stretch`` = 1 that prefill rides free
-        and delays nobody), (2) what keeps it within ``iter_cap_s`` seconds, and (3) while
-        requests arrive for it faster than one per iteration (``pace_req_s`` per second, of
-        ``prompt_mean`` tokens: a pace that one request waiting per engine cannot keep), their
-        prompts are short (a mean prompt's prefill takes less than the memory time: a longer
-        one keeps the compute busy at one request per iteration) and it can prefill them (``pace * c_tok < 1``, ``pace = pace_req_s * prompt_mean``),
+        and delays nobody), and, where prompts are short (a mean prompt of ``prompt_mean``
+        tokens prefills within the iteration's fixed time, overhead and memory; a longer one
+        keeps the engine busy at one new request per iteration), (2) what keeps it within ``iter_cap_s`` seconds, and (3)
+        while requests arrive for it faster than one per iteration (``pace_req_s`` per
+        second: a pace that one request waiting per engine cannot keep) and it can prefill them (``pace * c_tok < 1``, ``pace = pace_req_s * prompt_mean``),
         ``headroom`` times the prompt tokens that arrive during the iteration (with ``T``
         extra tokens it takes ``it(T)``; ``T = h * pace * it(T)``, ``h`` at most halfway from
         ``pace * c_tok`` to 1, where the solution stays finite), so that admission keeps pace
@@ -527,12 +527,14 @@ class RWTEstimator:
                 return 0.0
         cal = self._cal.get(inst.id)
         keep = max(1.0 - cal.hit_frac, 0.01) if cal is not None else 1.0
-        free = max(stretch * mem, iter_cap_s - over) / c - first
+        # past the free prefill only for short prompts: one whose prefill outlasts the
+        # iteration's fixed time (overhead, weights and KV read) keeps the engine busy at one
+        # new request per iteration; shorter ones leave it to fixed costs that a batch shares
+        short = prompt_mean * keep * c < over + mem
+        free = (max(stretch * mem, iter_cap_s - over) if short else stretch * mem) / c - first
         pace = pace_req_s * prompt_mean * keep  # tokens to compute per second
         rho = pace * c  # the share of the engine's compute the arrivals' prefill needs
-        # pace matters only for short prompts: one whose prefill outlasts the memory time
-        # keeps the engine's compute busy at one new request per iteration
-        if (0.0 < rho < 1.0 and prompt_mean * keep * c < mem
+        if (short and 0.0 < rho < 1.0
                 and pace_req_s * (over + max(c * first, mem)) > 1.0):
             # headroom to drain a backlog, but at most halfway from rho to 1: near saturation
             # the iteration that keeps pace grows without bound

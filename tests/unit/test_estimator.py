@@ -171,6 +171,14 @@ def test_free_prefill_tokens_fill_a_memory_bound_iteration_and_no_more():
             assert IM.iteration_s(int(b), 0) <= IM.overhead_s + stretch * mem + 1e-12
             if free > 0:  # ten tokens more would lengthen the iteration past that
                 assert IM.iteration_s(int(b) + 10, 0) > IM.overhead_s + stretch * mem
+    # a 50-ms cap on the iteration lets short prompts (5 ms of prefill) ride up to it, but
+    # not long ones (20 ms, past the 14-ms fixed time: one a iteration keeps it busy)
+    idle = _inst(0, 256)
+    st0 = idle.engine.stats()
+    short = est.free_prefill_tokens(idle, st0, 0.0, iter_cap_s=0.05, prompt_mean=50.0)
+    assert short == (0.05 - IM.overhead_s) / IM.c_tok
+    assert est.free_prefill_tokens(idle, st0, 0.0, iter_cap_s=0.05, prompt_mean=200.0) == \
+        est.free_prefill_tokens(idle, st0, 0.0) == IM.m0 / IM.c_tok
     # more decoders than the free tokens: nothing rides
     assert est.free_prefill_tokens(_inst(150, 256), _inst(150, 256).engine.stats(), 0.0) == 0.0
 
@@ -204,9 +212,7 @@ def test_free_prefill_tokens_keep_pace_with_arrivals_the_engine_can_serve():
     # one request waiting per engine keeps up with: no pace
     assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=4.0, prompt_mean=1000.0,
                                     headroom=2.0) == base
-    # more than one a iteration, but prompts whose prefill outlasts the memory time (110
-    # tokens x 0.1 ms > 10 ms): one per iteration keeps the compute busy, no pace
-    assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=80.0, prompt_mean=110.0,
-                                    headroom=2.0) == base
-    assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=80.0, prompt_mean=90.0,
+    # just over one a iteration (75 a second, 14-ms iterations), 130-token prompts: 97.5%
+    # of the compute, and the pace holds
+    assert est.free_prefill_tokens(inst, st, 0.0, pace_req_s=75.0, prompt_mean=130.0,
                                     headroom=2.0) > base
