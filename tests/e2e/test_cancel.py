@@ -9,9 +9,11 @@ from tests.e2e.conftest import MODEL, LiveServer, auth, settings_for
 
 
 def test_disconnect_removes_request_from_policy_queue():
-    # engine_slack = 0: qlm-rwt never gives an engine work, so requests stay in its queue
-    srv = LiveServer(settings_for(0.001, backend={"policy": "qlm-rwt",
-                                                  "policy_options": {"engine_slack": 0}}))
+    # engine_slack = 0 and no free ride: qlm-rwt never gives an engine work, so requests stay
+    # in its queue
+    srv = LiveServer(settings_for(0.001, backend={
+        "policy": "qlm-rwt",
+        "policy_options": {"engine_slack": 0, "executor": {"free_ride": 0}}}))
     try:
         gw = srv.gateway
         rt = gw.backend.runtime
