@@ -135,8 +135,9 @@ class Executor:
         self.basics = basics
         self.on_late = on_late
         self.predicts_miss: Callable | None = None
-        # free_tokens(inst) -> prompt tokens the engine's next iteration prefills for free (the
-        # policy's estimator); None: no free ride
+        # free_tokens(inst, stretch, cap_s, headroom) -> prompt tokens the engine's next
+        # iteration may still prefill (the policy's estimator, ``free_prefill_tokens``); None:
+        # no ride past ``engine_slack``
         self.free_tokens: Callable | None = None
         self.tightest_ttft_s: float | None = None  # the tightest TTFT target served, s
         self._last_swap_at: dict[int, float] = {}  # instance id -> clock time of last swap
@@ -184,9 +185,10 @@ class Executor:
         still decides what is past hope (EDF's domino effect). Beyond that, more may wait
         while their prompts ride the engine's next iteration (``free_tokens``, see
         ``ExecutorConfig.free_ride``): short prompts are not held to one per iteration. A
-        request past hope moves to its model's late lane instead. Batch work (due later than ``urgent_window_s``) enters
-        only while the engine holds fewer batch requests than ``batch_seats[inst]``, and
-        nothing enters while it holds ``seat_caps[inst]`` requests."""
+        request past hope moves to its model's late lane instead. Batch work (due later than
+        ``urgent_window_s``) enters only while the engine holds fewer batch requests than
+        ``batch_seats[inst]``, and nothing enters while it holds ``seat_caps[inst]``
+        requests."""
         rt = self.rt
         if not inst.ready:
             return
@@ -270,8 +272,8 @@ class Executor:
             rt.dispatch(req, inst, (req.deadline_at, req.id))
 
     def _free_ride(self, inst: Instance) -> float:
-        """Prompt tokens beyond the engine's waiting queue that its next iteration still
-        prefills for free (0 without ``free_ride`` or an estimator)."""
+        """Prompt tokens beyond the engine's waiting queue that its next iteration may still
+        prefill (0 without ``free_ride`` or an estimator)."""
         if self.config.free_ride <= 0 or self.free_tokens is None:
             return 0.0
         cap_s = self.config.ride_share * (self.tightest_ttft_s or 0.0)

@@ -456,14 +456,6 @@ class QLMPolicy(QLMRWTPolicy):
         s = max(1.0, min(float(inst.engine.config.max_num_seqs), cap / max(fp, 1.0)))
         return s, im.iteration_s(int(s), int(s * fp)), im.c_tok
 
-    def _rates(self, now: float) -> dict[str, float]:
-        """Arrival rate per model (req/s) over the last ``rate_window_s``."""
-        span = min(self.rate_window_s, max(now, 1e-9))
-        rates: dict[str, float] = {}
-        for (model, _cls), q in self._arrivals.items():
-            rates[model] = rates.get(model, 0.0) + self._recent(q, now) / span
-        return rates
-
     def _swap_candidates(self, now: float, queued_models: set[str]) -> tuple[set[str], set[int]]:
         """Which models may gain an instance and which instances may give theirs up.
 

@@ -149,12 +149,18 @@ class QLMRWTPolicy(Policy):
         got = self._pace_cache.get(model)
         if got is not None and now - got[0] < 1.0:
             return got[1]
-        span = min(self.rate_window_s, max(now, 1e-9))
-        n = sum(self._recent(q, now) for (m, _), q in self._arrivals.items() if m == model)
         ready = sum(1 for _ in self.rt.ready_instances(model)) or 1
-        pace = n / span / ready
+        pace = self._rates(now).get(model, 0.0) / ready
         self._pace_cache[model] = (now, pace)
         return pace
+
+    def _rates(self, now: float) -> dict[str, float]:
+        """Arrival rate per model (req/s) over the last ``rate_window_s``."""
+        span = min(self.rate_window_s, max(now, 1e-9))
+        rates: dict[str, float] = {}
+        for (model, _cls), q in self._arrivals.items():
+            rates[model] = rates.get(model, 0.0) + self._recent(q, now) / span
+        return rates
 
     def _went_late(self, req: Request) -> None:
         """A request went to the late lane: its wait is measured from its dispatch, and it
