@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Twenty-four workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Twenty-eight workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
@@ -10,9 +10,11 @@ and a tensor-parallel 70B, and an L4-only fleet (second batch); a 60-s batch SLO
 work only, and Mooncake on two A100s (third batch); seven more in the fifth session (TPOT
 targets, shared system prompts, a Batch API dump, small GPUs, cold swaps) and five in the
 sixth (one model on GPUs ~5x apart in speed, reasoning-length outputs, four SLO classes, a
-24-instance fleet, Mooncake on instances that may hold any of three models), and two in the
+24-instance fleet, Mooncake on instances that may hold any of three models), two in the
 seventh (many tiny requests on two L4s, written to probe a known limit and so not unseen;
-short requests on four 8B instances). Each is calibrated like the suite (loads where
+short requests on four 8B instances) and four in the eighth (eight models with Zipf popularity
+on six instances, a single GPU, decode-heavy traffic that is mostly batch, one very wide
+prompt-length distribution). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -250,6 +252,58 @@ NEW = [
                  lengths={"prompt_log_mu": 4.6, "prompt_log_sigma": 0.6, "prompt_max": 1024,
                           "output_log_mu": 2.8, "output_log_sigma": 0.6, "output_max": 128}),
              search=(10.0, 400.0)),
+    # eighth batch (2026-12-01, eighth session): written down and committed before any run.
+    # The synthetic generator has one arrival rate per run (Poisson or gamma) and one
+    # lognormal per length, so neither a time-varying rate nor truly bimodal prompts could be
+    # written; h-wide-prompts is one very wide lognormal instead.
+    Scenario("h-zipf8", "azure conv; 8 models with Zipf(1) popularity on 6 instances (3xH200 + "
+             "3xH100; 2 models start unplaced), warm swaps; 40% interactive 2 s / batch 600 s",
+             {"name": "h200x3-h100x3", "warm_swaps": True, "instances": [
+                 {"gpu": "H200", "model": "llama-3.1-8b", "count": 1},
+                 {"gpu": "H200", "model": "qwen3-8b", "count": 1},
+                 {"gpu": "H200", "model": "qwen3-30b-a3b", "count": 1},
+                 {"gpu": "H100-80GB", "model": "mistral-7b", "count": 1},
+                 {"gpu": "H100-80GB", "model": "gpt-oss-20b", "count": 1},
+                 {"gpu": "H100-80GB", "model": "llama-3.2-1b", "count": 1}]},
+             _wl("hz8", {"interactive": {"ttft_s": 2.0, "share": 0.4, "priority": 0},
+                         "batch": {"ttft_s": 600.0, "share": 0.6, "priority": 1}},
+                 {"llama-3.1-8b": 0.368, "qwen3-8b": 0.184, "mistral-7b": 0.123,
+                  "gpt-oss-20b": 0.092, "llama-3.2-1b": 0.074, "qwen3-30b-a3b": 0.061,
+                  "vicuna-13b": 0.053, "gpt-oss-120b": 0.046}, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.2, 40.0)),
+    Scenario("h-single", "azure conv; one llama-3.1-8b on a single H100; 40% interactive 1 s / "
+             "batch 300 s",
+             {"name": "h100x1", "instances": [{"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 1}]},
+             _wl("hsi", {"interactive": {"ttft_s": 1.0, "share": 0.4, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.6, "priority": 1}},
+                 {"llama-3.1-8b": 1.0}, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.1, 20.0)),
+    Scenario("h-decode-heavy", "synthetic ~250-token prompts, ~1,000-token outputs; 15% "
+             "interactive 0.75 s / 85% batch 120 s; qwen3-8b on 2xH100 + llama-3.1-8b on 2xL40S",
+             {"name": "h100x2-l40sx2", "instances": [
+                 {"gpu": "H100-80GB", "model": "qwen3-8b", "count": 2},
+                 {"gpu": "L40S", "model": "llama-3.1-8b", "count": 2}]},
+             _wl("hdh", {"interactive": {"ttft_s": 0.75, "share": 0.15, "priority": 0},
+                         "batch": {"ttft_s": 120.0, "share": 0.85, "priority": 1}},
+                 {"qwen3-8b": 0.6, "llama-3.1-8b": 0.4}, 180.0,
+                 lengths={"prompt_log_mu": 5.5, "prompt_log_sigma": 0.7, "prompt_max": 4000,
+                          "output_log_mu": 6.9, "output_log_sigma": 0.5, "output_max": 4096},
+                 arrivals={"process": "poisson", "rate_per_s": 2.0}),
+             search=(0.5, 80.0)),
+    Scenario("h-wide-prompts", "synthetic prompts from one wide lognormal (median ~600 tokens, "
+             "sigma 1.5: 16 to 8,000, chat- and RAG-sized in one stream), ~150-token outputs; "
+             "50% interactive 1 s / batch 300 s; llama-3.1-8b on 2xA100 + mistral-7b on 2xL40S",
+             {"name": "a100x2-l40sx2", "instances": [
+                 {"gpu": "A100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "L40S", "model": "mistral-7b", "count": 2}]},
+             _wl("hwp", {"interactive": {"ttft_s": 1.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-8b": 0.6, "mistral-7b": 0.4}, 300.0,
+                 lengths={"prompt_log_mu": 6.4, "prompt_log_sigma": 1.5, "prompt_min": 16,
+                          "prompt_max": 8000, "output_log_mu": 5.0, "output_log_sigma": 0.8,
+                          "output_max": 1024},
+                 arrivals={"process": "poisson", "rate_per_s": 4.0}),
+             search=(0.5, 60.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
