@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Twenty-eight workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Twenty-nine workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
@@ -12,9 +12,10 @@ targets, shared system prompts, a Batch API dump, small GPUs, cold swaps) and fi
 sixth (one model on GPUs ~5x apart in speed, reasoning-length outputs, four SLO classes, a
 24-instance fleet, Mooncake on instances that may hold any of three models), two in the
 seventh (many tiny requests on two L4s, written to probe a known limit and so not unseen;
-short requests on four 8B instances) and four in the eighth (eight models with Zipf popularity
+short requests on four 8B instances) and five in the eighth (eight models with Zipf popularity
 on six instances, a single GPU, decode-heavy traffic that is mostly batch, one very wide
-prompt-length distribution). Each is calibrated like the suite (loads where
+prompt-length distribution; four models on one instance each, written after the single GPU's
+first run). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -304,6 +305,20 @@ NEW = [
                           "output_max": 1024},
                  arrivals={"process": "poisson", "rate_per_s": 4.0}),
              search=(0.5, 60.0)),
+    # written after h-single's first run (its batch lost 7 points to edf's as all queued work
+    # came inside the urgent window), to see whether that holds with four models on one
+    # instance each; so not blind to that finding
+    Scenario("h-one-each", "azure conv; 4 models on one instance each (H100 llama-3.1-8b, A100 "
+             "qwen3-8b, L40S mistral-7b, L4 llama-3.2-1b), no swaps; 40% interactive 1 s / batch 300 s",
+             {"name": "h100-a100-l40s-l4", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 1},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 1},
+                 {"gpu": "L40S", "model": "mistral-7b", "count": 1},
+                 {"gpu": "L4", "model": "llama-3.2-1b", "count": 1}]},
+             _wl("hoe", {"interactive": {"ttft_s": 1.0, "share": 0.4, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.6, "priority": 1}},
+                 {"llama-3.1-8b": 0.4, "qwen3-8b": 0.3, "mistral-7b": 0.2, "llama-3.2-1b": 0.1}, 300.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
