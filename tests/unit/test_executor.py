@@ -547,3 +547,38 @@ def test_short_prompts_ride_free_past_the_slack(fleet_rt, prompt, extra):
     off.pull(rt.instances[1])
     st = rt.instances[1].engine.stats()
     assert st.num_running + st.num_waiting == 1
+
+
+@pytest.mark.parametrize("in_flight", [True, False])
+def test_the_late_test_counts_the_iteration_in_flight_and_what_waits(fleet_rt, in_flight):
+    """A request is past hope when its first token would come after its deadline. With
+    ``late_in_flight`` that time is the iteration in flight (as long as the first of its own)
+    plus its own chunked prefill of what already waits in the engine and of its prompt, each
+    with a decode iteration; without, its own prompt's prefill plus one decode iteration.
+    Basics here: 20 ms per decode iteration, 0.1 ms per prompt token."""
+    rt, _ = fleet_rt
+    late = []
+    cfg = ExecutorConfig(engine_slack=2, late_in_flight=in_flight)
+    basics = lambda inst: (8.0, 0.02, 1e-4)  # noqa: E731
+    # nothing waits: 100 tokens due in 50 ms; on: 2 x 20 + 0.1 x (100 + 100) = 60 ms, late;
+    # off: 20 + 10 = 30 ms, dispatched
+    alone = _req(0, "mistral-7b", 0.05, prompt=100)
+    gq, _ = _queue(rt, [alone], 2)
+    ex = Executor(rt, gq, cfg, basics=basics, on_late=late.append)
+    ex.pull(rt.instances[2])
+    assert late == ([alone] if in_flight else [])
+    # (the late lane is served at once here: nothing on time waits)
+    # 300 tokens wait in the engine: 100 tokens due in 100 ms; on: 40 + 0.1 x (400 + 400) =
+    # 120 ms, late; off: 30 ms, dispatched
+    inst = rt.instances[0]
+    ahead = _req(1, "llama-3.1-8b", 10.0, prompt=300)
+    gq2, _ = _queue(rt, [ahead], 0)
+    late.clear()
+    ex2 = Executor(rt, gq2, cfg, basics=basics, on_late=late.append)
+    ex2.pull(inst)
+    assert ahead.instance_id == 0 and inst.engine.waiting_tokens() == 300
+    tight = _req(2, "llama-3.1-8b", 0.1, prompt=100)
+    _queue(rt, [tight], 0, gq2)
+    ex2.pull(inst)
+    assert late == ([tight] if in_flight else [])
+    assert ex2.num_late == (1 if in_flight else 0)
