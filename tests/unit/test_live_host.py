@@ -50,14 +50,16 @@ def test_periodic_timer_never_runs_early(loop):
 @pytest.mark.parametrize("loop", LOOPS)
 def test_order_and_past_times(loop):
     async def main():
-        host = AsyncioHost(speedup=1000.0)
+        # speedup 10: "late" is 200 ms of real time away, so a busy machine that pauses this
+        # coroutine between two call_at()s (it did at 1000x: 2 ms) cannot make it due first
+        host = AsyncioHost(speedup=10.0)
         out: list[str] = []
         now = host.now()
         host.call_at(now + 2.0, out.append, "late")
         host.call_at(now - 1.0, out.append, "past-1")
         host.call_at(now, out.append, "past-2")
         host.call_at(now + 0.2, out.append, "soon")
-        await asyncio.sleep(0.01)  # 10 clock seconds
+        await asyncio.sleep(0.3)  # 3 clock seconds
         return out
 
     assert _run(loop, main) == ["past-1", "past-2", "soon", "late"]
