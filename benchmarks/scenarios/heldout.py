@@ -319,6 +319,42 @@ NEW = [
                          "batch": {"ttft_s": 300.0, "share": 0.6, "priority": 1}},
                  {"llama-3.1-8b": 0.4, "qwen3-8b": 0.3, "mistral-7b": 0.2, "llama-3.2-1b": 0.1}, 300.0),
              trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
+    # ninth batch (2026-12-01, ninth session): written down and committed before any run, with
+    # the generator's new time-varying rate (arrivals.rate_profile) and length mixture
+    # (lengths.mixture). A rate profile multiplies the whole workload's rate (classes are
+    # drawn by share, independently of time), so h-flash-crowd's surge is of all traffic at
+    # the same 30/70 mix: the interactive rate is x4 for the minute, and so is batch's.
+    Scenario("h-flash-crowd", "synthetic conv lengths, gamma CV 1.5; the whole rate x4 for 60 s "
+             "mid-run (5-s ramps at 120 s and 180 s); 30% interactive 1 s / 70% batch 300 s; "
+             "qwen3-8b on 2xH200 + llama-3.1-8b on 2xL40S",
+             {"name": "h200x2-l40sx2", "instances": [
+                 {"gpu": "H200", "model": "qwen3-8b", "count": 2},
+                 {"gpu": "L40S", "model": "llama-3.1-8b", "count": 2}]},
+             _wl("hfc", {"interactive": {"ttft_s": 1.0, "share": 0.3, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.7, "priority": 1}},
+                 {"qwen3-8b": 0.6, "llama-3.1-8b": 0.4}, 300.0,
+                 lengths={"prompt_max": 4000},
+                 arrivals={"process": "gamma", "rate_per_s": 5.0, "cv": 1.5,
+                           "rate_profile": [[0, 1], [120, 1], [125, 4], [180, 4], [185, 1]]}),
+             search=(0.5, 40.0)),
+    Scenario("h-rag-chat", "synthetic RAG + chat: 25% ~7k-token prompts (lognormal median "
+             "7,000, sigma 0.08: ~6-8k) with ~200-token answers, 75% chat prompts (median 300, "
+             "sigma 0.8) with ~150-token answers; class independent of the kind; 50% "
+             "interactive 1 s / batch 300 s; llama-3.1-8b on 2xH100 + qwen3-8b on 2xA100",
+             {"name": "h100x2-a100x2", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 2}]},
+             _wl("hrc", {"interactive": {"ttft_s": 1.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-8b": 0.6, "qwen3-8b": 0.4}, 300.0,
+                 lengths={"prompt_min": 8, "prompt_max": 10000, "output_max": 1024,
+                          "mixture": [
+                              {"weight": 0.25, "prompt_log_mu": 8.854, "prompt_log_sigma": 0.08,
+                               "output_log_mu": 5.3, "output_log_sigma": 0.6},
+                              {"weight": 0.75, "prompt_log_mu": 5.7, "prompt_log_sigma": 0.8,
+                               "output_log_mu": 5.0, "output_log_sigma": 0.8}]},
+                 arrivals={"process": "poisson", "rate_per_s": 4.0}),
+             search=(0.5, 60.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
