@@ -316,6 +316,8 @@ def synthetic_trace(workload: Workload, seed: int | None = None) -> Trace:
     t = _arrivals(d, rng, rate, n)
     if d.duration_s is not None:
         t = t[t < d.duration_s]
+    if d.max_requests is not None:
+        t = t[: d.max_requests]  # a profile's arrivals may run past n to cover duration_s
     n = len(t)
     if n == 0:
         raise WorkloadError("synthetic workload produced no requests")
