@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Twenty-nine workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Thirty-one workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
@@ -15,7 +15,8 @@ seventh (many tiny requests on two L4s, written to probe a known limit and so no
 short requests on four 8B instances) and five in the eighth (eight models with Zipf popularity
 on six instances, a single GPU, decode-heavy traffic that is mostly batch, one very wide
 prompt-length distribution; four models on one instance each, written after the single GPU's
-first run). Each is calibrated like the suite (loads where
+first run), and two in the ninth (a flash crowd, the whole rate x4 for a minute; RAG +
+chat prompts, a length mixture). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
