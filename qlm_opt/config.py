@@ -5,6 +5,7 @@ Errors name the file and the field. See README "Configuration reference" for the
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -194,6 +195,50 @@ class ArrivalsSection(_Strict):
     process: Literal["poisson", "gamma"] = "gamma"
     rate_per_s: float = Field(5.53, gt=0)
     cv: float = Field(1.09, gt=0)  # coefficient of variation of inter-arrival times (gamma)
+    # Time-varying rate: ``[[t_s, multiplier], ...]``, a piecewise-linear multiplier of
+    # ``rate_per_s`` (times in seconds from the start, strictly increasing, >= 0; held at the
+    # first value before the first point and at the last value after the last). None: constant.
+    rate_profile: list[tuple[float, float]] | None = None
+
+    @model_validator(mode="after")
+    def _profile(self) -> ArrivalsSection:
+        p = self.rate_profile
+        if p is None:
+            return self
+        if not p:
+            raise ValueError("rate_profile: empty list (give [[t_s, multiplier], ...] or leave "
+                             "it out for a constant rate)")
+        for i, (t, m) in enumerate(p):
+            if not (math.isfinite(t) and math.isfinite(m)):
+                raise ValueError(f"rate_profile[{i}]: [{t}, {m}] is not finite")
+            if t < 0:
+                raise ValueError(f"rate_profile[{i}]: time {t} s is negative")
+            if m < 0:
+                raise ValueError(f"rate_profile[{i}]: multiplier {m} is negative")
+            if i and t <= p[i - 1][0]:
+                raise ValueError(f"rate_profile[{i}]: time {t} s is not after the previous "
+                                 f"point's {p[i - 1][0]} s (times must increase)")
+        if all(m == 0 for _, m in p):
+            raise ValueError("rate_profile: every multiplier is 0 (no traffic)")
+        return self
+
+
+_LENGTH_FIELDS = ("prompt_log_mu", "prompt_log_sigma", "prompt_min", "prompt_max",
+                  "output_log_mu", "output_log_sigma", "output_min", "output_max")
+
+
+class LengthComponent(_Strict):
+    """One lognormal of a length mixture; a field left out is the enclosing ``lengths``'s."""
+
+    weight: float = Field(gt=0)  # relative; the mixture's weights are normalised
+    prompt_log_mu: float | None = None
+    prompt_log_sigma: float | None = Field(None, ge=0)
+    prompt_min: int | None = Field(None, gt=0)
+    prompt_max: int | None = Field(None, gt=0)
+    output_log_mu: float | None = None
+    output_log_sigma: float | None = Field(None, ge=0)
+    output_min: int | None = Field(None, gt=0)
+    output_max: int | None = Field(None, gt=0)
 
 
 class LengthsSection(_Strict):
@@ -206,6 +251,41 @@ class LengthsSection(_Strict):
     output_log_sigma: float = Field(0.859, ge=0)
     output_min: int = Field(1, gt=0)
     output_max: int = Field(2048, gt=0)
+    # A mixture of lognormals (e.g. RAG's long prompts with chat's short ones): each request
+    # draws one component by weight, then its prompt and output from that component. None:
+    # the one lognormal above. The fields above are the components' defaults.
+    mixture: list[LengthComponent] | None = None
+
+    @model_validator(mode="after")
+    def _mixture(self) -> LengthsSection:
+        if self.mixture is None:
+            return self
+        if not self.mixture:
+            raise ValueError("mixture: empty list (give at least one component or leave it "
+                             "out for a single lognormal)")
+        for i, c in enumerate(self.components()):
+            for k in ("prompt", "output"):
+                lo, hi = getattr(c, f"{k}_min"), getattr(c, f"{k}_max")
+                if lo > hi:
+                    raise ValueError(f"mixture[{i}]: {k}_min {lo} is above {k}_max {hi}")
+        return self
+
+    def components(self) -> list[LengthsSection]:
+        """The mixture's components as single lognormals (fields filled in from this
+        section), or ``[self]`` when there is no mixture."""
+        if self.mixture is None:
+            return [self]
+        base = {f: getattr(self, f) for f in _LENGTH_FIELDS}
+        return [LengthsSection.model_construct(**{
+            **base, **{f: getattr(c, f) for f in _LENGTH_FIELDS if getattr(c, f) is not None}})
+            for c in self.mixture]
+
+    def weights(self) -> list[float]:
+        """The components' normalised weights (``[1.0]`` without a mixture)."""
+        if self.mixture is None:
+            return [1.0]
+        tot = sum(c.weight for c in self.mixture)
+        return [c.weight / tot for c in self.mixture]
 
 
 class ClassSection(_Strict):
@@ -286,6 +366,11 @@ class WorkloadFile(_Strict):
             raise ValueError("model shares must be >= 0 and not all zero")
         if self.duration_s is None and self.max_requests is None:
             self.duration_s = 600.0
+        p = self.arrivals.rate_profile
+        if p is not None and p[-1][1] == 0 and self.duration_s is None:
+            raise ValueError("arrivals.rate_profile ends at multiplier 0 and the workload has "
+                             "no duration_s: traffic would stop before max_requests; give a "
+                             "duration_s or end the profile above 0")
         return self
 
 

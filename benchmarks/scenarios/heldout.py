@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Twenty-nine workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Thirty-one workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
@@ -15,7 +15,8 @@ seventh (many tiny requests on two L4s, written to probe a known limit and so no
 short requests on four 8B instances) and five in the eighth (eight models with Zipf popularity
 on six instances, a single GPU, decode-heavy traffic that is mostly batch, one very wide
 prompt-length distribution; four models on one instance each, written after the single GPU's
-first run). Each is calibrated like the suite (loads where
+first run), and two in the ninth (a flash crowd, the whole rate x4 for a minute; RAG +
+chat prompts, a length mixture). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -319,6 +320,45 @@ NEW = [
                          "batch": {"ttft_s": 300.0, "share": 0.6, "priority": 1}},
                  {"llama-3.1-8b": 0.4, "qwen3-8b": 0.3, "mistral-7b": 0.2, "llama-3.2-1b": 0.1}, 300.0),
              trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
+    # ninth batch (2026-12-01, ninth session): written down and committed before any run, with
+    # the generator's new time-varying rate (arrivals.rate_profile) and length mixture
+    # (lengths.mixture). A rate profile multiplies the whole workload's rate (classes are
+    # drawn by share, independently of time), so h-flash-crowd's surge is of all traffic at
+    # the same 30/70 mix: the interactive rate is x4 for the minute, and so is batch's.
+    Scenario("h-flash-crowd", "synthetic conv lengths, gamma CV 1.5; the whole rate x4 for 60 s "
+             "mid-run (5-s ramps at 120 s and 180 s); 30% interactive 1 s / 70% batch 300 s; "
+             "qwen3-8b on 1xH200 + llama-3.1-8b on 1xL40S",
+             # first written with 2xH200 + 2xL40S; its first calibration step put fcfs's 60%
+             # at x11.6 (~29k requests a row, over the ~20k budget), so halved before any
+             # policy but fcfs had run
+             {"name": "h200x1-l40sx1", "instances": [
+                 {"gpu": "H200", "model": "qwen3-8b", "count": 1},
+                 {"gpu": "L40S", "model": "llama-3.1-8b", "count": 1}]},
+             _wl("hfc", {"interactive": {"ttft_s": 1.0, "share": 0.3, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.7, "priority": 1}},
+                 {"qwen3-8b": 0.6, "llama-3.1-8b": 0.4}, 300.0,
+                 lengths={"prompt_max": 4000},
+                 arrivals={"process": "gamma", "rate_per_s": 5.0, "cv": 1.5,
+                           "rate_profile": [[0, 1], [120, 1], [125, 4], [180, 4], [185, 1]]}),
+             search=(0.5, 40.0)),
+    Scenario("h-rag-chat", "synthetic RAG + chat: 25% ~7k-token prompts (lognormal median "
+             "7,000, sigma 0.08: ~6-8k) with ~200-token answers, 75% chat prompts (median 300, "
+             "sigma 0.8) with ~150-token answers; class independent of the kind; 50% "
+             "interactive 1 s / batch 300 s; llama-3.1-8b on 2xH100 + qwen3-8b on 2xA100",
+             {"name": "h100x2-a100x2", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 2}]},
+             _wl("hrc", {"interactive": {"ttft_s": 1.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-8b": 0.6, "qwen3-8b": 0.4}, 300.0,
+                 lengths={"prompt_min": 8, "prompt_max": 10000, "output_max": 1024,
+                          "mixture": [
+                              {"weight": 0.25, "prompt_log_mu": 8.854, "prompt_log_sigma": 0.08,
+                               "output_log_mu": 5.3, "output_log_sigma": 0.6},
+                              {"weight": 0.75, "prompt_log_mu": 5.7, "prompt_log_sigma": 0.8,
+                               "output_log_mu": 5.0, "output_log_sigma": 0.8}]},
+                 arrivals={"process": "poisson", "rate_per_s": 4.0}),
+             search=(0.5, 60.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s

@@ -1,7 +1,8 @@
 """Batch API jobs in what-if runs (the workload's ``[[batch_jobs]]``).
 
 A job is ``num_lines`` requests submitted together at ``submit_at_s``, on one model, with
-lognormal prompt and output lengths (``lengths``, by default the Azure conversation fit).
+lognormal prompt and output lengths (``lengths``, by default the Azure conversation fit; a
+``mixture`` of lognormals there as in the traffic's).
 Each line is a request of the job's class whose deadline is the end of the job's window, as in
 the server (``qlm_opt.server.batch``). A line's ``tenant`` is the job's name, which is how
 ``job_report`` finds a job's lines again.
@@ -25,6 +26,7 @@ import numpy as np
 from qlm_opt.config import BatchJobSection, Workload, window_s
 from qlm_opt.core.batch_feed import FeedRule, Footprint, LineLatency, fleet_seats
 from qlm_opt.domain import Request, RequestState
+from qlm_opt.whatif.workload import sample_lengths
 
 
 def job_name(job: BatchJobSection, index: int) -> str:
@@ -37,12 +39,8 @@ def job_requests(job: BatchJobSection, index: int, workload: Workload, first_id:
     job's class (e.g. the same lines sent as ordinary interactive requests)."""
     cname = slo_class or job.slo_class
     cls = workload.classes[cname]
-    L = job.lengths
     n = job.num_lines
-    pr = np.clip(np.rint(rng.lognormal(L.prompt_log_mu, L.prompt_log_sigma, n)),
-                 L.prompt_min, L.prompt_max).astype(np.int64)
-    out = np.clip(np.rint(rng.lognormal(L.output_log_mu, L.output_log_sigma, n)),
-                  L.output_min, L.output_max).astype(np.int64)
+    pr, out = sample_lengths(job.lengths, rng, n)
     at = float(job.submit_at_s)
     due = at + window_s(job.window) if slo_class is None else at + cls.ttft_s
     name = job_name(job, index)

@@ -302,7 +302,8 @@ def load_trace(path: Path | str) -> Trace:
 
 
 def synthetic_trace(workload: Workload, seed: int | None = None) -> Trace:
-    """Arrivals (Poisson or gamma) and lognormal lengths from the workload spec."""
+    """Arrivals (Poisson or gamma, optionally at a time-varying rate) and lognormal lengths
+    (optionally a mixture) from the workload spec."""
     d = workload.data
     rng = np.random.default_rng(d.seed if seed is None else seed)
     if d.prefixes is not None:
@@ -311,29 +312,117 @@ def synthetic_trace(workload: Workload, seed: int | None = None) -> Trace:
     if d.max_requests is not None:
         n = d.max_requests
     else:
-        n = int(d.duration_s * rate * 1.2) + 16
+        n = int(_RateProfile.of(d).cumulative(d.duration_s) * rate * 1.2) + 16
     t = _arrivals(d, rng, rate, n)
     if d.duration_s is not None:
         t = t[t < d.duration_s]
-        n = len(t)
-    L = d.lengths
-    pr = np.clip(
-        np.rint(rng.lognormal(L.prompt_log_mu, L.prompt_log_sigma, n)), L.prompt_min, L.prompt_max
-    ).astype(np.int64)
-    out = np.clip(
-        np.rint(rng.lognormal(L.output_log_mu, L.output_log_sigma, n)), L.output_min, L.output_max
-    ).astype(np.int64)
+    if d.max_requests is not None:
+        t = t[: d.max_requests]  # a profile's arrivals may run past n to cover duration_s
+    n = len(t)
+    if n == 0:
+        raise WorkloadError("synthetic workload produced no requests")
+    pr, out = sample_lengths(d.lengths, rng, n)
     return Trace(t, pr, out, source="synthetic")
 
 
+def sample_lengths(L, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` (prompt, output) token counts from a ``[lengths]`` section: one lognormal each,
+    clipped to its min/max; with a ``mixture``, each row's component is drawn by weight first,
+    then every component's rows are drawn together (prompts, then outputs)."""
+    if L.mixture is None:
+        pr = np.clip(np.rint(rng.lognormal(L.prompt_log_mu, L.prompt_log_sigma, n)),
+                     L.prompt_min, L.prompt_max).astype(np.int64)
+        out = np.clip(np.rint(rng.lognormal(L.output_log_mu, L.output_log_sigma, n)),
+                      L.output_min, L.output_max).astype(np.int64)
+        return pr, out
+    comps = L.components()
+    which = rng.choice(len(comps), size=n, p=np.asarray(L.weights()))
+    pr = np.empty(n, dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    for i, c in enumerate(comps):
+        rows = np.flatnonzero(which == i)
+        pr[rows], out[rows] = sample_lengths(c, rng, len(rows))
+    return pr, out
+
+
+class _RateProfile:
+    """The piecewise-linear rate multiplier ``m(t)`` of ``arrivals.rate_profile`` and its
+    cumulative ``M(t) = integral of m over [0, t]`` (seconds of base-rate traffic by time t).
+    A process at the base rate in "operational time" tau, mapped through ``M^-1``, is the
+    process at rate ``base * m(t)``: Poisson stays Poisson, and a gamma renewal process keeps
+    its burstiness in operational time."""
+
+    def __init__(self, points) -> None:
+        t = np.array([p[0] for p in points], dtype=np.float64)
+        m = np.array([p[1] for p in points], dtype=np.float64)
+        if t[0] > 0:  # held at the first value before the first point
+            t, m = np.concatenate(([0.0], t)), np.concatenate(([m[0]], m))
+        self.t, self.m = t, m
+        self.M = np.concatenate(([0.0], np.cumsum(np.diff(t) * (m[:-1] + m[1:]) / 2.0)))
+
+    @staticmethod
+    def of(d) -> _RateProfile:
+        return _RateProfile(d.arrivals.rate_profile or [(0.0, 1.0)])
+
+    def cumulative(self, x: float) -> float:
+        """``M(x)``."""
+        t, m, M = self.t, self.m, self.M
+        if x >= t[-1]:
+            return float(M[-1] + m[-1] * (x - t[-1]))
+        i = int(np.searchsorted(t, x, side="right")) - 1
+        u = x - t[i]
+        s = (m[i + 1] - m[i]) / (t[i + 1] - t[i])
+        return float(M[i] + m[i] * u + s * u * u / 2.0)
+
+    def inverse(self, tau: np.ndarray) -> np.ndarray:
+        """``M^-1(tau)``: the time M reaches tau (for a tau on a flat part of M, a zero
+        rate, the end of that part); ``inf`` for a tau M never reaches (a final zero rate)."""
+        t, m, M = self.t, self.m, self.M
+        out = np.empty(len(tau))
+        if m[-1] > 0:
+            tail = tau >= M[-1]
+            out[tail] = t[-1] + (tau[tail] - M[-1]) / m[-1]
+        else:
+            tail = tau > M[-1]
+            out[tail] = np.inf
+        x = tau[~tail]
+        i = np.searchsorted(M, x, side="right") - 1
+        i = np.minimum(i, len(t) - 2)
+        a = m[i]
+        s = (m[i + 1] - a) / (t[i + 1] - t[i])
+        dv = x - M[i]
+        # solve a*u + s*u^2/2 = dv for u >= 0 in the form that is stable for s -> 0
+        den = a + np.sqrt(np.maximum(a * a + 2.0 * s * dv, 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.where(den > 0, 2.0 * dv / den, 0.0)
+        out[~tail] = t[i] + u
+        return out
+
+
 def _arrivals(d, rng, rate: float, n: int) -> np.ndarray:
-    """``n`` arrival times (from 0) of the workload's process at ``rate`` per second."""
-    if d.arrivals.process == "poisson":
-        gaps = rng.exponential(1.0 / rate, size=n)
-    else:
+    """``n`` arrival times (from 0) of the workload's process at ``rate`` per second, or at
+    ``rate`` times ``arrivals.rate_profile``: then the base process is drawn in operational
+    time (extended until it covers ``duration_s``) and mapped through the profile's
+    cumulative intensity, and arrivals past a final zero rate are dropped."""
+
+    def gaps(k: int) -> np.ndarray:
+        if d.arrivals.process == "poisson":
+            return rng.exponential(1.0 / rate, size=k)
         shape = 1.0 / (d.arrivals.cv**2)
-        gaps = rng.gamma(shape, 1.0 / (rate * shape), size=n)
-    return np.cumsum(gaps) - gaps[0]
+        return rng.gamma(shape, 1.0 / (rate * shape), size=k)
+
+    g = gaps(n)
+    if d.arrivals.rate_profile is None:
+        return np.cumsum(g) - g[0]
+    prof = _RateProfile(d.arrivals.rate_profile)
+    tau = np.cumsum(g) - g[0]
+    if d.duration_s is not None:
+        need = prof.cumulative(d.duration_s)
+        while tau[-1] < need:  # the margin fell short (a very bursty process)
+            more = np.cumsum(gaps(max(16, len(tau) // 4))) + tau[-1]
+            tau = np.concatenate((tau, more))
+    t = prof.inverse(tau)
+    return t[np.isfinite(t)]
 
 
 def synthetic_prefix_trace(workload: Workload, seed: int | None = None) -> Trace:
@@ -359,8 +448,11 @@ def synthetic_prefix_trace(workload: Workload, seed: int | None = None) -> Trace
     if d.max_requests is not None:
         n_sessions = d.max_requests
     else:
-        n_sessions = int(d.duration_s * rate / P.turns_mean * 1.2) + 16
+        n_sessions = int(_RateProfile.of(d).cumulative(d.duration_s) * rate / P.turns_mean
+                         * 1.2) + 16
     starts = _arrivals(d, rng, rate / P.turns_mean, n_sessions)
+    comps = L.components() if L.mixture is not None else None
+    cw = np.asarray(L.weights()) if comps is not None else None
     next_id = 0
 
     def fresh(k: int) -> list[int]:
@@ -386,10 +478,11 @@ def synthetic_prefix_trace(workload: Workload, seed: int | None = None) -> Trace
         ctx_len = int(sys_len[k])
         ctx_ids = sys_ids[k]
         for _ in range(turns):
-            user = int(np.clip(np.rint(rng.lognormal(L.prompt_log_mu, L.prompt_log_sigma)),
-                               L.prompt_min, L.prompt_max))
-            out = int(np.clip(np.rint(rng.lognormal(L.output_log_mu, L.output_log_sigma)),
-                              L.output_min, L.output_max))
+            C = L if comps is None else comps[int(rng.choice(len(comps), p=cw))]
+            user = int(np.clip(np.rint(rng.lognormal(C.prompt_log_mu, C.prompt_log_sigma)),
+                               C.prompt_min, C.prompt_max))
+            out = int(np.clip(np.rint(rng.lognormal(C.output_log_mu, C.output_log_sigma)),
+                              C.output_min, C.output_max))
             prompt = ctx_len + user
             if prompt > max_prompt:
                 break  # the conversation outgrew the context: the session ends
