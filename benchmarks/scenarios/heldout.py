@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Thirty-one workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Thirty-five workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
@@ -16,7 +16,9 @@ short requests on four 8B instances) and five in the eighth (eight models with Z
 on six instances, a single GPU, decode-heavy traffic that is mostly batch, one very wide
 prompt-length distribution; four models on one instance each, written after the single GPU's
 first run), and two in the ninth (a flash crowd, the whole rate x4 for a minute; RAG +
-chat prompts, a length mixture). Each is calibrated like the suite (loads where
+chat prompts, a length mixture), and four in the tenth (a diurnal swing, long-context
+prompts on a tensor-parallel 70B, 90% interactive at a 0.3-s TTFT, a fleet where the large
+model fits only some GPUs). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -359,6 +361,68 @@ NEW = [
                                "output_log_mu": 5.0, "output_log_sigma": 0.8}]},
                  arrivals={"process": "poisson", "rate_per_s": 4.0}),
              search=(0.5, 60.0)),
+    # tenth batch (2026-12-01, tenth session): written down and committed before any run, to
+    # look for shapes where `qlm` loses: a diurnal swing, long-context prompts on a
+    # tensor-parallel 70B beside a small model, 90% interactive at a 0.3-s TTFT, and a fleet
+    # where the large model fits on only some GPUs (placement binds).
+    Scenario("h-diurnal", "synthetic conv lengths, Poisson; the whole rate swings x0.3 -> x1.5 -> "
+             "x0.3 over the run (a compressed day); 50% interactive 1.5 s / batch 600 s; "
+             "llama-3.1-8b on 2xH100 + mistral-7b on 1xL40S + llama-3.2-1b on 1xL4",
+             {"name": "h100x2-l40s-l4", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "L40S", "model": "mistral-7b", "count": 1},
+                 {"gpu": "L4", "model": "llama-3.2-1b", "count": 1}]},
+             _wl("hdi", {"interactive": {"ttft_s": 1.5, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 600.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-8b": 0.6, "mistral-7b": 0.25, "llama-3.2-1b": 0.15}, 240.0,
+                 lengths={"prompt_max": 4000},
+                 arrivals={"process": "poisson", "rate_per_s": 4.0,
+                           "rate_profile": [[0, 0.3], [60, 0.6], [120, 1.5], [180, 0.6],
+                                            [240, 0.3]]}),
+             search=(0.5, 60.0)),
+    Scenario("h-70b-longctx", "synthetic: 30% long-context prompts (median 22k tokens, 16k-32k) "
+             "with ~300-token answers, 70% chat; llama-3.1-70b on 2x(2xH100, tp 2) + "
+             "llama-3.1-8b on 1xH100; 50% interactive 3 s / batch 900 s",
+             {"name": "h100tp2x2-h100", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-70b", "count": 2, "tp": 2},
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 1}]},
+             _wl("h7l", {"interactive": {"ttft_s": 3.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 900.0, "share": 0.5, "priority": 1}},
+                 {"llama-3.1-70b": 0.5, "llama-3.1-8b": 0.5}, 240.0,
+                 lengths={"prompt_min": 8, "prompt_max": 32768, "output_max": 2048,
+                          "mixture": [
+                              {"weight": 0.3, "prompt_log_mu": 10.0, "prompt_log_sigma": 0.2,
+                               "prompt_min": 16384, "output_log_mu": 5.7, "output_log_sigma": 0.6},
+                              {"weight": 0.7, "prompt_log_mu": 6.0, "prompt_log_sigma": 0.9,
+                               "prompt_max": 4000, "output_log_mu": 5.0, "output_log_sigma": 0.8}]},
+                 arrivals={"process": "poisson", "rate_per_s": 1.0}),
+             search=(0.1, 40.0)),
+    Scenario("h-tight90", "azure conv; 90% interactive at a 0.3-s TTFT / 10% batch 300 s; "
+             "llama-3.1-8b on 2xH100 + qwen3-8b on 2xA100",
+             {"name": "h100x2-a100x2", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 2}]},
+             _wl("ht9", {"interactive": {"ttft_s": 0.3, "share": 0.9, "priority": 0},
+                         "batch": {"ttft_s": 300.0, "share": 0.1, "priority": 1}},
+                 {"llama-3.1-8b": 0.6, "qwen3-8b": 0.4}, 240.0),
+             trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
+    Scenario("h-placement", "synthetic conv lengths, gamma CV 1.5; qwen3-30b-a3b (61 GB, fits "
+             "only the A100s) 50%, llama-3.1-8b 35%, llama-3.2-1b 15% on 2xA100 + 2xL4 + 2xA10, "
+             "each instance may hold any model that fits, warm swaps; 50% interactive 2 s / "
+             "batch 600 s",
+             {"name": "a100x2-l4x2-a10x2", "warm_swaps": True, "instances": [
+                 {"gpu": "A100-80GB", "model": "qwen3-30b-a3b", "count": 2,
+                  "models": ["qwen3-30b-a3b", "llama-3.1-8b", "llama-3.2-1b"]},
+                 {"gpu": "L4", "model": "llama-3.1-8b", "count": 2,
+                  "models": ["qwen3-30b-a3b", "llama-3.1-8b", "llama-3.2-1b"]},
+                 {"gpu": "A10", "model": "llama-3.2-1b", "count": 2,
+                  "models": ["qwen3-30b-a3b", "llama-3.1-8b", "llama-3.2-1b"]}]},
+             _wl("hpl", {"interactive": {"ttft_s": 2.0, "share": 0.5, "priority": 0},
+                         "batch": {"ttft_s": 600.0, "share": 0.5, "priority": 1}},
+                 {"qwen3-30b-a3b": 0.5, "llama-3.1-8b": 0.35, "llama-3.2-1b": 0.15}, 240.0,
+                 lengths={"prompt_max": 4000},
+                 arrivals={"process": "gamma", "rate_per_s": 3.0, "cv": 1.5}),
+             search=(0.2, 40.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
