@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/scenarios/heldout.py [h-homog,h-swap6,...]
 
-Thirty-five workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
+Thirty-six workload/fleet shapes that are not in the suite (`run.py`) and were not used to tune any
 policy until they were first run (2026-11-30, fourth session; see the README for what that
 first run found): three SLO classes on three GPU types, long outputs, six models on four
 instances, one model on a KV-bound fleet (first batch); a 0.5-s TTFT, long prompts on a MoE
@@ -18,7 +18,7 @@ prompt-length distribution; four models on one instance each, written after the 
 first run), and two in the ninth (a flash crowd, the whole rate x4 for a minute; RAG +
 chat prompts, a length mixture), and four in the tenth (a diurnal swing, long-context
 prompts on a tensor-parallel 70B, 90% interactive at a 0.3-s TTFT, a fleet where the large
-model fits only some GPUs). Each is calibrated like the suite (loads where
+model fits only some GPUs; then a Batch API job submitted on the diurnal peak). Each is calibrated like the suite (loads where
 `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
 one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
 `qlm`'s swaps and solve+build p50/p95 ms.
@@ -423,6 +423,25 @@ NEW = [
                  lengths={"prompt_max": 4000},
                  arrivals={"process": "gamma", "rate_per_s": 3.0, "cv": 1.5}),
              search=(0.2, 40.0)),
+    # a fifth, written down and committed after the first four had run (all four won by 11 to
+    # 39 points), before any run of it: a Batch API job submitted on the diurnal peak
+    Scenario("h-dump-peak", "synthetic conv lengths, Poisson; interactive traffic only (1.5 s) "
+             "whose rate swings x0.3 -> x1.5 (at 120 s) -> x0.3 over 240 s, plus one Batch API "
+             "job of 6,000 lines on qwen3-8b submitted at 100 s, due in 10 min; llama-3.1-8b "
+             "on 2xH100 + qwen3-8b on 2xA100",
+             {"name": "h100x2-a100x2", "instances": [
+                 {"gpu": "H100-80GB", "model": "llama-3.1-8b", "count": 2},
+                 {"gpu": "A100-80GB", "model": "qwen3-8b", "count": 2}]},
+             _wl("hdp", {"interactive": {"ttft_s": 1.5, "share": 1.0, "priority": 0},
+                         "batch": {"ttft_s": 600.0, "share": 0.0, "priority": 1}},
+                 {"llama-3.1-8b": 0.6, "qwen3-8b": 0.4}, 240.0,
+                 lengths={"prompt_max": 4000},
+                 arrivals={"process": "poisson", "rate_per_s": 4.0,
+                           "rate_profile": [[0, 0.3], [60, 0.6], [120, 1.5], [180, 0.6],
+                                            [240, 0.3]]},
+                 batch_jobs=[{"submit_at_s": 100.0, "num_lines": 6000, "window": "10m",
+                              "model": "qwen3-8b", "slo_class": "batch"}]),
+             search=(0.5, 60.0)),
 ]
 for s in NEW:
     R.SCENARIOS[s.name] = s
