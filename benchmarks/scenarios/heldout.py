@@ -19,9 +19,10 @@ first run), and two in the ninth (a flash crowd, the whole rate x4 for a minute;
 chat prompts, a length mixture), and five in the tenth (a diurnal swing, long-context
 prompts on a tensor-parallel 70B, 90% interactive at a 0.3-s TTFT, a fleet where the large
 model fits only some GPUs; then a Batch API job submitted on the diurnal peak). Each is
-calibrated like the suite (loads where `fcfs` attains about 60% and 40%), then run with `fcfs`, `edf`, `priority`, `shepherd` and `qlm`;
-one JSON line per (scenario, load): attainments, the best baseline, `qlm` minus it, `qlm / edf`,
-`qlm`'s swaps and solve+build p50/p95 ms.
+calibrated like the suite (loads where `fcfs` attains about 60% and 40%), then run with
+`fcfs`, `edf`, `priority`, `shepherd` and `qlm`; one JSON line per (scenario, load):
+attainments, the best baseline, `qlm` minus it, `qlm / edf`, `qlm`'s swaps and solve+build
+p50/p95 ms.
 """
 import json
 import sys
