@@ -323,7 +323,7 @@ NEW = [
                          "batch": {"ttft_s": 300.0, "share": 0.6, "priority": 1}},
                  {"llama-3.1-8b": 0.4, "qwen3-8b": 0.3, "mistral-7b": 0.2, "llama-3.2-1b": 0.1}, 300.0),
              trace="azure_llm_2023_conv.csv", prompt_cap=4000, search=(0.5, 60.0)),
-    # ninth batch (2026-12-01, ninth session): written down and committed before any run, with
+    # ninth batch (2026-12-01, eighth session): written down and committed before any run, with
     # the generator's new time-varying rate (arrivals.rate_profile) and length mixture
     # (lengths.mixture). A rate profile multiplies the whole workload's rate (classes are
     # drawn by share, independently of time), so h-flash-crowd's surge is of all traffic at
@@ -362,7 +362,7 @@ NEW = [
                                "output_log_mu": 5.0, "output_log_sigma": 0.8}]},
                  arrivals={"process": "poisson", "rate_per_s": 4.0}),
              search=(0.5, 60.0)),
-    # tenth batch (2026-12-01, tenth session): written down and committed before any run, to
+    # tenth batch (2026-12-01, eighth session): written down and committed before any run, to
     # look for shapes where `qlm` loses: a diurnal swing, long-context prompts on a
     # tensor-parallel 70B beside a small model, 90% interactive at a 0.3-s TTFT, and a fleet
     # where the large model fits on only some GPUs (placement binds).

@@ -111,6 +111,14 @@ class ExecutorConfig:
     # the request's own; 0.5 and 0 were measured on the scenario suite: +7.0 and +1.3 points
     # summed against the old test, 1: +14.2)
     in_flight_share: float = 1.0
+    # > 0: an engine at its slack of waiting requests, with seats free and more work queued,
+    # is pulled again after this many iterations of what waits (when the waiting request has
+    # likely entered an iteration) instead of only at that request's first token, an iteration
+    # later (one admission per two iterations): only while what waits and the head fit one
+    # iteration's token budget. Off: on one overloaded engine (`h-single`) 1.25 gave +2.9 and
+    # +2.6 points, on the suite +5.9 summed, but on Mooncake-like held-out shapes up to -4.1
+    # (benchmarks/scenarios/README.md, eighth session)
+    refill_after: float = 0.0
     evict_max_recompute_tokens: int = 256  # only victims this cheap to recompute
     max_victims: int = 8  # evictions per urgent group
     demote_late: bool = True  # plan-late groups go behind on-time ones
@@ -152,6 +160,7 @@ class Executor:
         # no ride past ``engine_slack``
         self.free_tokens: Callable | None = None
         self.tightest_ttft_s: float | None = None  # the tightest TTFT target served, s
+        self._refill_at: dict[int, float] = {}  # instance id -> when a refill pull is due
         self._last_swap_at: dict[int, float] = {}  # instance id -> clock time of last swap
         # instance id -> model it swaps to once its queued groups of the old model drain
         self.swap_after: dict[int, str] = {}
@@ -262,6 +271,8 @@ class Executor:
                         ride = self._free_ride(inst)
                     need = head.prompt_tokens + head.num_generated
                     if need > ride:
+                        if self.config.refill_after > 0:
+                            self._arm_refill(inst, now, need)
                         return
                     ride -= need
                 bisect.insort(waiting_at, due_at)
@@ -298,6 +309,27 @@ class Executor:
             if n_batch is not None and req.deadline_at > batch_cut:
                 n_batch += 1
             rt.dispatch(req, inst, (req.deadline_at, req.id))
+
+    def _arm_refill(self, inst: Instance, now_at: float, need: float) -> None:
+        """The engine holds its slack of waiting requests and more work is queued for it: pull
+        again once the waiting ones have likely entered an iteration (``refill_after`` x one
+        iteration of what waits), not only at their first tokens, which come an iteration
+        later: otherwise an engine admits one request per two iterations."""
+        if self._refill_at.get(inst.id, -1.0) > now_at or self.basics is None:
+            return
+        _, it, c = self.basics(inst)
+        budget = inst.engine.config.max_num_batched_tokens or 1 << 30
+        w = inst.engine.waiting_tokens()
+        if w + need > budget:
+            return  # what waits and the head do not fit one iteration: no early refill
+        at = now_at + self.config.refill_after * (it + c * w)
+        self._refill_at[inst.id] = at
+        self.rt.host.call_at(at, self._refill, inst)
+
+    def _refill(self, inst: Instance) -> None:
+        self._refill_at.pop(inst.id, None)
+        if inst.ready:
+            self.pull(inst)
 
     def _free_ride(self, inst: Instance) -> float:
         """Prompt tokens beyond the engine's waiting queue that its next iteration may still

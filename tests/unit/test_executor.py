@@ -582,3 +582,30 @@ def test_the_late_test_counts_the_iteration_in_flight_and_what_waits(fleet_rt, i
     ex2.pull(inst)
     assert late == ([tight] if in_flight else [])
     assert ex2.num_late == (1 if in_flight else 0)
+
+
+@pytest.mark.parametrize("refill, prompt, dispatched", [
+    (1.25, 300, "many"), (0.0, 300, 1), (1.25, 3000, 1)])
+def test_refill_pulls_again_once_the_waiting_request_has_entered_an_iteration(
+        fleet_rt, refill, prompt, dispatched):
+    """With its one waiting request at the slack and more queued, an engine would admit one
+    request per two iterations if the next pull came only at that request's first token (an
+    iteration later). ``refill_after`` arms a pull at about one iteration of what waits, when
+    the waiting request has entered an iteration. Not when what waits and the head do not fit
+    one iteration's token budget (2048 here). No first-token pulls in this harness: only the
+    refill can feed the engine after the first pull."""
+    rt, sim = fleet_rt
+    inst = rt.instances[2]
+    reqs = [_req(i, "mistral-7b", 10.0 + 0.01 * i, prompt=prompt) for i in range(6)]
+    gq, _ = _queue(rt, reqs, 2)
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=1, free_ride=0.0, refill_after=refill),
+                  basics=lambda i: (8.0, 0.02, 1e-4))
+    ex.pull(inst)
+    assert sum(1 for r in reqs if r.instance_id == 2) == 1
+    sim.run([], lambda r: None, until_at=0.5)
+    n = sum(1 for r in reqs if r.instance_id == 2)
+    if dispatched == "many":
+        assert n >= 3
+        assert inst.engine.stats().num_waiting <= 1  # never past the slack
+    else:
+        assert n == dispatched
