@@ -26,7 +26,7 @@ import numpy as np
 from qlm_opt.config import BatchJobSection, Workload, window_s
 from qlm_opt.core.batch_feed import FeedRule, Footprint, LineLatency, fleet_seats
 from qlm_opt.domain import Request, RequestState
-from qlm_opt.whatif.workload import sample_lengths
+from qlm_opt.whatif.lengths import sample_lengths
 
 
 def job_name(job: BatchJobSection, index: int) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 from qlm_opt.config import Workload
 from qlm_opt.domain import Request
 from qlm_opt.errors import WorkloadError
+from qlm_opt.whatif.lengths import sample_lengths
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,26 +324,6 @@ def synthetic_trace(workload: Workload, seed: int | None = None) -> Trace:
         raise WorkloadError("synthetic workload produced no requests")
     pr, out = sample_lengths(d.lengths, rng, n)
     return Trace(t, pr, out, source="synthetic")
-
-
-def sample_lengths(L, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` (prompt, output) token counts from a ``[lengths]`` section: one lognormal each,
-    clipped to its min/max; with a ``mixture``, each row's component is drawn by weight first,
-    then every component's rows are drawn together (prompts, then outputs)."""
-    if L.mixture is None:
-        pr = np.clip(np.rint(rng.lognormal(L.prompt_log_mu, L.prompt_log_sigma, n)),
-                     L.prompt_min, L.prompt_max).astype(np.int64)
-        out = np.clip(np.rint(rng.lognormal(L.output_log_mu, L.output_log_sigma, n)),
-                      L.output_min, L.output_max).astype(np.int64)
-        return pr, out
-    comps = L.components()
-    which = rng.choice(len(comps), size=n, p=np.asarray(L.weights()))
-    pr = np.empty(n, dtype=np.int64)
-    out = np.empty(n, dtype=np.int64)
-    for i, c in enumerate(comps):
-        rows = np.flatnonzero(which == i)
-        pr[rows], out[rows] = sample_lengths(c, rng, len(rows))
-    return pr, out
 
 
 class _RateProfile:
