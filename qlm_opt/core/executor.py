@@ -131,11 +131,32 @@ class ExecutorConfig:
     # an urgent request may go past its engine's KV cap once it has waited this share of its
     # TTFT budget: the engine may then preempt (lower-priority work) as outputs grow
     kv_cap_wait: float = 0.8
+    # how an engine with a KV cap (``kv_caps``/``kv_tokens``, set by the policy where the KV
+    # cache binds before ``max_num_seqs``) admits work. "peak": a request enters only while
+    # its predicted peak footprint (prompt, less expected prefix-cache hits, + mean output)
+    # fits in what the cache leaves once the held requests reach theirs (``Executor._kv_left``)
+    # and urgent work is held by that test alone (batch work also by the plan's batch cap,
+    # which the policy keeps within the count). "count": at most ``kv_caps`` requests, the
+    # capacity over a mean peak footprint (a count lets in a few long prompts that then
+    # preempt one another, and keeps short ones out behind them). Past either test batch work
+    # never enters, and urgent work only once it has waited ``kv_cap_wait`` of its TTFT budget
+    kv_admission: str = "peak"
     planned_evict: bool = False  # ``apply`` evicts for the plan's urgent first groups
 
     def __post_init__(self) -> None:
         if self.urgent_window_s < 0:
             raise ValueError(f"urgent_window_s must be >= 0, got {self.urgent_window_s}")
+        if self.kv_admission not in ("peak", "count"):
+            raise ValueError("kv_admission must be 'peak' or 'count', got "
+                             f"{self.kv_admission!r}")
+
+
+def _kv_peak(req: Request, mu: float, keep: float = 1.0) -> float:
+    """A request's predicted peak KV footprint in tokens: its prompt (``keep`` of it: the
+    rest is expected from the prefix cache) and the mean output ``mu`` of its model, or,
+    once it has generated more than half of that, what it has and half the mean more."""
+    n = req.num_generated
+    return req.prompt_tokens * keep + (n + mu / 2.0 if n + mu / 2.0 > mu else mu)
 
 
 class Executor:
@@ -179,6 +200,10 @@ class Executor:
         # policy every epoch): batch work stops there, and urgent work too until it has
         # waited ``kv_cap_wait`` of its TTFT budget
         self.kv_caps: dict[int, int] = {}
+        # instance id -> (KV capacity tokens, mean output tokens of its model, share of a
+        # prompt not expected from the prefix cache), for ``kv_admission="peak"`` (set by the
+        # policy with ``kv_caps``)
+        self.kv_tokens: dict[int, tuple[int, float, float]] = {}
         self.evicted_on: set[int] = set()  # instances the last ``apply`` evicted on
 
     # -- pull --------------------------------------------------------------------------------
@@ -209,7 +234,7 @@ class Executor:
         request past hope moves to its model's late lane instead. Batch work (due later than
         ``urgent_window_s``) enters only while the engine holds fewer batch requests than
         ``batch_seats[inst]``, and nothing enters while it holds ``seat_caps[inst]``
-        requests."""
+        requests. Where the KV cache binds, ``ExecutorConfig.kv_admission`` decides what fits."""
         rt = self.rt
         if not inst.ready:
             return
@@ -227,6 +252,10 @@ class Executor:
         cap = self.batch_seats.get(inst.id)
         held_cap = self.seat_caps.get(inst.id)
         kv_cap = self.kv_caps.get(inst.id)
+        kv_tok = self.kv_tokens.get(inst.id) if self.config.kv_admission == "peak" else None
+        kv_peak = kv_tok is not None
+        kv_left = None  # KV tokens the held requests' predicted peaks leave, once needed
+        kv_mu, kv_keep = kv_tok[1:] if kv_tok is not None else (0.0, 1.0)
         batch_cut = now + self.config.urgent_window_s
         n_batch = None  # batch requests in the engine, counted when the cap first matters
         # a sibling's urgent work to take before seating batch: once none is found, none is
@@ -245,7 +274,16 @@ class Executor:
                     g = vq.head()
                 else:
                     look_urgent = False
-            if kv_cap is not None and nr + nw >= kv_cap:
+            if kv_peak and g is not None:
+                # the predicted peaks decide, not the count
+                if kv_left is None:
+                    kv_left = self._kv_left(inst)
+                head = g.members[0][2]
+                if _kv_peak(head, kv_mu, kv_keep) > kv_left and (
+                        g.deadline_at > batch_cut or now < head.arrived_at
+                        + self.config.kv_cap_wait * (head.deadline_at - head.arrived_at)):
+                    return
+            elif kv_cap is not None and nr + nw >= kv_cap:
                 if g is None or g.deadline_at > batch_cut:
                     return
                 head = g.members[0][2]
@@ -306,9 +344,27 @@ class Executor:
                         self._to_late_lane(req)
                         continue
             wait_tok += req.prompt_tokens + req.num_generated
+            if kv_left is not None:
+                kv_left -= _kv_peak(req, kv_mu, kv_keep)
             if n_batch is not None and req.deadline_at > batch_cut:
                 n_batch += 1
             rt.dispatch(req, inst, (req.deadline_at, req.id))
+
+    def _kv_left(self, inst: Instance) -> float:
+        """KV tokens ``inst``'s capacity leaves once every request it holds reaches its
+        predicted peak footprint: what its cache holds now, the output the running requests
+        are still predicted to write (``_kv_peak``), and the waiting requests' prompts (at
+        ``1 - `` the expected prefix-cache hit share) and outputs."""
+        cap, mu, keep = self.kv_tokens[inst.id]
+        eng = inst.engine
+        left = cap - eng.stats().kv_used_tokens
+        half = mu / 2.0
+        _, gen = eng.running_generated()
+        for n in gen:
+            left -= mu - n if mu - n > half else half
+        for r in eng.waiting_requests():
+            left -= r.prompt_tokens * keep + r.num_generated + mu
+        return left
 
     def _arm_refill(self, inst: Instance, now_at: float, need: float) -> None:
         """The engine holds its slack of waiting requests and more work is queued for it: pull

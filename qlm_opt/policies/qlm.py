@@ -27,11 +27,15 @@ Every epoch:
      request brings, spread over its mean output) within ``tpot_headroom`` x the tightest
      target (refreshed every epoch, also when nothing is queued to plan); the estimator and
      the planner count no more seats than that. *KV caps* (``kv_caps``, on by default; the
-     executor's ``kv_caps``), on every instance whose KV cache, not ``max_num_seqs``, binds:
-     the requests the cache holds at their peak (``RWTEstimator.kv_peak_seats``); at the cap
-     no batch work enters (the batch cap is at most the KV cap) and urgent work only once it
-     has waited ``ExecutorConfig.kv_cap_wait`` of its TTFT budget, so that growing outputs
-     do not make the engine preempt running requests and recompute their prompts;
+     executor's ``kv_caps`` and ``kv_tokens``), on every instance whose KV cache, not
+     ``max_num_seqs``, binds. The KV cap counts the requests the cache holds at a mean peak
+     (``RWTEstimator.kv_peak_seats``), and the batch cap is at most that count. By default
+     (``ExecutorConfig.kv_admission = "peak"``) any request also enters only while its
+     predicted peak footprint fits in what the cache leaves once the held requests reach
+     theirs, and urgent work is held by that test, not by the count; with ``"count"`` the
+     count holds all work. Past the test no batch work enters, and urgent work only once it
+     has waited ``ExecutorConfig.kv_cap_wait`` of its TTFT budget, so that growing outputs do
+     not make the engine preempt running requests and recompute their prompts;
   4. the ``Executor`` applies it: swaps worth their cost in the objective's own units,
      "serve these groups, then swap" sequences, rebalancing that gains, the plan's order
      (groups the plan cannot get on time go behind the others; the scored wait prediction's
@@ -707,12 +711,18 @@ class QLMPolicy(QLMRWTPolicy):
         """KV caps for this epoch (module docstring, step 3): instance id -> requests its
         engine holds at their peak where the KV cache binds before ``max_num_seqs``."""
         caps: dict[int, int] = {}
+        tokens: dict[int, tuple[int, float, float]] = {}
         if self.kv_caps:
             for inst in self.rt.instances:
                 if inst.ready:
-                    cap = self.est.kv_peak_seats(inst, inst.engine.stats())
+                    st = inst.engine.stats()
+                    cap = self.est.kv_peak_seats(inst, st)
                     if cap is not None:
                         caps[inst.id] = cap
+                        tokens[inst.id] = (st.kv_capacity_tokens,
+                                           self.est.model_stats(inst.model).mean,
+                                           self.est.prefill_fraction(inst))
+        self.executor.kv_tokens = tokens
         return caps
 
     @property

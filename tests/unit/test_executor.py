@@ -501,7 +501,8 @@ def test_kv_cap_stops_batch_and_holds_urgent_until_it_has_waited(fleet_rt):
     urgent = _req(10, "llama-3.1-8b", now + 4.0, arrived_at=now)
     batch = _req(11, "llama-3.1-8b", now + 600.0, priority=1, arrived_at=now)
     gq, _ = _queue(rt, [urgent, batch], 0)
-    ex = Executor(rt, gq, ExecutorConfig(kv_cap_wait=0.5, engine_slack=2))
+    ex = Executor(rt, gq, ExecutorConfig(kv_cap_wait=0.5, engine_slack=2,
+                                         kv_admission="count"))
     ex.kv_caps = {0: 2}
     assert not ex.has_seat(inst)
     ex.pull(inst)
@@ -609,3 +610,53 @@ def test_refill_pulls_again_once_the_waiting_request_has_entered_an_iteration(
         assert inst.engine.stats().num_waiting <= 1  # never past the slack
     else:
         assert n == dispatched
+
+
+def test_kv_peak_admits_what_fits_in_the_predicted_peaks(fleet_rt):
+    """``kv_admission="peak"`` (the default): the engine takes a request while its predicted peak (prompt
+    + mean output) fits in what the KV cache leaves once the held requests reach theirs (the
+    cache now, less the running requests' predicted growth and the waiting requests' peaks);
+    the count cap plays no part. A short request enters past a count cap that would stop it;
+    a long batch one that does not fit stays in the global queue, and so does a long urgent
+    one until it has waited ``kv_cap_wait`` of its TTFT budget."""
+    rt, sim = fleet_rt
+    inst = rt.instances[0]
+    running = [_req(i, "llama-3.1-8b", 600.0, priority=1, prompt=2000, output=5000)
+               for i in range(2)]
+    for r in running:
+        rt.accept(r)
+        rt.dispatch(r, inst, (r.deadline_at, r.id))
+    sim.run([], lambda r: None, until_at=1.0)  # both running, nothing waiting
+    now = sim.now()
+    used = inst.engine.stats().kv_used_tokens
+    _, gen = inst.engine.running_generated()
+    assert used >= 4000 and len(gen) == 2
+    mu = 300.0
+    growth = sum(max(mu - n, mu / 2) for n in gen)
+    cap = int(used + growth + 1500)
+    short = _req(10, "llama-3.1-8b", now + 500.0, priority=1, prompt=200, arrived_at=now)
+    long_b = _req(11, "llama-3.1-8b", now + 550.0, priority=1, prompt=3000, arrived_at=now)
+    gq, _ = _queue(rt, [short, long_b], 0)
+    ex = Executor(rt, gq, ExecutorConfig(kv_admission="peak", engine_slack=4,
+                                         kv_cap_wait=0.5))
+    ex.kv_tokens = {0: (cap, mu, 1.0)}
+    ex.kv_caps = {0: 2}  # the count says full: ignored in this mode
+    assert ex._kv_left(inst) == pytest.approx(cap - used - growth)
+    ex.pull(inst)
+    assert short not in gq and short.instance_id == 0  # 200 + 300 fit in 1,500
+    assert long_b in gq  # 3,000 + 300 do not fit in the 1,000 left
+    # what waits in the engine counts at its peak (prompt at the kept share, output)
+    assert ex._kv_left(inst) == pytest.approx(cap - used - growth - (200 + mu), abs=1.0)
+    urgent = _req(12, "llama-3.1-8b", now + 4.0, prompt=3000, arrived_at=now)
+    _queue(rt, [urgent], 0, gq)
+    ex.pull(inst)
+    assert urgent in gq  # does not fit, and has not waited half its budget
+    sim.run([], lambda r: None, until_at=now + 2.5)
+    ex.pull(inst)
+    assert urgent not in gq and urgent.instance_id == 0  # waited: it goes over
+    assert long_b in gq  # batch never goes over
+
+
+def test_kv_admission_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="kv_admission"):
+        ExecutorConfig(kv_admission="tokens")
