@@ -341,9 +341,9 @@ class QLMRWTPolicy(Policy):
         in ahead of (the tightest): for batch work, whose waits the trace's end sets under
         overload, it moved conv 9's MdAPE by 0.04 points and cost 4x the run's CPU time
         (hundreds of requests ahead tested one by one; ``benchmarks/rwt_accuracy``, rwt6).
-        Reported only: no decision reads it."""
+        Reported only (to the predict hooks; none: not computed): no decision reads it."""
         ex = self.executor
-        if ex.basics is None or ctx[4] > 0:
+        if ex.basics is None or ctx[4] > 0 or not self.rt.predict_hooks:
             return raw
         view, n, p = ctx[0], ctx[1], ctx[2]
         nw = view.st.num_waiting
