@@ -835,6 +835,81 @@ class RWTEstimator:
                             cut_in_until_start=cut_in_until_start)
         return raw if key is None else self.calib.adjust(key, raw)
 
+    def late_kept(self, inst, now_at: float, position: float, tokens_ahead: float, groups,
+                  own_ahead, bound_s: float, late_ttft, waiting_tokens: float, bucket_of,
+                  view: EngineView | None = None) -> tuple[int, int, int]:
+        """Of the requests queued ahead of one, those an executor's late test will let into
+        the engine at their turn: (how many, their prompt tokens, how many it will move to
+        the late lane instead, without service). ``groups``: the virtual queue's groups
+        ahead, in order (``RequestGroup``: members in arrival order, one class, so the last
+        is due last), then ``own_ahead``: the requests of the predicted one's own group ahead
+        of it. ``position`` / ``tokens_ahead``: requests and prompt tokens ahead of all of
+        them (the engine's waiting queue).
+
+        Each is tested as the executor tests it when it is pulled: past hope when its
+        dispatch plus ``late_ttft(prompt, waiting)`` (the test's time to first token) passes
+        its deadline. The first is dispatched now, behind the engine's ``waiting_tokens``;
+        each later one when the one let in before it starts its prefill (one urgent request
+        waits in an engine at a time: ``ExecutorConfig.engine_slack``), at the model's wait
+        for that one's place among those let in (``wait_raw``, no cut-ins) less its own
+        prefill phase, with nothing waiting ahead of it. Shortcuts, without a wait estimate: a group due
+        (to its last member) before ``now + late_ttft(0, 0)`` goes whole; one due (from its
+        first) after ``now + bound_s + late_ttft(its prompts, waiting)`` stays whole, where
+        ``bound_s`` bounds every dispatch wait (the predicted request's own wait with all of
+        them ahead). A request that already has its first token (evicted, re-queued) is not
+        tested: it stays."""
+        if view is None:
+            view = EngineView(inst, inst.engine.stats(), now_at)
+        floor = now_at + late_ttft(0.0, 0.0)
+        kept = kept_p = dropped = 0
+        waiting = waiting_tokens
+        # when the last one let in starts its prefill (None: not estimated yet), its prompt
+        start: float | None = now_at
+        last = 0
+
+        def test(r) -> bool:
+            nonlocal start
+            if r.first_token_at is not None:
+                return True
+            if start is None:  # the last one let in went without an estimate
+                w = self.wait_raw(inst, now_at, position + kept - 1,
+                                  tokens_ahead + kept_p - last, last, bucket_of,
+                                  view=view).mean_s
+                own = self._prefill_phase_view(view, 0.0, last, False)[0]
+                start = now_at + max(0.0, w - own)
+            return start + late_ttft(r.prompt_tokens, waiting) <= r.deadline_at
+
+        def let_in(r) -> None:
+            nonlocal kept, kept_p, waiting, start, last
+            kept += 1
+            kept_p += r.prompt_tokens
+            waiting = 0
+            start = None
+            last = r.prompt_tokens
+
+        for g in groups:
+            members = g.members
+            if not members:
+                continue
+            if not g.has_generated() and members[-1][2].deadline_at < floor:
+                dropped += len(members)
+                continue
+            if g.deadline_at > now_at + bound_s + late_ttft(g.prompt_tokens, waiting):
+                for _, _, r in members:
+                    let_in(r)
+                continue
+            for _, _, r in members:
+                if test(r):
+                    let_in(r)
+                else:
+                    dropped += 1
+        for r in own_ahead:
+            if test(r):
+                let_in(r)
+            else:
+                dropped += 1
+        return kept, kept_p, dropped
+
     def wait_raw(self, inst, now_at, position, prompt_ahead_tokens, own_prompt_tokens,
                  bucket_of, cut_in_per_s: float = 0.0,
                  cut_in_horizon_s: float = math.inf,

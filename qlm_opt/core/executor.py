@@ -331,15 +331,7 @@ class Executor:
                         wait_tok = eng.waiting_tokens()
                         budget = eng.config.max_num_batched_tokens or 1 << 30
                 if basics is not None:
-                    if self.config.late_in_flight:
-                        # the iteration in flight (taken as long as the first of its own),
-                        # then its own: what waits ahead of it and its prompt, chunked
-                        q = req.prompt_tokens + wait_tok
-                        f = self.config.in_flight_share
-                        ttft = (1.0 + f) * basics[1] + basics[2] * (
-                            q + f * (q if q < budget else budget))
-                    else:
-                        ttft = basics[1] + basics[2] * req.prompt_tokens
+                    ttft = self.late_ttft(basics, req.prompt_tokens, wait_tok, budget)
                     if now + ttft > req.deadline_at:
                         self._to_late_lane(req)
                         continue
@@ -365,6 +357,20 @@ class Executor:
         for r in eng.waiting_requests():
             left -= r.prompt_tokens * keep + r.num_generated + mu
         return left
+
+    def late_ttft(self, basics: tuple[float, float, float], prompt: float, waiting: float,
+                  budget: float) -> float:
+        """The late test's time to first token of a request with ``prompt`` tokens dispatched
+        now into an engine where ``waiting`` tokens wait (``budget``: its tokens per
+        iteration; ``basics`` as ``self.basics``): past its deadline, ``pull`` sends it to
+        the late lane. With ``late_in_flight``: the iteration in flight (taken as long as the
+        first of its own), then its own: what waits ahead of it and its prompt, chunked;
+        without: its prompt's prefill plus one iteration."""
+        if self.config.late_in_flight:
+            q = prompt + waiting
+            f = self.config.in_flight_share
+            return (1.0 + f) * basics[1] + basics[2] * (q + f * (q if q < budget else budget))
+        return basics[1] + basics[2] * prompt
 
     def _arm_refill(self, inst: Instance, now_at: float, need: float) -> None:
         """The engine holds its slack of waiting requests and more work is queued for it: pull

@@ -287,6 +287,17 @@ class _AheadIndex:
     def groups(self) -> list[RequestGroup]:
         return [e[3] for blk in self.blocks for e in blk]
 
+    def groups_before(self, key: tuple) -> Iterator[RequestGroup]:
+        """The groups of the entries before ``key`` = (tier, deadline, seq), in order."""
+        i = bisect.bisect_left(self.maxes, key)
+        for blk in self.blocks[:i]:
+            for e in blk:
+                yield e[3]
+        if i < len(self.blocks):
+            blk = self.blocks[i]
+            for e in blk[: bisect.bisect_left(blk, key)]:
+                yield e[3]
+
 
 class VirtualQueue:
     """Groups assigned to one instance, in (tier, deadline, seq) order; a heap with lazy
@@ -328,6 +339,12 @@ class VirtualQueue:
     def requests_ahead(self, deadline_at: float, seq: int, tier: int = 0) -> tuple[int, int]:
         """(requests, prompt tokens) in groups ordered before (tier, deadline_at, seq)."""
         return self._index.ahead((tier, deadline_at, seq))
+
+    def groups_ahead(self, deadline_at: float, seq: int,
+                     tier: int = 0) -> Iterator[RequestGroup]:
+        """The groups ordered before (tier, deadline_at, seq), in queue order: those whose
+        requests ``requests_ahead`` counts."""
+        return self._index.groups_before((tier, deadline_at, seq))
 
     def __iter__(self) -> Iterator[RequestGroup]:
         return iter(self.ordered())

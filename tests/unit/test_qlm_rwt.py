@@ -24,7 +24,8 @@ def test_qlm_rwt_completes_and_beats_fcfs():
 
 def test_shared_estimates_change_no_decision(monkeypatch):
     """The per-group shared estimate context (``_wait_ctx``, ``EngineView``) and the newest-
-    member shortcut of ``_predict`` give exactly what one full estimate per request gives."""
+    member shortcut of ``_predict`` give exactly what one full estimate per request gives
+    (the scored estimates too: ``_reported`` on a fresh context)."""
     from qlm_opt.core.estimator import RWTEstimator
     from qlm_opt.policies.qlm_rwt import QLMRWTPolicy
 
@@ -38,15 +39,18 @@ def test_shared_estimates_change_no_decision(monkeypatch):
                  if rid != req.id and (at, rid) < (req.arrived_at, req.id)]
         raw = self._wait(inst, g, len(ahead), req.prompt_tokens, now,
                          float(sum(r.prompt_tokens for r in ahead)), scored=True)
-        self._record(req, now, raw)
+        self._record(req, now, raw, self._reported(inst, g, len(ahead), req.prompt_tokens, now,
+                                                   self._wait_ctx(inst, g, now), raw))
 
     def predict_group(self, g, inst, now):
         ahead = self.gq.vq(inst.id).requests_ahead(g.deadline_at, g.seq)
         k = cum = 0
         for _, _, r in g.members:
             if r.first_token_at is None:
-                self._record(r, now, self._wait(inst, g, k, r.prompt_tokens, now, float(cum),
-                                                ahead=ahead, scored=True))
+                raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ahead=ahead,
+                                 scored=True)
+                self._record(r, now, raw, self._reported(
+                    inst, g, k, r.prompt_tokens, now, self._wait_ctx(inst, g, now, ahead), raw))
             k += 1
             cum += r.prompt_tokens
 

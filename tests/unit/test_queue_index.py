@@ -1,5 +1,5 @@
-"""The virtual queue's order index: ``requests_ahead``, ``ordered`` and a group's deadline
-agree with a pass over every group, through random adds, pops, cancels, re-queues,
+"""The virtual queue's order index: ``requests_ahead``, ``groups_ahead``, ``ordered`` and a
+group's deadline agree with a pass over every group, through random adds, pops, cancels, re-queues,
 placements and tier changes."""
 
 import random
@@ -31,6 +31,9 @@ def _check(q: GlobalQueue, rnd: random.Random) -> None:
                  for _ in range(5)]
         for d, s, t in keys:
             assert vq.requests_ahead(d, s, t) == _brute_ahead(vq, d, s, t)
+            # the groups behind that count, in queue order
+            assert list(vq.groups_ahead(d, s, t)) == [
+                g for g in want if (g.tier, g.deadline_at, g.seq) < (t, d, s)]
 
 
 def test_index_matches_brute_force_under_random_operations(monkeypatch):
