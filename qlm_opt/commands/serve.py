@@ -24,6 +24,7 @@ def serve(
     import uvicorn
 
     from qlm_opt.errors import QLMError
+    from qlm_opt.policies import make_policy
     from qlm_opt.server.app import create_app
     from qlm_opt.server.settings import load_settings
 
@@ -35,6 +36,9 @@ def serve(
             settings.server.port = port
         if policy is not None:
             settings.backend.policy = policy
+        # the policy and its options, checked before the server starts (a bad one is a
+        # one-line error here, not a traceback at the app's startup)
+        make_policy(settings.backend.policy, **settings.backend.policy_options)
         app = create_app(settings)
     except QLMError as e:
         typer.echo(f"qlm-opt: error: {e}", err=True)

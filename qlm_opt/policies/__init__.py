@@ -38,5 +38,8 @@ def make_policy(name: str, **context):
     mod, cls_name = target.split(":")
     cls = getattr(importlib.import_module(mod), cls_name)
     if hasattr(cls, "from_context"):
-        return cls.from_context(**context)
+        try:
+            return cls.from_context(**context)
+        except (TypeError, ValueError) as e:  # a bad option: name it, one line
+            raise ConfigError(f"policy '{name}': bad policy_options: {e}") from None
     return cls()

@@ -123,3 +123,26 @@ def test_cli_bad_trace_row(tmp_path):
     p.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n1.0,5,x\n")
     r = _cli("whatif", "--trace", str(p), "--out", str(tmp_path), "-q")
     assert r.returncode == 2 and "t.csv:2: GeneratedTokens" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "options, msg",
+    [
+        ('{ executor = { kv_admission = "bogus" } }', "kv_admission must be 'peak' or 'count'"),
+        ("{ no_such_option = 1 }", "no_such_option"),
+    ],
+)
+def test_cli_serve_bad_policy_options_one_line_exit_2(tmp_path, options, msg):
+    """A bad option of the configured policy stops `qlm-opt serve` before it starts, with
+    one line naming the option (not a traceback at the app's startup)."""
+    from importlib.resources import files
+
+    base = (files("qlm_opt") / "examples" / "server.toml").read_text()
+    assert '\npolicy = "qlm"' in base
+    cfg = tmp_path / "server.toml"
+    line = f'\npolicy = "qlm"\npolicy_options = {options}'
+    cfg.write_text(base.replace('\npolicy = "qlm"', line, 1))
+    r = _cli("serve", "--config", str(cfg), "--port", "1")
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and msg in lines[0] and lines[0].startswith("qlm-opt: error:")
