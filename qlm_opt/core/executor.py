@@ -115,10 +115,15 @@ class ExecutorConfig:
     # is pulled again after this many iterations of what waits (when the waiting request has
     # likely entered an iteration) instead of only at that request's first token, an iteration
     # later (one admission per two iterations): only while what waits and the head fit one
-    # iteration's token budget. Off: on one overloaded engine (`h-single`) 1.25 gave +2.9 and
-    # +2.6 points, on the suite +5.9 summed, but on Mooncake-like held-out shapes up to -4.1
-    # (benchmarks/scenarios/README.md, eighth session)
-    refill_after: float = 0.0
+    # iteration's token budget, and only while the engine holds fewer than ``refill_fill`` of
+    # its seats (``max_num_seqs``, or a lower TPOT or KV cap): an engine starved of admissions,
+    # not one already full. Ninth session: with ``refill_fill`` 0.75, suite +3.5 summed,
+    # held-out +12.7 (`h-single` +2.8); without the fill condition (eighth session) Mooncake-like
+    # held-out shapes lost up to 4.1 points (benchmarks/scenarios/README.md). None: the
+    # policy's default (``qlm`` 1.25; ``qlm-rwt``, which has no KV caps to tell a full engine
+    # from a starved one, 0: off; lost 8.7 summed on the suite with it)
+    refill_after: float | None = None
+    refill_fill: float = 0.75
     evict_max_recompute_tokens: int = 256  # only victims this cheap to recompute
     max_victims: int = 8  # evictions per urgent group
     demote_late: bool = True  # plan-late groups go behind on-time ones
@@ -146,6 +151,10 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         if self.urgent_window_s < 0:
             raise ValueError(f"urgent_window_s must be >= 0, got {self.urgent_window_s}")
+        if self.refill_after is not None and self.refill_after < 0:
+            raise ValueError(f"refill_after must be >= 0, got {self.refill_after}")
+        if not 0.0 < self.refill_fill <= 1.0:
+            raise ValueError(f"refill_fill must be in (0, 1], got {self.refill_fill}")
         if self.kv_admission not in ("peak", "count"):
             raise ValueError("kv_admission must be 'peak' or 'count', got "
                              f"{self.kv_admission!r}")
@@ -309,8 +318,13 @@ class Executor:
                         ride = self._free_ride(inst)
                     need = head.prompt_tokens + head.num_generated
                     if need > ride:
-                        if self.config.refill_after > 0:
-                            self._arm_refill(inst, now, need)
+                        if self.config.refill_after:
+                            room = mx
+                            for c in (held_cap, kv_cap):
+                                if c is not None and c < room:
+                                    room = c
+                            if nr + nw < self.config.refill_fill * room:
+                                self._arm_refill(inst, now, need)
                         return
                     ride -= need
                 bisect.insort(waiting_at, due_at)
@@ -384,7 +398,7 @@ class Executor:
         w = inst.engine.waiting_tokens()
         if w + need > budget:
             return  # what waits and the head do not fit one iteration: no early refill
-        at = now_at + self.config.refill_after * (it + c * w)
+        at = now_at + (self.config.refill_after or 0.0) * (it + c * w)
         self._refill_at[inst.id] = at
         self.rt.host.call_at(at, self._refill, inst)
 

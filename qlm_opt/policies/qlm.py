@@ -89,6 +89,7 @@ class QLMPolicy(QLMRWTPolicy):
     """See the module docstring."""
 
     name = "qlm"
+    default_refill_after = 1.25
 
     def __init__(
         self,

@@ -44,6 +44,8 @@ class QLMRWTPolicy(Policy):
     """See the module docstring."""
 
     name = "qlm-rwt"
+    # ``ExecutorConfig.refill_after`` when the executor options leave it unset (None)
+    default_refill_after = 0.0
     epoch_s = 0.5
 
     def __init__(
@@ -61,6 +63,8 @@ class QLMRWTPolicy(Policy):
         if isinstance(executor, dict):
             executor = ExecutorConfig(**executor)
         self.executor_config = executor or ExecutorConfig()
+        if self.executor_config.refill_after is None:
+            self.executor_config.refill_after = self.default_refill_after
         if engine_slack is not None:
             self.executor_config.engine_slack = engine_slack
         if evict_max_recompute_tokens is not None:

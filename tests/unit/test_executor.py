@@ -612,11 +612,31 @@ def test_refill_pulls_again_once_the_waiting_request_has_entered_an_iteration(
         assert n == dispatched
 
 
+def test_refill_only_while_the_engine_holds_less_than_its_fill_share(fleet_rt):
+    """``refill_fill``: a refill pull is armed only while the engine holds fewer than that
+    share of its seats (``max_num_seqs`` 8 here, or a lower TPOT or KV cap): at 0.25, two
+    requests, after which only first tokens (none in this harness) would pull again."""
+    rt, sim = fleet_rt
+    inst = rt.instances[2]
+    reqs = [_req(i, "mistral-7b", 10.0 + 0.01 * i, prompt=100) for i in range(6)]
+    gq, _ = _queue(rt, reqs, 2)
+    ex = Executor(rt, gq, ExecutorConfig(engine_slack=1, free_ride=0.0, refill_after=1.0,
+                                         refill_fill=0.25),
+                  basics=lambda i: (8.0, 0.02, 1e-4))
+    ex.pull(inst)
+    sim.run([], lambda r: None, until_at=0.5)
+    assert sum(1 for r in reqs if r.instance_id == 2) == 2
+    ex.config.refill_fill = 1.0  # the whole engine: the refills go on
+    ex.pull(inst)
+    sim.run([], lambda r: None, until_at=1.0)
+    assert sum(1 for r in reqs if r.instance_id == 2) >= 4
+
+
 def test_kv_peak_admits_what_fits_in_the_predicted_peaks(fleet_rt):
-    """``kv_admission="peak"`` (the default): the engine takes a request while its predicted peak (prompt
-    + mean output) fits in what the KV cache leaves once the held requests reach theirs (the
-    cache now, less the running requests' predicted growth and the waiting requests' peaks);
-    the count cap plays no part. A short request enters past a count cap that would stop it;
+    """``kv_admission="peak"`` (the default): the engine takes a request while its predicted
+    peak (prompt + mean output) fits in what the KV cache leaves once the held requests reach
+    theirs (the cache now, less the running requests' predicted growth and the waiting
+    requests' peaks); the count cap plays no part. A short request enters past a count cap that would stop it;
     a long batch one that does not fit stays in the global queue, and so does a long urgent
     one until it has waited ``kv_cap_wait`` of its TTFT budget."""
     rt, sim = fleet_rt

@@ -363,3 +363,15 @@ def test_kv_caps_keep_long_prompts_from_preempting_each_other():
     assert cap == int(60_000 / (4000.0 + 200.0 / 2 + 200.0 / 2))
     st.kv_capacity_tokens = 10**9  # max_num_seqs binds first: no cap
     assert est.kv_peak_seats(type("I", (), {"id": 0, "model": None})(), st) is None
+
+
+def test_refill_default_is_the_policys():
+    """``ExecutorConfig.refill_after`` left unset takes the policy's default: on for `qlm`
+    (1.25 iterations), off for `qlm-rwt` (no KV caps to tell a starved engine from a full
+    one); an explicit value wins."""
+    from qlm_opt.policies import make_policy
+
+    assert make_policy("qlm").executor_config.refill_after == 1.25
+    assert make_policy("qlm-rwt").executor_config.refill_after == 0.0
+    assert make_policy("qlm", executor={"refill_after": 0.0}).executor_config.refill_after == 0.0
+    assert make_policy("qlm-rwt", executor={"refill_after": 2.0}).executor_config.refill_after == 2.0
