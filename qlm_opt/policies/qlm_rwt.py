@@ -410,8 +410,7 @@ class QLMRWTPolicy(Policy):
                         ctx = self._wait_ctx(inst, g, now)
                     raw = self._wait(inst, g, k, r.prompt_tokens, now, float(cum), ctx=ctx,
                                      scored=True)
-                if ctx is None:
-                    ctx = self._wait_ctx(inst, g, now)
+                # ctx is set on both paths: ``first`` comes with ``_choose``'s context
                 self._record(r, now, raw,
                              self._reported(inst, g, k, r.prompt_tokens, now, ctx, raw))
             k += 1
